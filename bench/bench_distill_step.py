@@ -1,0 +1,281 @@
+"""Images/s of one full distillation step in the mask-learning phase (SPEC 3b), three ways.
+
+- tinyclip_fast: ``engine.train_step`` on a MaskedCLIP student (masks inside the matmuls),
+  the fused affinity loss, fused AdamW; teacher run online under no_grad.
+- tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
+- tinyclip_way: the same student written the TinyCLIP way: open_clip's modules at full size,
+  every mask applied by a separate multiply on full-size activations, open_clip's
+  DistillClipLoss (materialised [n, n] soft cross-entropy), torch AdamW (foreach).
+
+Every variant does the same work per step: teacher features, student forward + backward,
+the sparsity Lagrangian, grad-norm clip, AdamW on weights, masks and multipliers.
+
+GPU:  python bench/bench_distill_step.py [--batch 1024] [--out bench/results]
+      teacher ViT-B-32 -> masked ViT-B-32 student, bf16 autocast, random weights (the speed
+      does not depend on them); writes <out>/distill_step_<gpu>.md with card and versions.
+CPU:  python bench/bench_distill_step.py --cpu
+      tiny models (width 64, 3 layers, 32x32 images), fp32; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import DistillClipLoss
+from torch import nn
+
+from tinyclip_fast.config import DistillConfig
+from tinyclip_fast.engine import make_optimizer, train_step
+from tinyclip_fast.hard_concrete import HardConcreteMask
+from tinyclip_fast.losses import AffinityMimickingLoss
+from tinyclip_fast.masked_clip import MaskedCLIP
+from tinyclip_fast.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
+from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 3},
+}
+VARIANTS = ("tinyclip_fast", "tinyclip_fast+cache", "tinyclip_way")
+
+
+class TinyClipWayMasks(nn.Module):
+    """The reference student: open_clip CLIP weights, masks multiplied onto activations.
+
+    Per tower: hidden z_h [width], heads z_head [layers, heads], MLP z_int [layers, mlp];
+    every matmul runs at full size and each mask is one more elementwise pass.
+    """
+
+    def __init__(self, model: open_clip.model.CLIP) -> None:
+        super().__init__()
+        self.model = model
+        self.masks = nn.ModuleDict()
+        for tower, blocks, width in (
+            ("visual", model.visual.transformer.resblocks, model.visual.conv1.out_channels),
+            ("text", model.transformer.resblocks, model.token_embedding.embedding_dim),
+        ):
+            heads, mlp = blocks[0].attn.num_heads, blocks[0].mlp.c_fc.out_features
+            self.masks[tower] = nn.ModuleList(
+                [
+                    HardConcreteMask((width,)),
+                    HardConcreteMask((len(blocks), heads)),
+                    HardConcreteMask((len(blocks), mlp)),
+                ]
+            )
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return [m.log_alpha for tower in self.masks.values() for m in tower]
+
+    def expected_sparsity(self) -> torch.Tensor:
+        towers = []
+        for tower in self.masks.values():
+            hidden, head, intermediate = tower
+            towers.append(
+                TowerMaskProbs(
+                    p_h=hidden.prob_nonzero(),
+                    p_head=head.prob_nonzero(),
+                    p_int=intermediate.prob_nonzero(),
+                    width=hidden.log_alpha.shape[0],
+                    heads=head.log_alpha.shape[1],
+                )  # fmt: skip
+            )
+        return expected_sparsity(towers)
+
+    @staticmethod
+    def _blocks(x, blocks, z_h, z_head, z_int, attn_mask):
+        for layer, block in enumerate(blocks):
+            h = block.ln_1(x)
+            batch, tokens, width = h.shape
+            heads = block.attn.num_heads
+            qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+            q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+            mask = None if attn_mask is None else attn_mask.to(q.dtype)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            context = context * z_head[layer].view(1, heads, 1, 1)
+            out = F.linear(
+                context.transpose(1, 2).reshape(batch, tokens, width),
+                block.attn.out_proj.weight,
+                block.attn.out_proj.bias,
+            )
+            x = x + out * z_h
+            h = block.mlp.gelu(block.mlp.c_fc(block.ln_2(x))) * z_int[layer]
+            x = x + block.mlp.c_proj(h) * z_h
+        return x
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        model, visual = self.model, self.model.visual
+        z_h, z_head, z_int = (m() for m in self.masks["visual"])
+        x = visual.conv1(image).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = (torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)) * z_h
+        x = self._blocks(
+            visual.ln_pre(x) * z_h, visual.transformer.resblocks, z_h, z_head, z_int, None
+        )
+        image_features = (visual.ln_post(x[:, 0]) * z_h) @ visual.proj
+
+        z_h, z_head, z_int = (m() for m in self.masks["text"])
+        x = (model.token_embedding(text) + model.positional_embedding) * z_h
+        x = self._blocks(x, model.transformer.resblocks, z_h, z_head, z_int, model.attn_mask)
+        x = model.ln_final(x) * z_h
+        pooled = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
+        text_features = pooled @ model.text_projection
+        return (
+            F.normalize(image_features, dim=-1),
+            F.normalize(text_features, dim=-1),
+            model.logit_scale.exp(),
+        )
+
+
+def make_step(
+    variant: str, teacher: nn.Module, images: torch.Tensor, texts: torch.Tensor, dtype
+) -> Callable[[], torch.Tensor]:
+    """One full training step of ``variant`` as a closure returning the loss."""
+    device = images.device
+    base = copy.deepcopy(teacher).requires_grad_(True).train()
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    config = DistillConfig()
+    if variant == "tinyclip_way":
+        student = TinyClipWayMasks(base).to(device)
+        reference = DistillClipLoss()
+        loss_fn = lambda *args: reference(*args)[1]  # (contrastive, distill): alpha = 1
+        optimizer = torch.optim.AdamW(
+            [p for n, p in student.named_parameters() if not n.endswith("log_alpha")],
+            lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
+        )  # fmt: skip
+    else:
+        student = MaskedCLIP(base).to(device)
+        loss_fn = AffinityMimickingLoss()
+        optimizer = make_optimizer(student, config)
+    controller = SparsityController(0.5, warmup_steps=100).to(device)
+    mask_opt, multiplier_opt = controller.build_optimizers(student.mask_parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    cache = None
+    if variant.endswith("+cache"):
+        with torch.no_grad(), autocast():
+            t_img, t_txt, t_scale = teacher(images, texts)
+        cache = TeacherEmbeddingCache(t_img.float(), t_txt.float(), float(t_scale.log()))
+        indices = torch.randperm(images.shape[0], device=device)
+    steps = [0]
+
+    def step() -> torch.Tensor:
+        if cache is not None:
+            t_img, t_txt = cache.lookup(indices)
+            t_scale = torch.tensor(cache.logit_scale, device=device).exp()
+        else:
+            with torch.no_grad(), autocast():
+                t_img, t_txt, t_scale = teacher(images, texts)
+        loss = train_step(
+            student, images, texts, (t_img, t_txt, t_scale), loss_fn,
+            micro_batch_size=images.shape[0], autocast=autocast, scaler=scaler,
+        )  # fmt: skip
+        penalty = controller(student.expected_sparsity(), steps[0])
+        penalty.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], 5.0
+        )
+        for opt in (optimizer, mask_opt, multiplier_opt):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[0] += 1
+        return loss
+
+    return step
+
+
+def images_per_second(
+    step: Callable[[], torch.Tensor], batch: int, warmup: int, iters: int
+) -> float:
+    device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        step()
+    device_sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    device_sync()
+    return batch * iters / (time.perf_counter() - start)
+
+
+def run(model_cfg, batch: int, device: str, dtype, warmup: int, iters: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    if isinstance(model_cfg, str):
+        teacher = open_clip.create_model(model_cfg)
+    else:
+        teacher = open_clip.model.CLIP(**model_cfg)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    size = teacher.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size, device=device)
+    texts = torch.randint(1, teacher.vocab_size - 1, (batch, teacher.context_length), device=device)
+    texts[:, -1] = teacher.vocab_size - 1  # end-of-text for argmax pooling
+    results = {}
+    for variant in VARIANTS:
+        step = make_step(variant, teacher, images, texts, dtype)
+        results[variant] = images_per_second(step, batch, warmup, iters)
+        del step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def table(results: dict[str, float]) -> str:
+    reference = results["tinyclip_way"]
+    lines = ["| variant | images/s | vs TinyCLIP way |", "|---|---|---|"]
+    for variant, rate in results.items():
+        lines.append(f"| {variant} | {rate:,.0f} | {rate / reference:.2f}x |")
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    import triton
+
+    cuda = torch.version.cuda or "none"
+    return (
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA {cuda}, "
+        f"open_clip {open_clip.__version__}, Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU")
+    parser.add_argument("--batch", type=int, default=None, help="1024 on GPU, 64 on CPU")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (10 GPU, 5 CPU)")
+    parser.add_argument("--out", default="bench/results", help="GPU table folder")
+    args = parser.parse_args()
+    if args.cpu or not torch.cuda.is_available():
+        batch = args.batch or 64
+        results = run(TINY, batch, "cpu", None, warmup=2, iters=args.iters or 5)
+        print(f"CPU ({torch.get_num_threads()} threads), tiny models, batch {batch}, fp32")
+        print(table(results))
+        return
+    batch = args.batch or 1024
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = run("ViT-B-32", batch, "cuda", torch.bfloat16, warmup=3, iters=args.iters or 10)
+    gpu = torch.cuda.get_device_name()
+    text = (
+        f"# Distillation step, teacher ViT-B-32 -> masked ViT-B-32, batch {batch}, bf16\n\n"
+        f"{gpu}; {versions()}\n\n{table(results)}\n"
+    )
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = gpu.replace(" ", "_").replace("/", "_")
+    (out / f"distill_step_{name}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Datasets (CSV, webdataset, synthetic, in-memory) and the deterministic, resumable loader."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from tinyclip_fast.data import (
+    CsvPairDataset,
+    SyntheticPairDataset,
+    TensorPairDataset,
+    WebDatasetPairs,
+    build_dataset,
+    collate,
+    make_loader,
+)
+from tinyclip_fast.demo_data import CompactTokenizer
+
+CAPTIONS = [
+    f"a photo of pattern {word}" for word in ("red", "green", "blue", "grey", "dark", "pale")
+]
+
+
+def preprocess(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float [3, H, W] in [0, 1], exactly invertible for 8-bit PNGs."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CompactTokenizer:
+    return CompactTokenizer(CAPTIONS, context_length=10)
+
+
+def random_pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def csv_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    lines = ["filepath\ttitle"]
+    for i, caption in enumerate(CAPTIONS):
+        Image.fromarray(random_pixels(i)).save(tmp_path / "images" / f"{i}.png")
+        lines.append(f"images/{i}.png\t{caption}")
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_csv_dataset_reads_images_and_captions(csv_folder, tokenizer):
+    data = build_dataset(
+        {"kind": "csv", "path": str(csv_folder / "pairs.tsv")},
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
+    assert len(data) == len(CAPTIONS)
+    for i in (0, 3, 5):
+        sample = data[i]
+        assert sample["index"] == i
+        expected = torch.from_numpy(random_pixels(i)).permute(2, 0, 1).float() / 255.0
+        assert torch.equal(sample["image"], expected)
+        assert torch.equal(sample["text"], tokenizer([CAPTIONS[i]])[0])
+
+
+def test_csv_dataset_custom_columns_and_separator(tmp_path, tokenizer):
+    Image.fromarray(random_pixels(7)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text(f"caption,img\n{CAPTIONS[2]},{tmp_path / 'a.png'}\n")
+    data = build_dataset(
+        {
+            "kind": "csv",
+            "path": str(tmp_path / "pairs.csv"),
+            "csv_img_key": "img",
+            "csv_caption_key": "caption",
+            "csv_separator": ",",
+        },
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
+    assert torch.equal(data[0]["text"], tokenizer([CAPTIONS[2]])[0])
+    assert data[0]["image"].shape == (3, 6, 5)
+
+
+def test_csv_dataset_bad_inputs(tmp_path, csv_folder, tokenizer):
+    kwargs = {"preprocess": preprocess, "tokenizer": tokenizer}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CsvPairDataset(tmp_path / "missing.tsv", **kwargs)
+    (tmp_path / "empty.tsv").write_text("filepath\ttitle\n")
+    with pytest.raises(ValueError, match="no rows"):
+        CsvPairDataset(tmp_path / "empty.tsv", **kwargs)
+    with pytest.raises(ValueError, match="no column 'caption'.*csv_caption_key"):
+        CsvPairDataset(csv_folder / "pairs.tsv", caption_key="caption", **kwargs)
+    with pytest.raises(ValueError, match="no column"):
+        CsvPairDataset(csv_folder / "pairs.tsv", separator=",", **kwargs)
+    (csv_folder / "images" / "2.png").unlink()
+    data = CsvPairDataset(csv_folder / "pairs.tsv", **kwargs)
+    with pytest.raises(FileNotFoundError, match="2.png.*row 2"):
+        data[2]
+    with pytest.raises(ValueError, match="needs a preprocess and a tokenizer"):
+        build_dataset({"kind": "csv", "path": "x"}, preprocess=None, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="needs data_cfg\\['path'\\]"):
+        build_dataset({"kind": "csv"}, **kwargs)
+    with pytest.raises(ValueError, match="kind"):
+        build_dataset({"kind": "parquet"}, **kwargs)
+
+
+def write_shards(folder, shards=3, per_shard=4, missing_caption=False):
+    import webdataset as wds
+
+    captions = {}
+    for shard in range(shards):
+        with wds.TarWriter(str(folder / f"shard-{shard}.tar")) as sink:
+            for j in range(per_shard):
+                key = f"{shard:02d}{j:03d}"
+                buffer = io.BytesIO()
+                Image.fromarray(random_pixels(shard * 100 + j)).save(buffer, format="PNG")
+                caption = CAPTIONS[(shard + j) % len(CAPTIONS)]
+                sample = {"__key__": key, "png": buffer.getvalue()}
+                if not missing_caption:
+                    sample["txt"] = caption
+                sink.write(sample)
+                captions[key] = caption
+    return captions
+
+
+def test_webdataset_stream_ranks_and_resume(tmp_path, tokenizer):
+    write_shards(tmp_path)
+    cfg = {"kind": "webdataset", "urls": str(tmp_path / "shard-{0..2}.tar"), "shuffle": False}
+    data = build_dataset(cfg, preprocess=preprocess, tokenizer=tokenizer)
+    assert isinstance(data, IterableDataset)
+    samples = list(iter(data))
+    assert len(samples) == 12
+    assert samples[5]["image"].shape == (3, 6, 5)
+    expected = torch.from_numpy(random_pixels(101)).permute(2, 0, 1).float() / 255.0
+    assert torch.equal(samples[5]["image"], expected)  # shard 1, sample 1
+    assert torch.equal(samples[5]["text"], tokenizer([CAPTIONS[2]])[0])
+
+    # Two ranks read disjoint shards (rank 0: shards 0 and 2, rank 1: shard 1).
+    per_rank = []
+    for rank in (0, 1):
+        loader = make_loader(data, 2, seed=0, rank=rank, world_size=2)
+        per_rank.append(torch.cat([next(loader)["image"] for _ in range(2)]))
+    assert torch.equal(per_rank[0], torch.stack([s["image"] for s in samples[0:4]]))
+    assert torch.equal(per_rank[1], torch.stack([s["image"] for s in samples[4:8]]))
+
+    # Resume: start_step batches are consumed; epochs roll over (3 batches of 4 per epoch).
+    full = make_loader(data, 4, seed=1)
+    reference = [next(full)["text"] for _ in range(7)]
+    resumed = make_loader(data, 4, seed=1, start_step=4)
+    for step in range(4, 7):
+        assert torch.equal(next(resumed)["text"], reference[step])
+
+
+def test_webdataset_shuffles_shards_per_epoch(tmp_path, tokenizer):
+    write_shards(tmp_path, shards=4, per_shard=2)
+    cfg = {"kind": "webdataset", "urls": str(tmp_path / "shard-{0..3}.tar")}
+    data = build_dataset(cfg, preprocess=preprocess, tokenizer=tokenizer)
+    epochs = [
+        torch.cat([b["image"] for b in itertools.islice(make_loader(data, 8, seed=s), 2)])
+        for s in (3, 3)
+    ]
+    assert torch.equal(epochs[0], epochs[1])  # same seed: same order
+    first, second = epochs[0][:16].reshape(2, 8, -1)
+    assert not torch.equal(first, second)  # epoch 1 reads the shards in another order
+    assert torch.equal(first.sort(dim=0).values, second.sort(dim=0).values)
+
+
+def test_webdataset_bad_inputs(tmp_path, tokenizer):
+    kwargs = {"preprocess": preprocess, "tokenizer": tokenizer}
+    with pytest.raises(FileNotFoundError, match="shards not found"):
+        WebDatasetPairs(str(tmp_path / "nothing-{0..1}.tar"), **kwargs)
+    write_shards(tmp_path, shards=1, per_shard=2, missing_caption=True)
+    data = WebDatasetPairs(str(tmp_path / "shard-0.tar"), **kwargs)
+    with pytest.raises(ValueError, match="lacks an image.*or caption"):
+        next(iter(data))
+    with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
+        next(make_loader(data, 1, seed=0, rank=1, world_size=2))
+    with pytest.raises(TypeError, match="num_samples"):
+        len(data)
+
+
+def test_synthetic_is_a_function_of_seed_and_index():
+    a = build_dataset(
+        {"kind": "synthetic", "size": 10, "image_size": 8, "context_length": 12, "vocab_size": 50},
+        preprocess=None,
+        tokenizer=None,
+    )
+    b = SyntheticPairDataset(10, image_size=8, context_length=12, vocab_size=50)
+    other = SyntheticPairDataset(10, image_size=8, context_length=12, vocab_size=50, seed=1)
+    for i in (0, 7):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["text"], b[i]["text"])
+        assert not torch.equal(a[i]["image"], other[i]["image"])
+        text = a[i]["text"]
+        assert text[0] == 48 and int(text.argmax()) == int((text != 0).sum()) - 1  # eot is max
+        assert a[i]["image"].shape == (3, 8, 8)
+    assert not torch.equal(a[0]["image"], a[1]["image"])
+    with pytest.raises(IndexError):
+        a[10]
+    with pytest.raises(ValueError, match="context_length >= 2"):
+        SyntheticPairDataset(4, context_length=1)
+
+
+def tensor_dataset(size: int) -> TensorPairDataset:
+    images = torch.arange(size, dtype=torch.float32).reshape(size, 1, 1, 1).expand(size, 3, 2, 2)
+    texts = torch.arange(size).reshape(size, 1).repeat(1, 4)
+    return TensorPairDataset(images.contiguous(), texts, labels=torch.arange(size) % 3)
+
+
+class PlainDataset(Dataset):
+    """Same samples without the get_batch fast path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[index]
+
+
+def take(loader, steps):
+    return [next(loader) for _ in range(steps)]
+
+
+def test_loader_epochs_are_permutations_and_deterministic():
+    data = tensor_dataset(12)
+    batches = take(make_loader(data, 4, seed=5), 6)  # two epochs
+    again = take(make_loader(data, 4, seed=5), 6)
+    other_seed = take(make_loader(data, 4, seed=6), 3)
+    for batch, same in zip(batches, again, strict=True):
+        for key in batch:
+            assert torch.equal(batch[key], same[key])
+    epoch0 = torch.cat([b["index"] for b in batches[:3]])
+    epoch1 = torch.cat([b["index"] for b in batches[3:]])
+    assert sorted(epoch0.tolist()) == list(range(12)) == sorted(epoch1.tolist())
+    assert not torch.equal(epoch0, epoch1)
+    assert not torch.equal(epoch0, torch.cat([b["index"] for b in other_seed]))
+    first = batches[0]
+    assert torch.equal(first["image"][:, 0, 0, 0].long(), first["index"])
+    assert torch.equal(first["text"][:, 0], first["index"])
+    assert torch.equal(first["label"], first["index"] % 3)
+
+
+def test_loader_resume_skips_exactly():
+    data = tensor_dataset(10)  # 3 steps per epoch at batch 3 (drop_last)
+    reference = take(make_loader(data, 3, seed=2), 8)
+    for start in (1, 3, 5):
+        resumed = take(make_loader(data, 3, seed=2, start_step=start), 8 - start)
+        for got, expected in zip(resumed, reference[start:], strict=True):
+            assert torch.equal(got["index"], expected["index"])
+
+
+def test_loader_rank_sharding():
+    data = tensor_dataset(16)
+    ranks = [take(make_loader(data, 2, seed=0, rank=r, world_size=4), 4) for r in range(4)]
+    for step in range(4):
+        indices = torch.cat([ranks[r][step]["index"] for r in range(4)])
+        assert indices.unique().numel() == 8  # disjoint
+    everything = torch.cat([b["index"] for r in range(4) for b in ranks[r][:2]])
+    assert sorted(everything.tolist()) == list(range(16))  # one epoch covers the data once
+    single = take(make_loader(data, 8, seed=0), 1)[0]["index"]
+    assert torch.equal(
+        torch.cat([ranks[r][0]["index"] for r in range(4)]).sort().values, single.sort().values
+    )
+
+
+def test_loader_without_drop_last_pads_ranks_equally():
+    data = tensor_dataset(7)
+    counts = []
+    for rank in range(2):
+        batches = take(make_loader(data, 3, seed=0, rank=rank, world_size=2, drop_last=False), 2)
+        counts.append([b["index"].numel() for b in batches])
+    assert counts[0] == counts[1] == [3, 1]
+
+
+def test_loader_paths_agree():
+    data = tensor_dataset(9)
+    fast = take(make_loader(data, 3, seed=4), 4)
+    plain = take(make_loader(PlainDataset(data), 3, seed=4), 4)
+    workers = take(make_loader(PlainDataset(data), 3, seed=4, num_workers=1), 4)
+    for a, b, c in zip(fast, plain, workers, strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
+
+
+def test_loader_bad_arguments():
+    data = tensor_dataset(4)
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        next(make_loader(data, 3, seed=0, world_size=2))
+    with pytest.raises(ValueError, match="rank"):
+        make_loader(data, 2, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(data, 0, seed=0)
+    with pytest.raises(ValueError, match="images must be a float tensor"):
+        TensorPairDataset(torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.zeros(2, 3).long())
+    with pytest.raises(ValueError, match="texts must be a long tensor"):
+        TensorPairDataset(torch.zeros(2, 3, 4, 4), torch.zeros(3, 3).long())
+
+
+def test_collate_stacks_tensors_and_ints():
+    batch = collate([{"image": torch.ones(2), "index": 3}, {"image": torch.zeros(2), "index": 4}])
+    assert batch["image"].shape == (2, 2) and batch["index"].tolist() == [3, 4]
+    assert batch["index"].dtype == torch.long
+
+
+def test_demo_kind_builds_digits():
+    data = build_dataset(
+        {"kind": "demo", "source": "digits", "split": "test"}, preprocess=None, tokenizer=None
+    )
+    assert data.images.shape[1:] == (3, 32, 32)
+    assert len(data) == data.labels.numel() > 100

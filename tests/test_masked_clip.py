@@ -1,0 +1,352 @@
+"""MaskedCLIP against a float64 reference of SPEC 3b's masked forward, and prune() equivalence."""
+
+import copy
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE, rel_err
+
+from tinyclip_fast.backend import force_backend
+from tinyclip_fast.masked_clip import MaskedCLIP
+
+CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 4, "layers": 3},
+}
+
+
+def _model(config=CONFIG, seed=0):
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**config)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            # open_clip starts LayerNorms / biases at constants: randomise everything.
+            if t.is_floating_point() and name != "logit_scale":
+                t.copy_(torch.randn_like(t) * 0.3)
+    return model
+
+
+def _inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, 32, 32, generator=g)
+    text = torch.randint(1, 999, (batch, 16), generator=g)
+    text[torch.arange(batch), torch.tensor([5, 15, 9])[:batch]] = 999  # argmax pooling token
+    return image, text
+
+
+def _set_masks(masked: MaskedCLIP, seed=2, empty_layers=True):
+    """Spread log_alpha so the deterministic masks have exact zeros and soft values; with
+    ``empty_layers`` also a text layer without heads and a vision layer without MLP channels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tower in (masked.visual_masks, masked.text_masks):
+            for mask in (tower.hidden, tower.head, tower.intermediate):
+                mask.log_alpha.copy_(torch.randn(mask.log_alpha.shape, generator=g) * 3 + 1)
+        if empty_layers:
+            masked.text_masks.head.log_alpha[1] = -10.0
+            masked.visual_masks.intermediate.log_alpha[2] = -10.0
+
+
+def _logits(features):
+    image, text, scale = features[:3]
+    return scale * image @ text.T
+
+
+# ---- float64 reference: SPEC 3b written with plain multiplies, no masked_linear -------------
+
+
+def _ref_ln(x, norm, z_h):
+    keep = z_h != 0
+    xs = x[..., keep]
+    mu = xs.mean(-1, keepdim=True)
+    var = ((xs - mu) ** 2).mean(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    out[..., keep] = (xs - mu) / torch.sqrt(var + norm.eps) * norm.weight[keep] + norm.bias[keep]
+    return out
+
+
+def _ref_blocks(x, blocks, z_h, z_head, z_int, attn_mask):
+    batch, tokens, width = x.shape
+    for layer, block in enumerate(blocks):
+        heads = block.attn.num_heads
+        h = _ref_ln(x, block.ln_1, z_h)
+        qkv = h @ block.attn.in_proj_weight.T + block.attn.in_proj_bias
+        q, k, v = qkv.view(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        o = scores.softmax(-1) @ v * z_head[layer].view(1, -1, 1, 1)
+        o = o.transpose(1, 2).reshape(batch, tokens, width)
+        x = x + (o @ block.attn.out_proj.weight.T + block.attn.out_proj.bias) * z_h
+        h = _ref_ln(x, block.ln_2, z_h)
+        m = F.gelu(h @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias) * z_int[layer]
+        x = x + (m @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias) * z_h
+    return x
+
+
+def _det(tower):
+    return (
+        tower.hidden.deterministic(),
+        tower.head.deterministic(),
+        tower.intermediate.deterministic(),
+    )
+
+
+def _ref_encode(masked64, image, text):
+    v = masked64.model.visual
+    z_h, z_head, z_int = _det(masked64.visual_masks)
+    x = F.conv2d(image, v.conv1.weight, stride=8).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], 1) + v.positional_embedding
+    x = _ref_ln(x * z_h, v.ln_pre, z_h)
+    x = _ref_blocks(x, v.transformer.resblocks, z_h, z_head, z_int, None)
+    image_features = (_ref_ln(x, v.ln_post, z_h)[:, 0] * z_h) @ v.proj
+
+    m = masked64.model
+    z_h, z_head, z_int = _det(masked64.text_masks)
+    tokens = text.shape[1]
+    causal = torch.full((tokens, tokens), float("-inf"), dtype=torch.float64).triu(1)
+    x = (m.token_embedding(text) + m.positional_embedding) * z_h
+    x = _ref_blocks(x, m.transformer.resblocks, z_h, z_head, z_int, causal)
+    x = _ref_ln(x, m.ln_final, z_h)[torch.arange(text.shape[0]), text.argmax(-1)]
+    return image_features, (x * z_h) @ m.text_projection
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+VARIANT = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": dict(
+        CONFIG["vision_cfg"], pool_type="avg", final_ln_after_pool=True, ls_init_value=0.5
+    ),
+    "text_cfg": dict(CONFIG["text_cfg"], no_causal_mask=True, proj_bias=True, pool_type="last"),
+}
+
+
+@pytest.mark.parametrize("config", [CONFIG, VARIANT], ids=["default", "variant"])
+def test_all_ones_masks_equal_original_model(config):
+    model = _model(config).eval()
+    masked = MaskedCLIP(model, init_log_alpha=50.0).eval()  # soft value sigmoid(60) == 1.0
+    image, text = _inputs()
+    with force_backend("torch"), torch.no_grad():
+        expected, actual = model(image, text), masked(image, text)
+        assert len(actual) == 3
+        for a, e in zip(actual, expected, strict=True):
+            assert rel_err(a, e) < 1e-5
+        assert rel_err(_logits(actual), _logits(expected)) < 1e-5
+        model.output_dict = True
+        out = masked(image, text)
+        assert set(out) == {"image_features", "text_features", "logit_scale"}
+        assert rel_err(out["text_features"], expected[1]) < 1e-5
+
+
+def test_masked_forward_and_grads_match_float64_reference():
+    masked = MaskedCLIP(_model()).eval()
+    _set_masks(masked)
+    reference = copy.deepcopy(masked).double()
+    image, text = _inputs()
+    g = torch.Generator().manual_seed(3)
+    w_img, w_txt = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+    with force_backend("torch"):
+        img, txt = masked.encode_image(image), masked.encode_text(text)
+        ref_img, ref_txt = _ref_encode(reference, image.double(), text)
+        assert rel_err(img, ref_img) < 1e-5 and rel_err(txt, ref_txt) < 1e-5
+        # The masks must matter: the unmasked model gives something else.
+        assert rel_err(masked.model.encode_image(image), ref_img) > 1e-2
+        ((img * w_img).sum() + (txt * w_txt).sum()).backward()
+        ((ref_img * w_img.double()).sum() + (ref_txt * w_txt.double()).sum()).backward()
+    named = dict(masked.named_parameters())
+    ref_named = dict(reference.named_parameters())
+    checked = 0
+    for name, p in named.items():
+        ref_grad = ref_named[name].grad
+        if ref_grad is None or name == "model.logit_scale":
+            continue
+        if p.grad is None:  # skipped entirely (a layer whose heads are all pruned)
+            assert not ref_grad.any(), name
+            continue
+        assert rel_err(p.grad, ref_grad) < 1e-4, name
+        checked += 1
+    assert checked >= 30
+    assert named["text_masks.head.log_alpha"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config", [CONFIG, VARIANT], ids=["default", "variant"])
+def test_pruned_model_equals_masked_model(config):
+    masked = MaskedCLIP(_model(config)).eval()
+    _set_masks(masked)
+    image, text = _inputs()
+    with force_backend("torch"), torch.no_grad():
+        expected = masked(image, text)
+        compact = masked.prune().eval()
+        actual = compact(image, text)
+    assert type(compact) is open_clip.model.CLIP
+    for a, e in zip(actual, expected, strict=True):
+        assert rel_err(a, e) < 1e-5
+    assert rel_err(_logits(actual), _logits(expected)) < 1e-5
+    z_head = masked.text_masks.head.deterministic()
+    heads = [block.attn.num_heads for block in compact.transformer.resblocks]
+    assert heads == (z_head != 0).sum(1).tolist() and heads[1] == 0
+    mlp = [block.mlp.c_fc.out_features for block in compact.visual.transformer.resblocks]
+    assert mlp == (masked.visual_masks.intermediate.deterministic() != 0).sum(1).tolist()
+    assert mlp[2] == 0
+    kept = int((masked.visual_masks.hidden.deterministic() != 0).sum())
+    assert compact.visual.conv1.weight.shape[0] == kept < 64
+    n_compact = sum(p.numel() for p in compact.parameters())
+    assert n_compact < sum(p.numel() for p in masked.model.parameters())
+
+
+def test_train_mode_samples_masks_and_reaches_log_alpha():
+    masked = MaskedCLIP(_model(), init_log_alpha=0.5).train()
+    image, text = _inputs()
+    with force_backend("torch"):
+        first = masked(image, text)
+        second = masked(image, text)
+        assert rel_err(first[0], second[0]) > 1e-4  # a fresh sample per forward
+        loss = _logits(first).logsumexp(1).sum() + (first[1] * torch.randn(3, 32)).sum()
+        loss.backward()
+    for name, p in masked.named_parameters():
+        if name.endswith("log_alpha"):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+    assert len(masked.mask_parameters()) == 6
+    assert masked.model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_expected_sparsity_and_remaining_params():
+    model = _model()
+    masked = MaskedCLIP(model)
+    assert float(masked.expected_sparsity().detach()) < 1e-3
+    prunable = 0
+    for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
+        attn, mlp = block.attn, block.mlp
+        prunable += attn.in_proj_weight.numel() + attn.in_proj_bias.numel()
+        prunable += attn.out_proj.weight.numel() + attn.out_proj.bias.numel()
+        prunable += mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel()
+    with torch.no_grad():
+        for p in masked.mask_parameters():
+            p.fill_(0.3)
+    # Every mask entry is non-zero with probability p; both factors of each block carry one p.
+    p = torch.sigmoid(torch.tensor(0.3) - 2 / 3 * math.log(0.1 / 1.1))
+    remaining = float(masked.expected_remaining_params().detach())
+    assert abs(remaining - float(p**2) * prunable) < 1e-3 * prunable
+    assert abs(float(masked.expected_sparsity().detach()) - float(1 - p**2)) < 1e-5
+    masked.expected_sparsity().backward()
+    assert all(q.grad is not None for q in masked.mask_parameters())
+    with torch.no_grad():
+        masked.text_masks.head.log_alpha.fill_(50.0)
+    masked.clamp_masks()
+    assert float(masked.text_masks.head.log_alpha.detach().max()) == pytest.approx(math.log(100))
+
+
+def test_unsupported_models_raise():
+    resnet = dict(CONFIG, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8})
+    with pytest.raises(ValueError, match="ViT image towers only"):
+        MaskedCLIP(open_clip.model.CLIP(**resnet))
+    pooled = dict(CONFIG, vision_cfg=dict(CONFIG["vision_cfg"], attentional_pool=True))
+    with pytest.raises(ValueError, match="attentional pooler"):
+        MaskedCLIP(open_clip.model.CLIP(**pooled))
+    custom = dict(CONFIG, text_cfg=dict(CONFIG["text_cfg"], qk_norm=True))
+    with pytest.raises(ValueError, match="unsupported text block"):
+        MaskedCLIP(open_clip.model.CLIP(**custom))
+    with pytest.raises(TypeError, match="open_clip.model.CLIP"):
+        MaskedCLIP(torch.nn.Linear(2, 2))
+    masked = MaskedCLIP(_model())
+    with torch.no_grad():
+        masked.visual_masks.hidden.log_alpha.fill_(-20.0)
+    with pytest.raises(ValueError, match="every hidden channel"):
+        masked.prune()
+
+
+def test_triton_backend_matches_torch_backend():
+    small = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
+    masked = MaskedCLIP(_model(small)).eval()
+    _set_masks(masked, empty_layers=False)
+    masked = masked.to(KERNEL_DEVICE)
+    image = torch.randn(2, 3, 16, 16, device=KERNEL_DEVICE)
+    text = torch.randint(1, 100, (2, 8), device=KERNEL_DEVICE)
+    weight = torch.randn(2, 16, device=KERNEL_DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        masked.zero_grad()
+        with force_backend(backend):
+            image_features, text_features, _ = masked(image, text)
+            ((image_features + text_features) * weight).sum().backward()
+        grads = {n: p.grad.clone() for n, p in masked.named_parameters() if p.grad is not None}
+        results[backend] = (image_features.detach(), text_features.detach(), grads)
+    tol = 1e-2 if KERNEL_DEVICE == "cuda" else 1e-4  # TF32 on GPU
+    expected, actual = results["torch"], results["triton"]
+    assert rel_err(actual[0], expected[0]) < tol and rel_err(actual[1], expected[1]) < tol
+    assert actual[2].keys() == expected[2].keys()
+    assert any(name.endswith("log_alpha") for name in expected[2])
+    for name, grad in expected[2].items():
+        assert rel_err(actual[2][name], grad) < tol, name
+
+
+def test_bf16_autocast_close_to_fp32():
+    masked = MaskedCLIP(_model()).eval()
+    _set_masks(masked)
+    image, text = _inputs()
+    with force_backend("torch"):
+        expected = masked(image, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = masked(image, text)
+        assert actual[0].dtype == torch.bfloat16
+        for a, e in zip(actual[:2], expected[:2], strict=True):
+            assert rel_err(a, e) < 2e-2
+        (actual[0].float().sum() + (actual[1].float() * torch.randn(3, 32)).sum()).backward()
+    for p in masked.mask_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_second_stage_masks_a_pruned_student():
+    """SPEC 4's multi-stage auto recipe: masks on a pruned student with variable layers."""
+    first = MaskedCLIP(_model()).eval()
+    _set_masks(first)
+    image, text = _inputs()
+    with force_backend("torch"), torch.no_grad():
+        compact = first.prune().eval()
+        expected = compact(image, text)
+        second = MaskedCLIP(compact, init_log_alpha=50.0).eval()
+        for a, e in zip(second(image, text), expected, strict=True):
+            assert rel_err(a, e) < 1e-5
+    assert second.text_masks.layer_heads[1] == 0 and second.visual_masks.layer_mlp[2] == 0
+    prunable = 0
+    for block in [*compact.visual.transformer.resblocks, *compact.transformer.resblocks]:
+        attn, mlp = block.attn, block.mlp
+        prunable += attn.in_proj_weight.numel() + attn.in_proj_bias.numel()
+        prunable += attn.out_proj.weight.numel() + attn.out_proj.bias.numel()
+        prunable += mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel()
+    # Exact up to how the output-projection biases are spread over heads.
+    assert abs(second.full_prunable_params() - prunable) < 0.01 * prunable
+    assert float(second.expected_sparsity().detach()) < 1e-3
+
+    _set_masks(second, seed=5, empty_layers=False)
+    second.clamp_masks()  # also puts the padding entries back to exactly-zero masks
+    with force_backend("torch"), torch.no_grad():
+        masked_out = second(image, text)
+        third = second.prune().eval()
+        for a, e in zip(third(image, text), masked_out, strict=True):
+            assert rel_err(a, e) < 1e-5
+    assert sum(p.numel() for p in third.parameters()) < sum(p.numel() for p in compact.parameters())
+    second.train()
+    with force_backend("torch"):
+        out = second(image, text)
+        (_logits(out).logsumexp(1).sum() + (out[1] * torch.randn(3, 32)).sum()).backward()
+    head_grad = second.text_masks.head.log_alpha.grad
+    assert head_grad[~second.text_masks.head_valid].abs().sum() == 0
+    assert head_grad[second.text_masks.head_valid].abs().sum() > 0

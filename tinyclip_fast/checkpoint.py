@@ -1,0 +1,63 @@
+"""Resumable training state: one file, written atomically, loadable with ``weights_only=True``.
+
+This is NOT the student export (that is ``student_io.save_student``: weights + config only).
+The training state holds what an exact resume needs: the student's architecture (the
+``student_io`` config, so pruned students with per-layer widths rebuild) and weights, mask
+parameters, optimizer / GradScaler / sparsity-controller states, RNG states, the position in
+the stage list and the metric history. Everything in it is plain tensors, numbers, strings,
+lists and dicts, so loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "tinyclip_fast.training_state/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact.
+
+    The bytes go to a temporary file in the same folder, are fsync'ed, then ``os.replace``
+    swaps it in (atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state written by :func:`save_training_state`; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no training checkpoint at {path}; start without --resume or point --out-dir at "
+            "the run to continue"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # bad bytes surface as any of a dozen exception types
+        raise ValueError(
+            f"corrupt training checkpoint {path} ({type(err).__name__}: {err}); delete it to "
+            "start over, or restore a copy"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tinyclip_fast training checkpoint (format {FORMAT})")
+    return state

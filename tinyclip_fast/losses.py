@@ -1,0 +1,216 @@
+"""Drop-in replacements for open_clip's ClipLoss and DistillClipLoss, and TinyCLIP's loss.
+
+Same constructor arguments, forward signatures, return values and numbers as
+``open_clip.loss``, computed by the fused affinity kernels: the [n, N] logit matrices are
+never materialised. Scales are multiplicative (``model.logit_scale.exp()``), as in open_clip.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinyclip_fast.affinity_loss import affinity_loss_rows, affinity_loss_square
+from tinyclip_fast.distributed import distributed_world, gather_features, gather_teacher_features
+
+
+def _check_logit_bias(logit_bias: torch.Tensor | float | None) -> None:
+    # A scalar shift of every logit leaves every softmax unchanged, so it drops out of
+    # these losses; a non-scalar bias would not, and is not what open_clip passes here.
+    if logit_bias is None:
+        return
+    if isinstance(logit_bias, torch.Tensor) and logit_bias.numel() != 1:
+        raise ValueError(
+            f"logit_bias must be a scalar, got a tensor of shape {tuple(logit_bias.shape)}"
+        )
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE: (CE(A, labels) + CE(A^T, labels)) / 2 with A = s * I T^T."""
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+    ) -> None:
+        super().__init__()
+        if use_horovod:
+            raise NotImplementedError(
+                "use_horovod=True is not supported; run under torch.distributed (torchrun)"
+            )
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # labels are implicit in the kernels: nothing to cache
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+
+    def _losses(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | float] | None,
+        *,
+        compute_contrastive: bool,
+        kind: str = "soft_ce",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distill, contrastive) under this module's multi-device mode."""
+        compute_distill = teacher is not None
+        teacher_image, teacher_text, teacher_scale = teacher if teacher else (None, None, None)
+        flags = dict(
+            kind=kind, compute_distill=compute_distill, compute_contrastive=compute_contrastive
+        )
+        if self.world_size == 1:
+            return affinity_loss_square(
+                image_features,
+                text_features,
+                logit_scale,
+                teacher_image,
+                teacher_text,
+                teacher_scale,
+                **flags,
+            )
+        all_image, all_text = gather_features(
+            image_features,
+            text_features,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        all_teacher_image = all_teacher_text = None
+        if compute_distill:
+            all_teacher_image, all_teacher_text = gather_teacher_features(
+                teacher_image, teacher_text, self.world_size
+            )
+        if not self.local_loss:
+            return affinity_loss_square(
+                all_image,
+                all_text,
+                logit_scale,
+                all_teacher_image,
+                all_teacher_text,
+                teacher_scale,
+                **flags,
+            )
+        # Local loss: this rank's rows against all global columns, each direction on its own.
+        label_offset = image_features.shape[0] * self.rank
+        image_to_text = affinity_loss_rows(
+            image_features,
+            all_text,
+            logit_scale,
+            teacher_image,
+            all_teacher_text,
+            teacher_scale,
+            label_offset=label_offset,
+            **flags,
+        )
+        text_to_image = affinity_loss_rows(
+            text_features,
+            all_image,
+            logit_scale,
+            teacher_text,
+            all_teacher_image,
+            teacher_scale,
+            label_offset=label_offset,
+            **flags,
+        )
+        distill = (image_to_text[0] + text_to_image[0]) / 2
+        contrastive = (image_to_text[1] + text_to_image[1]) / 2
+        return distill, contrastive
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        _check_logit_bias(logit_bias)
+        _, contrastive = self._losses(
+            image_features, text_features, logit_scale, None, compute_contrastive=True
+        )
+        return {"contrastive_loss": contrastive} if output_dict else contrastive
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip's distillation loss: returns (contrastive, distill), distill being the
+    symmetric soft cross-entropy between teacher and student affinities."""
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        dist_image_features: torch.Tensor,
+        dist_text_features: torch.Tensor,
+        dist_logit_scale: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        distill, contrastive = self._losses(
+            image_features,
+            text_features,
+            logit_scale,
+            (dist_image_features, dist_text_features, dist_logit_scale),
+            compute_contrastive=True,
+        )
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
+class AffinityMimickingLoss(ClipLoss):
+    """TinyCLIP's loss: (1 - w) * L_dist + w * L_clip; w = 0 is pure affinity mimicking.
+
+    Under torch.distributed it runs in local-loss + gather-with-grad mode (the only mode
+    that scales), reading rank and world size from the default process group.
+    """
+
+    def __init__(
+        self,
+        *,
+        contrastive_weight: float = 0.0,
+        kind: str = "soft_ce",
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+    ) -> None:
+        if not 0.0 <= contrastive_weight <= 1.0:
+            raise ValueError(f"contrastive_weight must lie in [0, 1], got {contrastive_weight}")
+        if kind not in ("soft_ce", "kl"):
+            raise ValueError(f"kind must be 'soft_ce' or 'kl', got {kind!r}")
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        self.contrastive_weight = contrastive_weight
+        self.kind = kind
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        teacher_image_features: torch.Tensor,
+        teacher_text_features: torch.Tensor,
+        teacher_logit_scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        # Read at call time: the loss may be built before the process group is initialised.
+        self.rank, self.world_size = distributed_world()
+        weight = self.contrastive_weight
+        teacher = (
+            (teacher_image_features, teacher_text_features, teacher_logit_scale)
+            if weight < 1.0
+            else None
+        )
+        distill, contrastive = self._losses(
+            image_features,
+            text_features,
+            logit_scale,
+            teacher,
+            compute_contrastive=weight > 0.0,
+            kind=self.kind,
+        )
+        return (1.0 - weight) * distill + weight * contrastive

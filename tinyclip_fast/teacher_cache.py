@@ -1,0 +1,221 @@
+"""Teacher embeddings computed once and stored, so distillation steps never run the teacher.
+
+As in MobileCLIP's dataset reinforcement: one pass of the frozen teacher over a map-style
+dataset writes the L2-normalised features I_t [N, d], T_t [N, d] and its logit scale to a
+safetensors file; training looks rows up by the samples' ``index``. Valid only without
+random augmentation (the cached features are those of the un-augmented samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from tinyclip_fast.data import collate
+
+FORMAT_VERSION = "1"
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """Hash of the teacher's parameter names, shapes, dtypes and weight checksums."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.is_floating_point() and tensor.numel():
+            flat = tensor.detach().double()
+            # Rounded sums: the same weights give the same digits on any device/thread count.
+            digest.update(f"{float(flat.sum()):.6e}:{float(flat.square().sum()):.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+class TeacherEmbeddingCache:
+    """Cached teacher features: ``lookup(indices) -> (image_emb, text_emb)``, each [n, d].
+
+    ``logit_scale`` is the teacher's ``logit_scale`` parameter (log space, as in open_clip):
+    the teacher's affinity scale is ``exp(logit_scale)``.
+    """
+
+    def __init__(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: float,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
+            raise ValueError(
+                f"image_emb and text_emb must both be [N, d], got {tuple(image_emb.shape)} and "
+                f"{tuple(text_emb.shape)}"
+            )
+        self.image_emb, self.text_emb = image_emb, text_emb
+        self._logit_scale = float(logit_scale)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def logit_scale(self) -> float:
+        """The teacher's log-space logit scale (affinity scale b = exp of it)."""
+        return self._logit_scale
+
+    def __len__(self) -> int:
+        return self.image_emb.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.image_emb.shape[1]
+
+    def to(self, device: str | torch.device) -> TeacherEmbeddingCache:
+        """A copy whose lookups return tensors on ``device``."""
+        return TeacherEmbeddingCache(
+            self.image_emb.to(device), self.text_emb.to(device), self._logit_scale, self.metadata
+        )
+
+    def lookup(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``indices`` of the image and text embeddings, each [n, d]."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(
+                f"indices must lie in [0, {len(self)}), got [{int(indices.min())}, "
+                f"{int(indices.max())}]: the cache was built for a different dataset"
+            )
+        indices = indices.to(self.image_emb.device)
+        return self.image_emb[indices], self.text_emb[indices]
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        teacher: nn.Module,
+        dataset: Dataset,
+        path: str | Path,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+    ) -> TeacherEmbeddingCache:
+        """Run ``teacher`` once over ``dataset`` (in index order) and write the cache to ``path``.
+
+        The file is written to a temporary name and renamed, so a crash never leaves a
+        half-written cache behind.
+        """
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                "TeacherEmbeddingCache needs a map-style dataset (len + integer indexing); "
+                f"got {type(dataset).__name__}"
+            )
+        size = len(dataset)
+        if size == 0:
+            raise ValueError("cannot cache teacher embeddings of an empty dataset")
+        was_training = teacher.training
+        teacher.eval()
+        image_parts, text_parts = [], []
+        try:
+            for start in range(0, size, batch_size):
+                indices = torch.arange(start, min(start + batch_size, size))
+                batch = (
+                    dataset.get_batch(indices)
+                    if hasattr(dataset, "get_batch")
+                    else collate([dataset[i] for i in indices.tolist()])
+                )
+                image_parts.append(
+                    teacher.encode_image(batch["image"].to(device), normalize=True).float().cpu()
+                )
+                text_parts.append(
+                    teacher.encode_text(batch["text"].to(device), normalize=True).float().cpu()
+                )
+        finally:
+            teacher.train(was_training)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "num_samples": str(size),
+            "dim": str(image_parts[0].shape[1]),
+            "teacher_fingerprint": teacher_fingerprint(teacher),
+            "dataset": type(dataset).__name__,
+        }
+        cache = cls(
+            torch.cat(image_parts),
+            torch.cat(text_parts),
+            float(teacher.logit_scale.detach().float().reshape(-1)[0]),
+            metadata,
+        )
+        cache.save(path)
+        return cache
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "image_emb": self.image_emb.contiguous().cpu(),
+            "text_emb": self.text_emb.contiguous().cpu(),
+            "logit_scale": torch.tensor([self._logit_scale], dtype=torch.float64),
+        }
+        metadata = {**self.metadata, "format_version": FORMAT_VERSION}
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata={"tinyclip_cache": json.dumps(metadata)})
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        num_samples: int | None = None,
+        teacher: nn.Module | None = None,
+        device: str | torch.device = "cpu",
+    ) -> TeacherEmbeddingCache:
+        """Read a cache; with ``num_samples``/``teacher`` given, refuse one built for others."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher cache {path} does not exist; build it with TeacherEmbeddingCache.build"
+            )
+        try:
+            tensors = load_file(str(path), device=str(device))
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            metadata = json.loads(header["tinyclip_cache"])
+            image_emb, text_emb = tensors["image_emb"], tensors["text_emb"]
+            logit_scale = float(tensors["logit_scale"][0])
+        except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"teacher cache {path} is corrupt or not a tinyclip_fast cache ({err!r}); "
+                "delete it and rebuild"
+            ) from err
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"teacher cache {path} has format {metadata.get('format_version')!r}, "
+                f"expected {FORMAT_VERSION!r}; rebuild it"
+            )
+        if image_emb.shape != text_emb.shape or str(image_emb.shape[0]) != metadata.get(
+            "num_samples"
+        ):
+            raise ValueError(
+                f"teacher cache {path} is inconsistent: image {tuple(image_emb.shape)}, text "
+                f"{tuple(text_emb.shape)}, header num_samples {metadata.get('num_samples')}"
+            )
+        if num_samples is not None and image_emb.shape[0] != num_samples:
+            raise ValueError(
+                f"teacher cache {path} holds {image_emb.shape[0]} samples but the dataset has "
+                f"{num_samples}: rebuild it for this dataset"
+            )
+        if teacher is not None and metadata.get("teacher_fingerprint") != teacher_fingerprint(
+            teacher
+        ):
+            raise ValueError(
+                f"teacher cache {path} was built by a different teacher (fingerprint "
+                f"{metadata.get('teacher_fingerprint')} != {teacher_fingerprint(teacher)}): "
+                "rebuild it"
+            )
+        return cls(image_emb, text_emb, logit_scale, metadata)
