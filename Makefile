@@ -31,6 +31,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_affinity_loss.py
 	$(PY) bench/bench_masked_matmul.py
+	$(PY) bench/bench_distill_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,6 +26,7 @@ _EXPORTS = {
     "TowerMaskProbs": "tinyclip_fast.sparsity",
     "expected_remaining_params": "tinyclip_fast.sparsity",
     "expected_sparsity": "tinyclip_fast.sparsity",
+    "full_prunable_params": "tinyclip_fast.sparsity",
     "manual_inherit": "tinyclip_fast.inheritance",
     "preset_config": "tinyclip_fast.inheritance",
     "PRESETS": "tinyclip_fast.inheritance",
@@ -33,7 +34,14 @@ _EXPORTS = {
     "save_student": "tinyclip_fast.student_io",
     "load_student": "tinyclip_fast.student_io",
     "distill": "tinyclip_fast.engine",
+    "DistillResult": "tinyclip_fast.engine",
     "DistillConfig": "tinyclip_fast.config",
+    "StageConfig": "tinyclip_fast.config",
+    "load_config": "tinyclip_fast.config",
+    "build_dataset": "tinyclip_fast.data",
+    "make_loader": "tinyclip_fast.data",
+    "ZeroShotEvaluator": "tinyclip_fast.zero_shot",
+    "TeacherEmbeddingCache": "tinyclip_fast.teacher_cache",
     "force_backend": "tinyclip_fast.backend",
 }
 

@@ -70,6 +70,7 @@ class TeacherEmbeddingCache:
 
     @property
     def dim(self) -> int:
+        """Embedding width d."""
         return self.image_emb.shape[1]
 
     def to(self, device: str | torch.device) -> TeacherEmbeddingCache:
