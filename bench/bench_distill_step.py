@@ -255,7 +255,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="1024 on GPU, 64 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (10 GPU, 5 CPU)")
     parser.add_argument("--out", default="bench/results", help="GPU table folder")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps (for gpu_check)")
     args = parser.parse_args()
+    if args.quick and args.iters is None:
+        args.iters = 5 if torch.cuda.is_available() else 2
     if args.cpu or not torch.cuda.is_available():
         batch = args.batch or 64
         results = run(TINY, batch, "cpu", None, warmup=2, iters=args.iters or 5)

@@ -33,8 +33,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_training_state(path, {"step": 1})
 
-    def crash_mid_write(obj, handle):
-        handle.write(b"partial bytes")
+    def crash_mid_write(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"partial bytes")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)

@@ -11,11 +11,12 @@ lists and dicts, so loading never unpickles code.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tinyclip_fast.atomic_io import atomic_write
 
 FORMAT = "tinyclip_fast.training_state/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -27,20 +28,7 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     The bytes go to a temporary file in the same folder, are fsync'ed, then ``os.replace``
     swaps it in (atomic on POSIX and Windows).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from open_clip.transformer import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tinyclip_fast.atomic_io import atomic_write
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -298,19 +299,6 @@ def build_student(config: dict[str, Any]) -> open_clip.model.CLIP:
     return model
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then os.replace, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_student(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights (safetensors) and config (JSON) into directory ``path``.
 
@@ -320,14 +308,14 @@ def save_student(model: nn.Module, path: str | os.PathLike) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
 
     # The config is written last: a directory with a config always has complete weights.
-    _atomic_write(directory / CONFIG_NAME, write_json)
+    atomic_write(directory / CONFIG_NAME, write_json)
     return directory
 
 

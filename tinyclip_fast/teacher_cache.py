@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from tinyclip_fast.atomic_io import atomic_write
 from tinyclip_fast.data import collate
 
 FORMAT_VERSION = "1"
@@ -152,20 +152,14 @@ class TeacherEmbeddingCache:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "image_emb": self.image_emb.contiguous().cpu(),
             "text_emb": self.text_emb.contiguous().cpu(),
             "logit_scale": torch.tensor([self._logit_scale], dtype=torch.float64),
         }
-        metadata = {**self.metadata, "format_version": FORMAT_VERSION}
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata={"tinyclip_cache": json.dumps(metadata)})
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        contents = {**self.metadata, "format_version": FORMAT_VERSION}
+        metadata = {"tinyclip_cache": json.dumps(contents)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(
