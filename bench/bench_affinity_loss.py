@@ -256,10 +256,21 @@ def test_cpu_peak_rss_growth(record_property, impl):
     print(f"\n{impl}: n=8192 d={DIM} peak RSS growth {result['peak_growth_mb']:.0f} MB")
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_cpu(out_dir: Path) -> None:
     lines = [
-        f"# Affinity loss on CPU: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        f"# Affinity loss on CPU: {cpu_name()}, {torch.get_num_threads()} threads",
         "",
         f"torch {torch.__version__}; d = {DIM}, fp32, distill + contrastive, forward + "
         "backward; time = median of 3 runs after a warm-up; memory = peak RSS growth of one "
