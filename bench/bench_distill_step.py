@@ -3,6 +3,8 @@
 - tinyclip_fast: ``engine.train_step`` on a MaskedCLIP student (masks inside the matmuls),
   the fused affinity loss, fused AdamW; teacher run online under no_grad.
 - tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
+- tinyclip_fast (xformers attention): on CUDA with xformers installed, the first variant with
+  the engine's ``--attention xformers`` instead of torch SDPA (which of the two is faster).
 - tinyclip_way: the same student written the TinyCLIP way: open_clip's modules at full size,
   every mask applied by a separate multiply on full-size activations, open_clip's
   DistillClipLoss (materialised [n, n] soft cross-entropy), torch AdamW (foreach).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import platform
 import time
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from open_clip.loss import DistillClipLoss
 from torch import nn
 
 from tinyclip_fast.config import DistillConfig
-from tinyclip_fast.engine import make_optimizer, train_step
+from tinyclip_fast.engine import make_optimizer, train_step, xformers_attention
 from tinyclip_fast.hard_concrete import HardConcreteMask
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.masked_clip import MaskedCLIP
@@ -228,6 +231,13 @@ def run(model_cfg, batch: int, device: str, dtype, warmup: int, iters: int) -> d
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
+    if device == "cuda" and importlib.util.find_spec("xformers") is not None:
+        # The engine's --attention xformers against the default torch SDPA, same step.
+        step = make_step("tinyclip_fast", teacher, images, texts, dtype)
+        with xformers_attention():
+            results["tinyclip_fast (xformers attention)"] = images_per_second(
+                step, batch, warmup, iters
+            )
     return results
 
 
