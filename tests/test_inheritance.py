@@ -3,17 +3,12 @@
 import open_clip
 import pytest
 import torch
+from tiny_configs import TEACHER, TEXT
 
 from tinyclip_fast.backend import force_backend
 from tinyclip_fast.inheritance import PRESETS, manual_inherit, preset_config, select_layers
 from tinyclip_fast.masked_clip import MaskedCLIP
 
-TEXT = {"context_length": 16, "vocab_size": 1000}
-TEACHER = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 16},
-    "text_cfg": {**TEXT, "width": 64, "heads": 4, "layers": 4},
-}
 STUDENT = {
     "embed_dim": 24,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},

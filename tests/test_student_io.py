@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_configs import TEACHER, TEXT
 
 import tinyclip_fast.student_io as student_io
 from tinyclip_fast.backend import force_backend
@@ -14,12 +15,6 @@ from tinyclip_fast.inheritance import manual_inherit
 from tinyclip_fast.masked_clip import MaskedCLIP
 from tinyclip_fast.student_io import CONFIG_NAME, WEIGHTS_NAME, load_student, save_student
 
-TEXT = {"context_length": 16, "vocab_size": 1000}
-TEACHER = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 16},
-    "text_cfg": {**TEXT, "width": 64, "heads": 4, "layers": 4},
-}
 STUDENT = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},
