@@ -344,6 +344,7 @@ for features, teacher, columns in (("*bf16", True, True), ("*fp32", False, False
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
 def test_kernels_compile_for_cuda_without_a_gpu():
     """The interpreter never compiles: build the kernels for sm_90 ahead of time instead."""
     import os

@@ -1,5 +1,9 @@
 """masked_linear against a float64 reference: outputs and the gradients of all five inputs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +230,44 @@ def test_weight_grad_token_splits_kernel():
     assert rel_err(db, dy.sum(0) * (out_mask != 0)) < 1e-5
     assert rel_err(d_in, ref[2].grad * (in_mask != 0)) < 1e-5
     assert rel_err(d_out, ref[3].grad * (out_mask != 0)) < 1e-5
+
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import tinyclip_fast.kernels.masked_matmul as kernels
+
+matmul = {"a_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "c_ptr": "*bf16",
+          "k_kept_ptr": "*i64", "n_kept_ptr": "*i64", "n_pruned_ptr": "*i64",
+          "k_scale_ptr": "*fp32", "n_scale_ptr": "*fp32"}
+wgrad = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "dw_ptr": "*fp32",
+         "d_in_ptr": "*fp32", "d_out_ptr": "*fp32", "db_ptr": "*fp32",
+         "in_kept_ptr": "*i64", "out_kept_ptr": "*i64", "in_scale_ptr": "*fp32",
+         "out_scale_ptr": "*fp32"}
+dot = dict(DOT_FP32=False, INPUT_PRECISION="tf32")
+for dense in (False, True):
+    cases = [
+        (kernels._gathered_matmul_kernel, matmul,
+         dict(HAS_BIAS=True, HAS_K_SCALE=True, HAS_N_SCALE=True, DENSE_K=dense, DENSE_N=dense,
+              BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **dot)),
+        (kernels._masked_weight_grad_kernel, wgrad,
+         dict(HAS_IN_SCALE=True, HAS_OUT_SCALE=True, DENSE_IN=dense, DENSE_OUT=dense,
+              NEED_DW=True, NEED_DB=True, NEED_D_IN=True, NEED_D_OUT=True,
+              BLOCK_N=128, BLOCK_K=128, BLOCK_T=32, **dot)),
+    ]
+    for autotuned, pointers, consts in cases:
+        fn = autotuned.fn
+        signature = {name: "constexpr" if name in consts else pointers.get(name, "i32")
+                     for name in fn.arg_names}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+def test_kernels_compile_for_cuda_without_a_gpu():
+    """The interpreter never compiles: build the bf16 kernels for sm_90 ahead of time."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, check=True, timeout=300)
