@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from tinyclip_fast.kernels import INTERPRETING
+
+from . import INTERPRETING
 
 # Under the interpreter one fixed, small config (no benchmarking there; tiny test shapes
 # still get several blocks per dimension). On CUDA the autotuner picks.

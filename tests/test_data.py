@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from support import PlainDataset
+from torch.utils.data import IterableDataset
 
 from tinyclip_fast.data import (
     CsvPairDataset,
@@ -206,19 +207,6 @@ def tensor_dataset(size: int) -> TensorPairDataset:
     images = torch.arange(size, dtype=torch.float32).reshape(size, 1, 1, 1).expand(size, 3, 2, 2)
     texts = torch.arange(size).reshape(size, 1).repeat(1, 4)
     return TensorPairDataset(images.contiguous(), texts, labels=torch.arange(size) % 3)
-
-
-class PlainDataset(Dataset):
-    """Same samples without the get_batch fast path."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        return self.inner[index]
 
 
 def take(loader, steps):

@@ -20,7 +20,6 @@ from tinyclip_fast.demo_data import (
     read_idx,
     resolve_source,
 )
-from tinyclip_fast.zero_shot import ZeroShotEvaluator
 
 
 def test_compact_tokenizer_is_an_order_preserving_remap():
@@ -147,13 +146,7 @@ def test_miniature_demo_end_to_end(tmp_path, monkeypatch):
     # The saved teacher is reused for the same set-up, and the engine can load it by name.
     train = load_demo_split("digits", "train", max_samples=tiny.max_train_samples)
     test = load_demo_split("digits", "test", max_samples=tiny.max_test_samples)
-    evaluator = ZeroShotEvaluator(
-        test.dataset.images,
-        test.dataset.labels,
-        test.class_names,
-        test.templates,
-        test.tokenizer,
-    )
+    evaluator = test.evaluator()
     reloaded, top1, reused = demo.load_or_train_teacher(
         out / "teacher",
         train,

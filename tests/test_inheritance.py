@@ -3,7 +3,7 @@
 import open_clip
 import pytest
 import torch
-from tiny_configs import TEACHER, TEXT
+from support import TEACHER, TEXT
 
 from tinyclip_fast.backend import force_backend
 from tinyclip_fast.inheritance import PRESETS, manual_inherit, preset_config, select_layers

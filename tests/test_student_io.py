@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_configs import TEACHER, TEXT
+from support import TEACHER, TEXT
 
 import tinyclip_fast.student_io as student_io
 from tinyclip_fast.backend import force_backend

@@ -3,7 +3,7 @@
 import open_clip
 import pytest
 import torch
-from torch.utils.data import Dataset
+from support import PlainDataset
 
 from tinyclip_fast.data import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
 from tinyclip_fast.teacher_cache import TeacherEmbeddingCache, teacher_fingerprint
@@ -63,21 +63,10 @@ def test_build_matches_the_teacher_and_round_trips(tmp_path, dataset):
     assert loaded.metadata["teacher_fingerprint"] == teacher_fingerprint(teacher)
 
 
-class Plain(Dataset):
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        return self.inner[index]
-
-
 def test_per_sample_datasets_give_the_same_cache(tmp_path, dataset):
     teacher = tiny_clip()
     fast = TeacherEmbeddingCache.build(teacher, dataset, tmp_path / "a.safetensors", batch_size=5)
-    slow = TeacherEmbeddingCache.build(teacher, Plain(dataset), tmp_path / "b.safetensors")
+    slow = TeacherEmbeddingCache.build(teacher, PlainDataset(dataset), tmp_path / "b.safetensors")
     assert torch.allclose(fast.image_emb, slow.image_emb, atol=1e-6)
     assert torch.allclose(fast.text_emb, slow.text_emb, atol=1e-6)
     synthetic = SyntheticPairDataset(3, image_size=8, context_length=CONTEXT, vocab_size=VOCAB)

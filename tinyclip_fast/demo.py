@@ -480,14 +480,7 @@ def _run(
         args.data, "train", seed=args.seed, max_samples=settings.max_train_samples
     )
     test = load_demo_split(args.data, "test", seed=args.seed, max_samples=settings.max_test_samples)
-    evaluator = ZeroShotEvaluator(
-        test.dataset.images,
-        test.dataset.labels,
-        test.class_names,
-        test.templates,
-        test.tokenizer,
-        device,
-    )
+    evaluator = test.evaluator(device)
     print(
         f"demo data: {train.source}, {len(train.dataset)} train / {len(test.dataset)} "
         f"held-out images, {len(train.class_names)} classes, vocabulary "

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +116,20 @@ class DemoSplit:
     templates: tuple[str, ...]
     tokenizer: CompactTokenizer
     source: str  # "fashion-mnist" or "digits"
+
+    def evaluator(self, device: str | torch.device = "cpu", batch_size: int = 256) -> Any:
+        """A ZeroShotEvaluator over this split's images with its class names and templates."""
+        from tinyclip_fast.zero_shot import ZeroShotEvaluator
+
+        return ZeroShotEvaluator(
+            self.dataset.images,
+            self.dataset.labels,
+            self.class_names,
+            self.templates,
+            self.tokenizer,
+            device,
+            batch_size,
+        )
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -813,16 +813,7 @@ def build_evaluator(
     if config.kind == "demo":
         from tinyclip_fast.demo_data import load_demo_split
 
-        split = load_demo_split(config.path or "auto", "test")
-        return zero_shot.ZeroShotEvaluator(
-            split.dataset,
-            None,
-            split.class_names,
-            split.templates,
-            split.tokenizer,
-            device,
-            config.batch_size,
-        )
+        return load_demo_split(config.path or "auto", "test").evaluator(device, config.batch_size)
     if config.path is None:
         raise ValueError("eval.path is required for eval.kind 'folder' and 'csv'")
     if tokenizer is None or preprocess is None:
