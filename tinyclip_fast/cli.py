@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, help="peak learning rate (1e-4)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup before the cosine (2000)")
+    g.add_argument(
+        "--prune-warmup-steps",
+        type=int,
+        help="auto stages: the rate ramps up again over this many steps after pruning (200); "
+        "the optimizer's moments carry over to the pruned student",
+    )
     g.add_argument("--weight-decay", type=float, help="on >= 2-D weights only (0.2)")
     g.add_argument("--grad-clip", type=float, help="max global grad norm, 0 = off (5.0)")
     g.add_argument("--batch-size", type=int, help="global batch over all ranks (256)")
@@ -236,6 +242,7 @@ _FLAT = {  # flag -> config path
     "fixed_scale": "loss.fixed_scale",
     "lr": "optim.lr",
     "warmup_steps": "optim.warmup_steps",
+    "prune_warmup_steps": "optim.prune_warmup_steps",
     "weight_decay": "optim.weight_decay",
     "grad_clip": "optim.grad_clip",
     "batch_size": "batch_size",

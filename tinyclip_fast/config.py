@@ -142,6 +142,7 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.2  # on >= 2-D weights only; not norms, biases, logit scale
     warmup_steps: int = 2000
+    prune_warmup_steps: int = 200  # the rate ramps up again after an auto stage's pruning
     grad_clip: float = 5.0  # max global grad norm; 0 switches it off
     mask_lr: float = 0.02  # log_alpha of the hard-concrete masks (AdamW, no weight decay)
     lagrangian_lr: float = 0.02  # l1, l2 (gradient ascent)
@@ -191,6 +192,11 @@ class DistillConfig:
             raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {self.loss.kind!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.optim.warmup_steps < 0 or self.optim.prune_warmup_steps < 0:
+            raise ValueError(
+                f"optim.warmup_steps and optim.prune_warmup_steps must be >= 0, got "
+                f"{self.optim.warmup_steps} and {self.optim.prune_warmup_steps}"
+            )
         if self.log_every <= 0 or self.save_every < 0 or self.eval.every < 0:
             raise ValueError("log_every must be > 0; save_every and eval.every >= 0 (0 = off)")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:

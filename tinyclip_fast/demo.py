@@ -278,6 +278,7 @@ def run_student(
         optim=OptimConfig(
             lr=settings.student_lr,
             warmup_steps=max(1, steps // 10),
+            prune_warmup_steps=max(1, steps // 10),
             weight_decay=0.1,
             mask_lr=settings.mask_lr,
             lagrangian_lr=settings.lagrangian_lr,

@@ -4,7 +4,8 @@
 A step: teacher features (online under no_grad, or read from the embedding cache), student
 features, the fused affinity-mimicking loss, backward, grad-norm clip, AdamW, cosine schedule.
 Automatic-inheritance stages add the hard-concrete masks and the sparsity Lagrangian until
-``prune_step``, then prune and continue on the compact student with a fresh optimizer.
+``prune_step``, then prune and continue on the compact student: its optimizer keeps the
+AdamW moments of the kept channels and the learning rate ramps up again.
 
 Gradient accumulation is EXACT for the batch-level loss (GradCache, Gao et al. 2021): the
 loss couples every row with every column, so a sum of per-micro-batch losses would be a
@@ -157,13 +158,51 @@ def _relative_sparsity(stage: StageConfig, masked: MaskedCLIP, teacher: nn.Modul
     return target
 
 
-def learning_rate(step: int, total: int, config: DistillConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to min_lr at ``total``."""
+def learning_rate(
+    step: int, total: int, config: DistillConfig, pruned_at: int | None = None
+) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to min_lr at ``total``.
+
+    ``pruned_at``: the stage step at which the student was pruned; from there the rate
+    ramps up again over ``optim.prune_warmup_steps`` (the compact model is a new start).
+    """
     optim = config.optim
     if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+        lr = optim.lr * (step + 1) / optim.warmup_steps
+    else:
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+        lr = optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if pruned_at is not None and step >= pruned_at and optim.prune_warmup_steps > 0:
+        lr *= min(1.0, (step - pruned_at + 1) / optim.prune_warmup_steps)
+    return lr
+
+
+def carry_optimizer_state(
+    masked: MaskedCLIP,
+    old: torch.optim.Optimizer,
+    pruned: nn.Module,
+    new: torch.optim.Optimizer,
+) -> None:
+    """Give ``new`` (over the pruned model) the AdamW moments of ``old`` (over the masked
+    model), cut to the kept channels and heads, so pruning does not restart the optimizer
+    from zero moments (a jolt that costs the student accuracy it then has to win back)."""
+    names = dict(masked.model.named_parameters())
+    states = {name: old.state.get(param, {}) for name, param in names.items()}
+    steps = [s["step"] for s in states.values() if "step" in s]
+    if not steps:
+        return
+    moments = {
+        key: masked.prune_like_weights({n: s[key] for n, s in states.items() if key in s})
+        for key in ("exp_avg", "exp_avg_sq")
+    }
+    trained = {id(p) for group in new.param_groups for p in group["params"]}
+    for name, param in pruned.named_parameters():
+        if id(param) in trained and name in moments["exp_avg"]:
+            new.state[param] = {
+                "step": steps[0].clone(),
+                "exp_avg": moments["exp_avg"][name].to(param.device),
+                "exp_avg_sq": moments["exp_avg_sq"][name].to(param.device),
+            }
 
 
 def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.AdamW:
@@ -694,14 +733,17 @@ class _Distiller:
                 st.mask_optimizer.load_state_dict(resume["mask_optimizer"])
                 st.multiplier_optimizer.load_state_dict(resume["multiplier_optimizer"])
         prune_step = stage.prune_step or stage.steps
+        pruned_at = prune_step if stage.kind == "auto" else None
         wrapped = self.wrap(st.model)
         tick, images_seen = time.perf_counter(), 0
 
         while stage_step < stage.steps:
             if st.masked and stage_step == prune_step:
-                st = self.new_stage_state(stage, st.model.prune())
+                pruned = self.new_stage_state(stage, st.model.prune())
+                carry_optimizer_state(st.model, st.optimizer, pruned.model, pruned.optimizer)
+                st = pruned
                 wrapped = self.wrap(st.model)
-            lr = learning_rate(stage_step, stage.steps, config)
+            lr = learning_rate(stage_step, stage.steps, config, pruned_at)
             for group in st.optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}

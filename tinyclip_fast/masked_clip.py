@@ -17,6 +17,7 @@ returns a compact open_clip CLIP with a different head count and MLP width in ev
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import open_clip
@@ -394,24 +395,9 @@ class MaskedCLIP(nn.Module):
         soft mask values are folded into the weights (see :func:`_fold_block`).
         """
         source = self.model
-        v_masks = _deterministic(self.visual_masks)
-        t_masks = _deterministic(self.text_masks)
-        config = student_config(source)
-        v_kept, t_kept = _kept(v_masks[0], "vision"), _kept(t_masks[0], "text")
-        config["vision_width"] = config["model_cfg"]["vision_cfg"]["width"] = v_kept.numel()
-        config["text_width"] = config["model_cfg"]["text_cfg"]["width"] = t_kept.numel()
-        config["vision_layers"] = _layer_dims(v_masks)
-        config["text_layers"] = _layer_dims(t_masks)
-        config["open_clip_compatible"] = False
+        config, folded = self._cut(source, fold_masks=True)
         compact = build_student(config).to(device=source.logit_scale.device)
         compact.to(dtype=source.visual.conv1.weight.dtype)
-        folded = {
-            **{"visual." + k: v for k, v in _fold_visual(source.visual, v_masks, v_kept).items()},
-            **_fold_text(source, t_masks, t_kept),
-            "logit_scale": source.logit_scale,
-        }
-        if source.logit_bias is not None:
-            folded["logit_bias"] = source.logit_bias
         target = compact.state_dict()
         if folded.keys() != target.keys():
             missing, extra = target.keys() - folded.keys(), folded.keys() - target.keys()
@@ -422,6 +408,48 @@ class MaskedCLIP(nn.Module):
             target[name].copy_(value)
         compact.train(self.training)
         return compact
+
+    @torch.no_grad()
+    def prune_like_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cut per-parameter tensors (e.g. AdamW moments) the way :meth:`prune` cuts weights.
+
+        ``tensors`` are keyed by the wrapped model's parameter names and shaped like those
+        parameters; missing names count as zeros. The result is keyed by the pruned model's
+        parameter names and keeps the same channels and heads, with the soft mask values not
+        multiplied in (they rescale weights, not optimizer statistics). Used to carry the
+        optimizer state across pruning, so training goes on instead of starting over.
+        """
+        shadow = copy.deepcopy(self.model)
+        for name, param in shadow.named_parameters():
+            value = tensors.get(name)
+            param.copy_(value if value is not None else torch.zeros_like(param))
+        _, cut = self._cut(shadow, fold_masks=False)
+        return {name: value.detach().clone() for name, value in cut.items()}
+
+    def _cut(self, source: nn.Module, fold_masks: bool) -> tuple[dict[str, Any], dict]:
+        """(student_io config of the pruned model, its state by name) cut out of ``source``,
+        a model shaped like the wrapped one; ``fold_masks`` multiplies the soft mask values
+        in (weights), else only selects (per-parameter statistics)."""
+        v_masks = _deterministic(self.visual_masks)
+        t_masks = _deterministic(self.text_masks)
+        if not fold_masks:
+            v_masks = tuple((z != 0).to(z.dtype) for z in v_masks)
+            t_masks = tuple((z != 0).to(z.dtype) for z in t_masks)
+        config = student_config(self.model)
+        v_kept, t_kept = _kept(v_masks[0], "vision"), _kept(t_masks[0], "text")
+        config["vision_width"] = config["model_cfg"]["vision_cfg"]["width"] = v_kept.numel()
+        config["text_width"] = config["model_cfg"]["text_cfg"]["width"] = t_kept.numel()
+        config["vision_layers"] = _layer_dims(v_masks)
+        config["text_layers"] = _layer_dims(t_masks)
+        config["open_clip_compatible"] = False
+        cut = {
+            **{"visual." + k: v for k, v in _fold_visual(source.visual, v_masks, v_kept).items()},
+            **_fold_text(source, t_masks, t_kept),
+            "logit_scale": source.logit_scale,
+        }
+        if source.logit_bias is not None:
+            cut["logit_bias"] = source.logit_bias
+        return config, cut
 
 
 def _deterministic(tower: TowerMasks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
