@@ -384,3 +384,27 @@ def test_prune_like_weights_selects_what_prune_keeps():
     for name, param in compact.items():
         assert torch.equal(cut[name], param.detach()), name
     assert sum(p.numel() for p in compact.values()) < sum(p.numel() for p in params.values())
+
+
+def test_forward_reads_each_towers_zero_pattern_once(monkeypatch):
+    # The zero patterns set the launch sizes, so the host must read them: once per tower per
+    # forward, never once per linear (a sync each, ~100 per step at ViT-B sizes).
+    import tinyclip_fast.masked_clip as masked_clip_module
+    import tinyclip_fast.masked_linear as masked_linear_module
+
+    def per_call_sync(*args):
+        raise AssertionError("a linear of MaskedCLIP read its masks on its own")
+
+    reads = []
+    read_once = masked_clip_module.channel_indices
+    monkeypatch.setattr(masked_linear_module, "_select_channels", per_call_sync)
+    monkeypatch.setattr(
+        masked_clip_module, "channel_indices", lambda *a: reads.append(1) or read_once(*a)
+    )
+    masked = MaskedCLIP(_model()).train()
+    _set_masks(masked)
+    with force_backend("torch"):
+        image_f, text_f, scale = masked(*_inputs())
+        (image_f.sum() + text_f.sum() * scale).backward()
+    assert len(reads) == 2
+    assert masked.visual_masks.head.log_alpha.grad.abs().sum() > 0

@@ -33,7 +33,12 @@ from open_clip.transformer import (
 from torch import nn
 
 from tinyclip_fast.hard_concrete import HardConcreteMask
-from tinyclip_fast.masked_linear import masked_linear
+from tinyclip_fast.masked_linear import (
+    ChannelSelection,
+    channel_indices,
+    channel_selection,
+    masked_linear_selected,
+)
 from tinyclip_fast.sparsity import TowerMaskProbs, expected_remaining_params, expected_sparsity
 from tinyclip_fast.student_io import (
     CompactResidualBlock,
@@ -121,8 +126,10 @@ class _TowerState:
     """One forward pass's masks of a tower, with the zero patterns read once.
 
     Which entries are exactly zero decides tensor shapes, so the host needs it: one transfer
-    per tower. Per-layer lists cover each layer's own heads / MLP channels; None stands for
-    "nothing pruned here" and skips the index work.
+    per tower and one copy of every index vector back, however many layers; every linear
+    then gets its channel selections from here (``masked_linear_selected``, no sync per call).
+    Per-layer lists cover each layer's own heads / MLP channels; None stands for "nothing
+    pruned here" and skips the index work.
     """
 
     def __init__(self, tower: TowerMasks) -> None:
@@ -130,24 +137,79 @@ class _TowerState:
         device = z_h.device
         nonzero = torch.cat([z.detach().flatten() != 0 for z in (z_h, z_head, z_int)]).cpu()
         hidden_on, head_on, int_on = nonzero.split([z_h.numel(), z_head.numel(), z_int.numel()])
-        heads, mlp = tower.layer_heads, tower.layer_mlp
+        heads, mlp, width = tower.layer_heads, tower.layer_mlp, tower.head_width
         head_on = [row[:n] for row, n in zip(head_on.view(z_head.shape), heads, strict=True)]
         int_on = [row[:n] for row, n in zip(int_on.view(z_int.shape), mlp, strict=True)]
         self.z_h = z_h
         self.z_head = [row[:n] for row, n in zip(z_head, heads, strict=True)]
         self.z_int = [row[:n] for row, n in zip(z_int, mlp, strict=True)]
-        self.head_width = tower.head_width
-        all_hidden = bool(hidden_on.all())
-        self.kept_hidden = None if all_hidden else hidden_on.nonzero().flatten().to(device)
+        self.head_width = width
+
+        # Host flags -> device indices in one copy: hidden channels, then per layer the kept
+        # heads, their q/k/v rows, their out_proj columns, and the MLP channels.
+        layers = len(heads)
+        flags = [hidden_on]
+        for row, mlp_row in zip(head_on, int_on, strict=True):
+            head_channels = row.repeat_interleave(width)
+            flags += [row, head_channels.repeat(3), head_channels, mlp_row]
+        indices = channel_indices(flags, device)
+        hidden = indices[0]
+        per_layer = [indices[1 + 4 * i : 5 + 4 * i] for i in range(layers)]
+
+        self.kept_hidden = None if hidden is None else hidden[0]
         # Binary masks of the zero patterns: they skip pruned channels without scaling the rest.
-        self.hidden_on = None if all_hidden else (z_h != 0).to(z_h.dtype)
-        self.kept_heads = [
-            None if row.all() else row.nonzero().flatten().to(device) for row in head_on
-        ]
+        self.hidden_on = None if hidden is None else (z_h != 0).to(z_h.dtype)
+        self.kept_heads = [None if h is None else h[0] for h, _, _, _ in per_layer]
         self.qkv_on = [
-            None if row.all() else row.to(z_head.dtype).repeat(3).to(device) for row in head_on
+            None if qkv is None else (z != 0).to(z.dtype).repeat(3)
+            for z, (_, qkv, _, _) in zip(self.z_head, per_layer, strict=True)
         ]
-        self.int_on = [None if row.all() else row.to(z_int.dtype).to(device) for row in int_on]
+        self.int_on = [
+            None if m is None else (z != 0).to(z.dtype)
+            for z, (_, _, _, m) in zip(self.z_int, per_layer, strict=True)
+        ]
+        unmasked = ChannelSelection(None, None, None)
+        self.sel_z_h = channel_selection(z_h, z_h.numel(), hidden)
+        self.sel_hidden_on = (
+            unmasked if hidden is None else channel_selection(self.hidden_on, z_h.numel(), hidden)
+        )
+        self.sel_qkv_on, self.sel_z_head, self.sel_int_on, self.sel_z_int = [], [], [], []
+        for layer, (_, qkv, out_cols, m) in enumerate(per_layer):
+            n_heads, n_mlp = heads[layer], mlp[layer]
+            on = self.qkv_on[layer]
+            self.sel_qkv_on.append(
+                unmasked if on is None else channel_selection(on, 3 * n_heads * width, qkv)
+            )
+            z = self.z_head[layer]
+            self.sel_z_head.append(
+                channel_selection(z, n_heads * width, out_cols) if n_heads else unmasked
+            )
+            on = self.int_on[layer]
+            self.sel_int_on.append(unmasked if on is None else channel_selection(on, n_mlp, m))
+            z = self.z_int[layer]
+            self.sel_z_int.append(channel_selection(z, n_mlp, m) if n_mlp else unmasked)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        in_hidden: bool = False,
+        out_hidden: bool = False,
+    ) -> torch.Tensor:
+        """A linear from or to the residual width (patch embedding, output projection),
+        those channels masked by z_h."""
+        unmasked = ChannelSelection(None, None, None)
+        return masked_linear_selected(
+            x,
+            weight,
+            bias,
+            self.z_h if in_hidden else None,
+            self.z_h if out_hidden else None,
+            self.sel_z_h if in_hidden else unmasked,
+            self.sel_z_h if out_hidden else unmasked,
+        )
 
 
 def masked_layer_norm(x: torch.Tensor, norm: nn.Module, kept: torch.Tensor | None) -> torch.Tensor:
@@ -183,8 +245,14 @@ def _masked_attention(
         return (attn.out_proj.bias * masks.z_h).to(x.dtype).expand_as(x)
     kept_heads = masks.kept_heads[layer]
     # One mask entry per (q|k|v, head): masked_linear skips the rows of pruned heads.
-    qkv = masked_linear(
-        x, attn.in_proj_weight, attn.in_proj_bias, masks.hidden_on, masks.qkv_on[layer]
+    qkv = masked_linear_selected(
+        x,
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        masks.hidden_on,
+        masks.qkv_on[layer],
+        masks.sel_hidden_on,
+        masks.sel_qkv_on[layer],
     )
     qkv = qkv.view(batch, tokens, 3, heads, head_width)
     if attn_mask is not None:
@@ -200,8 +268,14 @@ def _masked_attention(
             kept = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             context = context.index_copy(1, kept_heads, kept)
     context = context.transpose(1, 2).reshape(batch, tokens, heads * head_width)
-    return masked_linear(
-        context, attn.out_proj.weight, attn.out_proj.bias, masks.z_head[layer], masks.z_h
+    return masked_linear_selected(
+        context,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        masks.z_head[layer],
+        masks.z_h,
+        masks.sel_z_head[layer],
+        masks.sel_z_h,
     )
 
 
@@ -219,8 +293,25 @@ def _masked_block(
     if fc.out_features == 0:
         return x + block.ls_2((proj.bias * masks.z_h).to(x.dtype))
     # z_int multiplies after the activation (fc2's input); fc1 only skips the pruned channels.
-    h = act(masked_linear(h, fc.weight, fc.bias, masks.hidden_on, masks.int_on[layer]))
-    return x + block.ls_2(masked_linear(h, proj.weight, proj.bias, masks.z_int[layer], masks.z_h))
+    h = masked_linear_selected(
+        h,
+        fc.weight,
+        fc.bias,
+        masks.hidden_on,
+        masks.int_on[layer],
+        masks.sel_hidden_on,
+        masks.sel_int_on[layer],
+    )
+    h = masked_linear_selected(
+        act(h),
+        proj.weight,
+        proj.bias,
+        masks.z_int[layer],
+        masks.z_h,
+        masks.sel_z_int[layer],
+        masks.sel_z_h,
+    )
+    return x + block.ls_2(h)
 
 
 def _tower_masks(
@@ -333,7 +424,7 @@ class MaskedCLIP(nn.Module):
         # Patch embedding as a masked linear over flattened patches (conv1 has no bias).
         weight = visual.conv1.weight
         patches = F.unfold(image.to(weight.dtype), visual.patch_size, stride=visual.patch_size)
-        x = masked_linear(patches.transpose(1, 2), weight.flatten(1), None, None, masks.z_h)
+        x = masks.linear(patches.transpose(1, 2), weight.flatten(1), None, out_hidden=True)
         cls = (visual.class_embedding * masks.z_h).to(x.dtype).view(1, 1, -1)
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + (visual.positional_embedding * masks.z_h).to(x.dtype)
@@ -348,7 +439,7 @@ class MaskedCLIP(nn.Module):
             x = masked_layer_norm(x, visual.ln_post, masks.kept_hidden)
             pooled, _ = visual._global_pool(x)
         if visual.proj is not None:
-            pooled = masked_linear(pooled, visual.proj.t(), None, masks.z_h)
+            pooled = masks.linear(pooled, visual.proj.t(), None, in_hidden=True)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -363,9 +454,9 @@ class MaskedCLIP(nn.Module):
         pooled = text_global_pool(x, text, model.text_pool_type, eos_token_id=model.text_eos_id)
         projection = model.text_projection
         if isinstance(projection, nn.Linear):
-            pooled = masked_linear(pooled, projection.weight, projection.bias, masks.z_h)
+            pooled = masks.linear(pooled, projection.weight, projection.bias, in_hidden=True)
         elif projection is not None:
-            pooled = masked_linear(pooled, projection.t(), None, masks.z_h)
+            pooled = masks.linear(pooled, projection.t(), None, in_hidden=True)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def forward(

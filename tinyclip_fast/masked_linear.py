@@ -98,6 +98,37 @@ def _check_inputs(
             )
 
 
+def channel_indices(
+    flags: list[torch.Tensor | None], device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """(kept, pruned) int64 index vectors of host-side boolean channel flags, on ``device``;
+    None where the flags are None or all true. All vectors travel in one copy, so reading
+    many masks costs one transfer, not one per vector."""
+    pieces = []
+    partial = [f is not None and not bool(f.all()) for f in flags]
+    for f, part in zip(flags, partial, strict=True):
+        if part:
+            pieces += [f.nonzero().flatten(), (~f).nonzero().flatten()]
+    if not pieces:
+        return [None] * len(flags)
+    packed = torch.cat(pieces)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    parts = iter(packed.split([piece.numel() for piece in pieces]))
+    return [(next(parts), next(parts)) if part else None for part in partial]
+
+
+def channel_selection(
+    mask: torch.Tensor, size: int, indices: tuple[torch.Tensor, torch.Tensor] | None
+) -> ChannelSelection:
+    """The ChannelSelection of ``mask`` over ``size`` channels (groups expanded), given the
+    (kept, pruned) channel indices from :func:`channel_indices`."""
+    scale = mask.detach().float().repeat_interleave(size // mask.numel())
+    return ChannelSelection(*(indices or (None, None)), scale)
+
+
 def _select_channels(
     in_mask: torch.Tensor | None, in_size: int, out_mask: torch.Tensor | None, out_size: int
 ) -> tuple[ChannelSelection, ChannelSelection]:
@@ -116,7 +147,7 @@ def _select_channels(
         flags += [m != 0, ((m >= 0) & (m <= 1)).all().view(1)]
     host = torch.cat(flags).cpu() if flags else None
 
-    selections, offset = {}, 0
+    channel_flags, offset = [], 0
     for name, m, size in masks:
         nonzero, valid = host[offset : offset + m.numel()], bool(host[offset + m.numel()])
         offset += m.numel() + 1
@@ -126,15 +157,13 @@ def _select_channels(
                 f"masked_linear: {name} values must be finite and in [0, 1], got {bad} "
                 f"({_describe(m)})"
             )
-        group = size // m.numel()
-        scale = m.detach().float().repeat_interleave(group)
-        if bool(nonzero.all()):
-            selections[name] = ChannelSelection(None, None, scale)
-            continue
-        channel_kept = nonzero.repeat_interleave(group)
-        kept = channel_kept.nonzero().flatten().to(m.device)
-        pruned = (~channel_kept).nonzero().flatten().to(m.device)
-        selections[name] = ChannelSelection(kept, pruned, scale)
+        channel_flags.append(nonzero.repeat_interleave(size // m.numel()))
+    device = masks[0][1].device if masks else None
+    indices = channel_indices(channel_flags, device) if masks else []
+    selections = {
+        name: channel_selection(m, size, index)
+        for (name, m, size), index in zip(masks, indices, strict=True)
+    }
     unmasked = ChannelSelection(None, None, None)
     return selections.get("in_mask", unmasked), selections.get("out_mask", unmasked)
 
@@ -275,21 +304,49 @@ def masked_linear(
     Contract: an entry exactly 0 marks a pruned channel: it is skipped in every pass and its
     own gradient is defined as 0 (as through the clamp of a hard-concrete mask); all other
     gradients are exact. Under autocast x, weight and bias are cast like F.linear's inputs;
-    the masks keep their dtype. Reading which entries are zero costs one host sync per call.
+    the masks keep their dtype. Reading which entries are zero costs one host sync per call
+    (:func:`masked_linear_selected` takes the selections read once for many calls).
     """
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias)
-        )
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, in_mask, out_mask)
     sel_in, sel_out = _select_channels(in_mask, weight.shape[1], out_mask, weight.shape[0])
+    return _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out)
+
+
+def masked_linear_selected(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_mask: torch.Tensor | None,
+    out_mask: torch.Tensor | None,
+    sel_in: ChannelSelection,
+    sel_out: ChannelSelection,
+) -> torch.Tensor:
+    """:func:`masked_linear` with the masks' channel selections already known (built with
+    :func:`channel_indices` and :func:`channel_selection`): no host sync and no check of the
+    mask values, for callers such as MaskedCLIP that read a tower's zero patterns once per
+    forward and whose masks are in [0, 1] by construction."""
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    _check_inputs(x, weight, bias, in_mask, out_mask)
+    return _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out)
+
+
+def _autocast_inputs(x, weight, bias):
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in (x, weight, bias)
+    )
+
+
+def _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     # The kernels cover fp16/bf16/fp32; float64 (references, CPU checks) takes the PyTorch path.
     triton = use_triton(x) and x.dtype != torch.float64
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         y2d = _MaskedLinearFunction.apply(
             x2d, weight, bias, in_mask, out_mask, sel_in, sel_out, triton
         )
