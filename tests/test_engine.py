@@ -211,14 +211,22 @@ def _step(model, images, texts, teacher_feats, micro, fixed_scale=None):
     return loss, _grads(model)
 
 
-@pytest.mark.parametrize("variant", ["learnable_scale", "fixed_scale", "masked_eval"])
+@pytest.mark.parametrize(
+    "variant", ["learnable_scale", "fixed_scale", "masked_eval", "masked_train"]
+)
 def test_grad_accumulation_equals_big_batch(variant):
     teacher = make_teacher()
     student = open_clip.model.CLIP(**STUDENT_CFG)
-    if variant == "masked_eval":
-        # Deterministic masks (eval mode): the same mask for any batch split; log_alpha
-        # still gets gradients through the soft mask values.
-        student = MaskedCLIP(copy.deepcopy(make_teacher(seed=2)).requires_grad_(True)).eval()
+    if variant.startswith("masked"):
+        # eval: deterministic masks, the same for any batch split. train: sampled masks, one
+        # sample per step (fix_mask_sample), shared by every micro-batch and both passes.
+        # log_alpha spread around 1 so the masks are soft and log_alpha gets gradients.
+        student = MaskedCLIP(copy.deepcopy(make_teacher(seed=2)).requires_grad_(True))
+        with torch.no_grad():
+            for log_alpha in student.mask_parameters():
+                log_alpha.copy_(torch.randn(log_alpha.shape) * 2 + 1)
+        student.train(variant == "masked_train")
+        student.fix_mask_sample(123)
     data = SyntheticPairDataset(20, image_size=32, **TEXT).__getitem__
     batch = [data(i) for i in range(20)]
     images = torch.stack([b["image"] for b in batch])
@@ -232,7 +240,7 @@ def test_grad_accumulation_equals_big_batch(variant):
     loss_acc, acc = _step(student, images, texts, (t_img, t_txt, t_scale), 6, fixed)  # 6+6+6+2
     assert rel_err(loss_acc, loss_big) < 1e-6
     assert big.keys() == acc.keys() and len(big) > 10
-    if variant == "masked_eval":
+    if variant.startswith("masked"):
         assert any(n.endswith("log_alpha") for n in big)
     for name in big:
         assert rel_err(acc[name], big[name]) < 1e-5, (name, rel_err(acc[name], big[name]))
@@ -287,13 +295,21 @@ def _ddp_worker(rank, world_size, init_file, tmp_path, config):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["manual", "auto"])
+def test_two_process_ddp_equals_one_process(tmp_path, kind):
+    # auto: a manual stage, then masks sampled in training (one sample per step, the same on
+    # every rank), pruned at step 3 of 4, the optimizer state carried over. (Masking the
+    # teacher itself would start at the loss minimum, where gradients are rounding noise.)
     stages = [StageConfig(steps=3, student_config=STUDENT_CFG)]
-    single = run(make_config(tmp_path / "single", copy.deepcopy(stages)))
+    optim = OptimConfig(lr=1e-3, warmup_steps=2)
+    if kind == "auto":
+        stages.append(StageConfig(steps=4, sparsity=0.9, prune_step=3, sparsity_warmup=2))
+        optim = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=2.0, prune_warmup_steps=2)
+    single = run(make_config(tmp_path / "single", copy.deepcopy(stages), optim=optim))
     # Each rank: 8 of the 16 rows, in micro-batches of 4 (DDP no_sync + GradCache together).
-    config = make_config(tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4)
+    config = make_config(tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4, optim=optim)
     mp.spawn(_ddp_worker, args=(2, tmp_path / "pg", tmp_path, config), nprocs=2, join=True)
-    ranks = [open_clip.model.CLIP(**STUDENT_CFG) for _ in range(2)]
+    ranks = [copy.deepcopy(single.student) for _ in range(2)]
     for r, model in enumerate(ranks):
         model.load_state_dict(torch.load(tmp_path / f"rank{r}.pt"))
     assert_same_weights(ranks[0], ranks[1])  # DDP keeps the replicas identical

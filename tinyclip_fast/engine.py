@@ -12,8 +12,9 @@ loss couples every row with every column, so a sum of per-micro-batch losses wou
 different loss. Instead (1) features of every micro-batch without grad, (2) the loss on the
 whole batch and its gradient w.r.t. the features and the scale, (3) every micro-batch again
 with grad, backpropagating its slice of (2). Pass (3) replays the RNG state of pass (1), so
-dropout and mask samples match between the passes (each micro-batch still draws its own
-sample, as separate forwards would).
+dropout samples match between the passes. Hard-concrete masks are drawn from a generator
+seeded by the step (``MaskedCLIP.fix_mask_sample``): every micro-batch, both passes and every
+DDP rank use one mask sample per step, as one forward over the whole batch would.
 """
 
 from __future__ import annotations
@@ -462,7 +463,7 @@ def unpack_student(packed: dict[str, Any]) -> nn.Module:
 
 
 def _all_rng_states(device: torch.device, world_size: int) -> list[list[torch.Tensor]]:
-    """Every rank's RNG state (each rank draws its own dropout / mask samples)."""
+    """Every rank's RNG state (each rank draws its own dropout samples)."""
     mine = _rng_state(device)
     if world_size == 1:
         return [mine]
@@ -747,6 +748,8 @@ class _Distiller:
             for group in st.optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
+            if st.masked:  # one mask sample per step, shared by micro-batches and ranks
+                st.model.fix_mask_sample(config.seed * 1_000_003 + step)
             loss = train_step(
                 wrapped,
                 batch["image"],

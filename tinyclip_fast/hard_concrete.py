@@ -45,15 +45,16 @@ class HardConcreteMask(nn.Module):
         self.log_alpha = nn.Parameter(torch.full(shape, float(init_log_alpha)))
         self.beta, self.limit_l, self.limit_r, self.eps = beta, limit_l, limit_r, eps
 
-    def forward(self) -> torch.Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(generator) if self.training else self.deterministic()
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training sample z = clamp(sigmoid((logit(u) + log_alpha) / beta) * (r - l) + l, 0, 1).
 
-        u ~ U(eps, 1 - eps); gradients reach log_alpha except through the clamped entries.
+        u ~ U(eps, 1 - eps), drawn from ``generator`` (on log_alpha's device) or the global
+        RNG; gradients reach log_alpha except through the clamped entries.
         """
-        u = torch.empty_like(self.log_alpha).uniform_(self.eps, 1 - self.eps)
+        u = torch.empty_like(self.log_alpha).uniform_(self.eps, 1 - self.eps, generator=generator)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0.0, 1.0)
 

@@ -91,13 +91,16 @@ class TowerMasks(nn.Module):
             self.head.log_alpha.masked_fill_(~self.head_valid, PAD_LOG_ALPHA)
             self.intermediate.log_alpha.masked_fill_(~self.int_valid, PAD_LOG_ALPHA)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_h [width], z_head [layers, heads], z_int [layers, mlp_width]); train mode samples."""
-        z_head, z_int = self.head(), self.intermediate()
+    def forward(
+        self, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_h [width], z_head [layers, heads], z_int [layers, mlp_width]); train mode samples
+        (from ``generator`` when given, else the global RNG)."""
+        z_head, z_int = self.head(generator), self.intermediate(generator)
         if self.padded:
             z_head = z_head.masked_fill(~self.head_valid, 0.0)
             z_int = z_int.masked_fill(~self.int_valid, 0.0)
-        return self.hidden(), z_head, z_int
+        return self.hidden(generator), z_head, z_int
 
     def probs(self, full: bool = False) -> TowerMaskProbs:
         """Non-zero probabilities (all ones on the real entries with ``full``) for sparsity.py.
@@ -132,8 +135,8 @@ class _TowerState:
     pruned here" and skips the index work.
     """
 
-    def __init__(self, tower: TowerMasks) -> None:
-        z_h, z_head, z_int = tower()
+    def __init__(self, tower: TowerMasks, generator: torch.Generator | None = None) -> None:
+        z_h, z_head, z_int = tower(generator)
         device = z_h.device
         nonzero = torch.cat([z.detach().flatten() != 0 for z in (z_h, z_head, z_int)]).cpu()
         hidden_on, head_on, int_on = nonzero.split([z_h.numel(), z_head.numel(), z_int.numel()])
@@ -375,6 +378,21 @@ class MaskedCLIP(nn.Module):
             model.transformer.resblocks, model.token_embedding.embedding_dim, "text", init_log_alpha
         )
 
+        self.mask_seed: int | None = None
+
+    def fix_mask_sample(self, seed: int | None) -> None:
+        """Draw train-mode masks from generators seeded with ``seed`` (None: the global RNG,
+        a fresh sample every forward). With one seed per step, every forward of that step
+        (micro-batches, GradCache's second pass, every DDP rank) uses the same masks, as one
+        forward over the whole batch would: accumulation and DDP stay exact."""
+        self.mask_seed = seed
+
+    def _mask_generator(self, tower: int) -> torch.Generator | None:
+        if self.mask_seed is None or not self.training:
+            return None
+        generator = torch.Generator(device=self.model.logit_scale.device)
+        return generator.manual_seed((self.mask_seed * 2 + tower) % (2**63))
+
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
@@ -420,7 +438,7 @@ class MaskedCLIP(nn.Module):
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         visual = self.model.visual
-        masks = _TowerState(self.visual_masks)
+        masks = _TowerState(self.visual_masks, self._mask_generator(0))
         # Patch embedding as a masked linear over flattened patches (conv1 has no bias).
         weight = visual.conv1.weight
         patches = F.unfold(image.to(weight.dtype), visual.patch_size, stride=visual.patch_size)
@@ -444,7 +462,7 @@ class MaskedCLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         model = self.model
-        masks = _TowerState(self.text_masks)
+        masks = _TowerState(self.text_masks, self._mask_generator(1))
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
         x = x * masks.z_h.to(cast_dtype)
