@@ -408,3 +408,39 @@ def test_forward_reads_each_towers_zero_pattern_once(monkeypatch):
         (image_f.sum() + text_f.sum() * scale).backward()
     assert len(reads) == 2
     assert masked.visual_masks.head.log_alpha.grad.abs().sum() > 0
+
+
+def test_prune_like_weights_maps_gradients_with_soft_masks():
+    # A folded weight z * w has gradient g / z: cutting the masked model's gradients with
+    # mask_power=-1 must give the pruned model's gradients (float64, soft masks, eval mode).
+    masked = MaskedCLIP(_model()).double().eval()
+    _set_masks(masked)
+    image, text = _inputs()
+    image = image.double()
+    weights = torch.randn(2, 3, 32, dtype=torch.float64)
+
+    def grads(model):
+        image_f, text_f, scale = model(image, text)[:3]
+        model.zero_grad()
+        ((image_f * weights[0]).sum() + (text_f * weights[1]).sum() + scale).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    with force_backend("torch"):
+        compact = masked.prune().eval()
+        expected = grads(compact)
+        masked_grads = grads(masked)
+    source = {n[len("model.") :]: g for n, g in masked_grads.items() if n.startswith("model.")}
+    cut = masked.prune_like_weights(source, mask_power=-1)
+    cut_sq = masked.prune_like_weights({n: g * g for n, g in source.items()}, mask_power=-2)
+    assert expected.keys() <= cut.keys()  # (layers left without heads get no gradient)
+    softly_scaled = 0
+    for name, grad in expected.items():
+        if grad.numel() == 0:  # a layer left without MLP channels
+            continue
+        # masked_linear applies mask values rounded to fp32 (its kernels' scale type).
+        tol = 1e-6 * float(grad.abs().max()) + 1e-15
+        assert (cut[name] - grad).abs().max() <= tol, name
+        assert (cut_sq[name] - grad * grad).abs().max() <= 2 * tol * float(grad.abs().max()), name
+        selected = masked.prune_like_weights({name: source[name]})[name]
+        softly_scaled += not torch.allclose(selected, grad)
+    assert softly_scaled > 5  # soft values really rescale many of them

@@ -184,25 +184,27 @@ def carry_optimizer_state(
     pruned: nn.Module,
     new: torch.optim.Optimizer,
 ) -> None:
-    """Give ``new`` (over the pruned model) the AdamW moments of ``old`` (over the masked
-    model), cut to the kept channels and heads, so pruning does not restart the optimizer
-    from zero moments (a jolt that costs the student accuracy it then has to win back)."""
+    """Give ``new`` (over the pruned model) the AdamW state of ``old`` (over the masked
+    model): moments cut to the kept channels and heads and rescaled for the folded soft mask
+    values, so pruning does not restart the optimizer from zero moments (a jolt that costs
+    the student accuracy it then has to win back). Parameters without state keep none."""
     names = dict(masked.model.named_parameters())
-    states = {name: old.state.get(param, {}) for name, param in names.items()}
-    steps = [s["step"] for s in states.values() if "step" in s]
-    if not steps:
+    states = {name: old.state[p] for name, p in names.items() if "exp_avg" in old.state.get(p, {})}
+    if not states:
         return
     moments = {
-        key: masked.prune_like_weights({n: s[key] for n, s in states.items() if key in s})
-        for key in ("exp_avg", "exp_avg_sq")
+        key: masked.prune_like_weights({n: s[key] for n, s in states.items()}, power)
+        for key, power in (("exp_avg", -1), ("exp_avg_sq", -2))
     }
     trained = {id(p) for group in new.param_groups for p in group["params"]}
     for name, param in pruned.named_parameters():
-        if id(param) in trained and name in moments["exp_avg"]:
+        if id(param) in trained and name in states:
             new.state[param] = {
-                "step": steps[0].clone(),
-                "exp_avg": moments["exp_avg"][name].to(param.device),
-                "exp_avg_sq": moments["exp_avg_sq"][name].to(param.device),
+                "step": states[name]["step"].clone(),
+                **{
+                    key: moments[key][name].to(device=param.device, dtype=param.dtype)
+                    for key in ("exp_avg", "exp_avg_sq")
+                },
             }
 
 

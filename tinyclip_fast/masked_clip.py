@@ -387,6 +387,7 @@ class MaskedCLIP(nn.Module):
         forward over the whole batch would: accumulation and DDP stay exact."""
         self.mask_seed = seed
 
+    @torch.compiler.disable  # the seed changes every step: no recompile per step under compile
     def _mask_generator(self, tower: int) -> torch.Generator | None:
         if self.mask_seed is None or not self.training:
             return None
@@ -504,7 +505,7 @@ class MaskedCLIP(nn.Module):
         soft mask values are folded into the weights (see :func:`_fold_block`).
         """
         source = self.model
-        config, folded = self._cut(source, fold_masks=True)
+        config, folded = self._cut(source)
         compact = build_student(config).to(device=source.logit_scale.device)
         compact.to(dtype=source.visual.conv1.weight.dtype)
         target = compact.state_dict()
@@ -519,31 +520,35 @@ class MaskedCLIP(nn.Module):
         return compact
 
     @torch.no_grad()
-    def prune_like_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def prune_like_weights(
+        self, tensors: dict[str, torch.Tensor], mask_power: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Cut per-parameter tensors (e.g. AdamW moments) the way :meth:`prune` cuts weights.
 
         ``tensors`` are keyed by the wrapped model's parameter names and shaped like those
         parameters; missing names count as zeros. The result is keyed by the pruned model's
-        parameter names and keeps the same channels and heads, with the soft mask values not
-        multiplied in (they rescale weights, not optimizer statistics). Used to carry the
-        optimizer state across pruning, so training goes on instead of starting over.
+        parameter names and keeps the same channels and heads; where :meth:`prune` multiplies
+        a weight by soft mask values z, the tensor is multiplied by z ** ``mask_power``
+        instead: 0 only selects, -1 maps gradients and AdamW's first moment (a folded weight
+        z * w has gradient g / z), -2 the second moment. Used to carry the optimizer state
+        across pruning, so training goes on instead of starting over.
         """
         shadow = copy.deepcopy(self.model)
         for name, param in shadow.named_parameters():
             value = tensors.get(name)
             param.copy_(value if value is not None else torch.zeros_like(param))
-        _, cut = self._cut(shadow, fold_masks=False)
+        _, cut = self._cut(shadow, mask_power)
         return {name: value.detach().clone() for name, value in cut.items()}
 
-    def _cut(self, source: nn.Module, fold_masks: bool) -> tuple[dict[str, Any], dict]:
+    def _cut(self, source: nn.Module, mask_power: int = 1) -> tuple[dict[str, Any], dict]:
         """(student_io config of the pruned model, its state by name) cut out of ``source``,
-        a model shaped like the wrapped one; ``fold_masks`` multiplies the soft mask values
-        in (weights), else only selects (per-parameter statistics)."""
+        a model shaped like the wrapped one, the soft mask values entering as z ** mask_power
+        (1: weights folded as by :meth:`prune`; zeros stay zeros, they decide the cut)."""
         v_masks = _deterministic(self.visual_masks)
         t_masks = _deterministic(self.text_masks)
-        if not fold_masks:
-            v_masks = tuple((z != 0).to(z.dtype) for z in v_masks)
-            t_masks = tuple((z != 0).to(z.dtype) for z in t_masks)
+        if mask_power != 1:
+            v_masks = tuple(_mask_pow(z, mask_power) for z in v_masks)
+            t_masks = tuple(_mask_pow(z, mask_power) for z in t_masks)
         config = student_config(self.model)
         v_kept, t_kept = _kept(v_masks[0], "vision"), _kept(t_masks[0], "text")
         config["vision_width"] = config["model_cfg"]["vision_cfg"]["width"] = v_kept.numel()
@@ -566,6 +571,12 @@ def _deterministic(tower: TowerMasks) -> tuple[torch.Tensor, torch.Tensor, torch
     z_head = tower.head.deterministic().masked_fill(~tower.head_valid, 0.0)
     z_int = tower.intermediate.deterministic().masked_fill(~tower.int_valid, 0.0)
     return tower.hidden.deterministic(), z_head, z_int
+
+
+def _mask_pow(z: torch.Tensor, power: int) -> torch.Tensor:
+    """z ** power on the non-zero entries, 0 elsewhere (power 0: the 0/1 pattern)."""
+    nonzero = z != 0
+    return torch.where(nonzero, z.masked_fill(~nonzero, 1.0) ** power, 0.0)
 
 
 def _kept(z_h: torch.Tensor, tower: str) -> torch.Tensor:
