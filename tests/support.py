@@ -1,5 +1,6 @@
 """Small pieces shared by several test files: tiny open_clip configs and dataset wrappers."""
 
+import torch
 from torch.utils.data import Dataset
 
 TEXT = {"context_length": 16, "vocab_size": 1000}
@@ -21,3 +22,14 @@ class PlainDataset(Dataset):
 
     def __getitem__(self, index):
         return self.inner[index]
+
+
+def binary_masks(masked, seed=3):
+    """log_alpha of +-20: deterministic masks exactly 0 or 1 (in fp32), about a quarter 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tower in (masked.visual_masks, masked.text_masks):
+            for mask in (tower.hidden, tower.head, tower.intermediate):
+                keep = torch.rand(mask.log_alpha.shape, generator=g) > 0.25
+                keep.view(-1)[0] = True
+                mask.log_alpha.copy_(torch.where(keep, 20.0, -20.0))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import rel_err
+from support import binary_masks
 
 from tinyclip_fast.backend import force_backend
 from tinyclip_fast.checkpoint import CHECKPOINT_NAME, load_training_state
@@ -444,11 +445,9 @@ def test_pruning_carries_adam_moments_so_training_continues(tmp_path):
     # With 0/1 masks the pruned model computes the masked model's function, so one AdamW
     # step on each after pruning must move the kept weights identically, which needs the
     # moments (and step count) carried over; fresh moments would move them by about +-lr.
-    from test_masked_clip import _binary_masks
-
     torch.manual_seed(0)
     masked = MaskedCLIP(make_teacher()).eval()  # eval: the deterministic masks
-    _binary_masks(masked)
+    binary_masks(masked)
     config = make_config(tmp_path, [StageConfig(steps=4, sparsity=0.5)])
     old = make_optimizer(masked, config)
     image, text = torch.randn(4, 3, 32, 32), torch.randint(1, 999, (4, 16))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICE, rel_err
+from support import binary_masks
 
 from tinyclip_fast.backend import force_backend
 from tinyclip_fast.masked_clip import MaskedCLIP
@@ -352,17 +353,6 @@ def test_second_stage_masks_a_pruned_student():
     assert head_grad[second.text_masks.head_valid].abs().sum() > 0
 
 
-def _binary_masks(masked: MaskedCLIP, seed=3):
-    """log_alpha of +-20: deterministic masks exactly 0 or 1 (in fp32), about a quarter 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tower in (masked.visual_masks, masked.text_masks):
-            for mask in (tower.hidden, tower.head, tower.intermediate):
-                keep = torch.rand(mask.log_alpha.shape, generator=g) > 0.25
-                keep.view(-1)[0] = True
-                mask.log_alpha.copy_(torch.where(keep, 20.0, -20.0))
-
-
 def test_prune_like_weights_selects_what_prune_keeps():
     masked = MaskedCLIP(_model()).eval()
     _set_masks(masked)
@@ -377,7 +367,7 @@ def test_prune_like_weights_selects_what_prune_keeps():
     assert all(not t.any() for t in zeros.values())
 
     # With 0/1 masks pruning only selects: the cut weights are the pruned weights.
-    _binary_masks(masked)
+    binary_masks(masked)
     compact = dict(masked.prune().named_parameters())
     cut = masked.prune_like_weights({n: p.detach() for n, p in params.items()})
     assert cut.keys() == compact.keys()

@@ -34,7 +34,7 @@ from torch import nn
 
 from tinyclip_fast.hard_concrete import HardConcreteMask
 from tinyclip_fast.masked_linear import (
-    ChannelSelection,
+    UNMASKED,
     channel_indices,
     channel_selection,
     masked_linear_selected,
@@ -171,26 +171,25 @@ class _TowerState:
             None if m is None else (z != 0).to(z.dtype)
             for z, (_, _, _, m) in zip(self.z_int, per_layer, strict=True)
         ]
-        unmasked = ChannelSelection(None, None, None)
         self.sel_z_h = channel_selection(z_h, z_h.numel(), hidden)
         self.sel_hidden_on = (
-            unmasked if hidden is None else channel_selection(self.hidden_on, z_h.numel(), hidden)
+            UNMASKED if hidden is None else channel_selection(self.hidden_on, z_h.numel(), hidden)
         )
         self.sel_qkv_on, self.sel_z_head, self.sel_int_on, self.sel_z_int = [], [], [], []
         for layer, (_, qkv, out_cols, m) in enumerate(per_layer):
             n_heads, n_mlp = heads[layer], mlp[layer]
             on = self.qkv_on[layer]
             self.sel_qkv_on.append(
-                unmasked if on is None else channel_selection(on, 3 * n_heads * width, qkv)
+                UNMASKED if on is None else channel_selection(on, 3 * n_heads * width, qkv)
             )
             z = self.z_head[layer]
             self.sel_z_head.append(
-                channel_selection(z, n_heads * width, out_cols) if n_heads else unmasked
+                channel_selection(z, n_heads * width, out_cols) if n_heads else UNMASKED
             )
             on = self.int_on[layer]
-            self.sel_int_on.append(unmasked if on is None else channel_selection(on, n_mlp, m))
+            self.sel_int_on.append(UNMASKED if on is None else channel_selection(on, n_mlp, m))
             z = self.z_int[layer]
-            self.sel_z_int.append(channel_selection(z, n_mlp, m) if n_mlp else unmasked)
+            self.sel_z_int.append(channel_selection(z, n_mlp, m) if n_mlp else UNMASKED)
 
     def linear(
         self,
@@ -203,15 +202,14 @@ class _TowerState:
     ) -> torch.Tensor:
         """A linear from or to the residual width (patch embedding, output projection),
         those channels masked by z_h."""
-        unmasked = ChannelSelection(None, None, None)
         return masked_linear_selected(
             x,
             weight,
             bias,
             self.z_h if in_hidden else None,
             self.z_h if out_hidden else None,
-            self.sel_z_h if in_hidden else unmasked,
-            self.sel_z_h if out_hidden else unmasked,
+            self.sel_z_h if in_hidden else UNMASKED,
+            self.sel_z_h if out_hidden else UNMASKED,
         )
 
 

@@ -41,6 +41,8 @@ class ChannelSelection(NamedTuple):
     scale: torch.Tensor | None
 
 
+UNMASKED = ChannelSelection(None, None, None)  # a side without a mask
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -164,8 +166,7 @@ def _select_channels(
         name: channel_selection(m, size, index)
         for (name, m, size), index in zip(masks, indices, strict=True)
     }
-    unmasked = ChannelSelection(None, None, None)
-    return selections.get("in_mask", unmasked), selections.get("out_mask", unmasked)
+    return selections.get("in_mask", UNMASKED), selections.get("out_mask", UNMASKED)
 
 
 def _kept_scale(sel: ChannelSelection) -> torch.Tensor | None:
