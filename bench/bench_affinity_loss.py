@@ -53,7 +53,7 @@ def make_features(n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor
 def loss_fn(impl: str):
     """The scalar distill + contrastive loss of one implementation."""
     if impl == "tinyclip_fast":
-        from tinyclip_fast.affinity_loss import affinity_loss_square
+        from tinyclip_fast.ops.affinity_loss import affinity_loss_square
 
         def ours(*args):
             distill, contrastive = affinity_loss_square(*args, compute_contrastive=True)

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from open_clip.loss import DistillClipLoss
 from torch import nn
 
-from tinyclip_fast.config import DistillConfig
-from tinyclip_fast.engine import make_optimizer, train_step, xformers_attention
-from tinyclip_fast.hard_concrete import HardConcreteMask
 from tinyclip_fast.losses import AffinityMimickingLoss
-from tinyclip_fast.masked_clip import MaskedCLIP
-from tinyclip_fast.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
-from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
+from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.pruning.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
+from tinyclip_fast.train.config import DistillConfig
+from tinyclip_fast.train.engine import make_optimizer, train_step, xformers_attention
+from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 TINY = {
     "embed_dim": 32,

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyclip_fast.masked_linear import masked_linear
+from tinyclip_fast.ops.masked_linear import masked_linear
 
 HIDDEN, INTERMEDIATE, TOKENS = 768, 3072, 51_200
 KEPT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)

@@ -14,18 +14,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; NaN/inf anywhere gives inf."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    if not (torch.isfinite(actual).all() and torch.isfinite(expected).all()):
-        return float("inf")
-    denom = expected.norm().clamp_min(1e-30)
-    return float((actual - expected).norm() / denom)
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,7 +1,21 @@
-"""Small pieces shared by several test files: tiny open_clip configs and dataset wrappers."""
+"""Small pieces shared by several test files: the error measure, tiny open_clip configs and
+dataset wrappers. (tests/ is on sys.path through pytest's ``pythonpath`` setting.)"""
 
 import torch
 from torch.utils.data import Dataset
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN/inf anywhere gives inf."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    if not (torch.isfinite(actual).all() and torch.isfinite(expected).all()):
+        return float("inf")
+    denom = expected.norm().clamp_min(1e-30)
+    return float((actual - expected).norm() / denom)
+
 
 TEXT = {"context_length": 16, "vocab_size": 1000}
 TEACHER = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.checkpoint import CHECKPOINT_NAME
 from tinyclip_fast.cli import build_parser, config_from_args, main
-from tinyclip_fast.config import load_config
-from tinyclip_fast.student_io import load_student
+from tinyclip_fast.inheritance.student_io import load_student
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.train.checkpoint import CHECKPOINT_NAME
+from tinyclip_fast.train.config import load_config
 
 # open_clip's own tokenizer (vocabulary 49,408), so CSV captions and eval prompts tokenize.
 TEACHER_CFG = {

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import rel_err
+from support import rel_err
 
-from tinyclip_fast.backend import force_backend
 from tinyclip_fast.losses import DistillClipLoss
+from tinyclip_fast.ops.backend import force_backend
 
 WORLD = 2
 LOCAL_BATCH = 6

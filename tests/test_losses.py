@@ -4,10 +4,10 @@ import open_clip.loss as oc_loss
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, rel_err
 
-from tinyclip_fast.backend import force_backend
 from tinyclip_fast.losses import AffinityMimickingLoss, ClipLoss, DistillClipLoss
+from tinyclip_fast.ops.backend import force_backend
 
 BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tinyclip_fast.config import (
+from tinyclip_fast.train.config import (
     ATTENTIONS,
     LOSS_KINDS,
     PRECISIONS,
@@ -45,7 +45,7 @@ examples:
 
 Outputs in --out-dir: checkpoint.pt (resumable training state), metrics.jsonl,
 tensorboard/ (when installed), student/ (weights-only export; load with
-tinyclip_fast.student_io.load_student, or open_clip "local-dir:" for uniform students).
+tinyclip_fast.inheritance.student_io.load_student, or open_clip "local-dir:" for uniform students).
 """
 
 
@@ -327,9 +327,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def _build_teacher_cache(config: DistillConfig) -> None:
-    from tinyclip_fast.data import build_dataset
-    from tinyclip_fast.engine import build_teacher, dataset_defaults
-    from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
+    from tinyclip_fast.data.datasets import build_dataset
+    from tinyclip_fast.train.engine import build_teacher, dataset_defaults
+    from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
     if config.teacher.cache is None:
         raise ValueError("--build-teacher-cache needs --teacher-cache FILE (where to write it)")
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from tinyclip_fast.engine import distill
+    from tinyclip_fast.train.engine import distill
 
     try:
         if args.build_teacher_cache:

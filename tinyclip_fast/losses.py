@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyclip_fast.affinity_loss import affinity_loss_rows, affinity_loss_square
 from tinyclip_fast.distributed import distributed_world, gather_features, gather_teacher_features
+from tinyclip_fast.ops.affinity_loss import affinity_loss_rows, affinity_loss_square
 
 
 def _check_logit_bias(logit_bias: torch.Tensor | float | None) -> None:

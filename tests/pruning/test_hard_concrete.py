@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tinyclip_fast.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
 
 
 def test_sample_nonzero_frequency_matches_prob_nonzero():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from tinyclip_fast import demo
-from tinyclip_fast.demo_data import (
+from tinyclip_fast.demo import run as demo
+from tinyclip_fast.demo.data import (
     DIGIT_NAMES,
     FASHION_NAMES,
     CompactTokenizer,

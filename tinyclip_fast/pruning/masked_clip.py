@@ -32,19 +32,23 @@ from open_clip.transformer import (
 )
 from torch import nn
 
-from tinyclip_fast.hard_concrete import HardConcreteMask
-from tinyclip_fast.masked_linear import (
+from tinyclip_fast.inheritance.student_io import (
+    CompactResidualBlock,
+    block_dims,
+    build_student,
+    student_config,
+)
+from tinyclip_fast.ops.masked_linear import (
     UNMASKED,
     channel_indices,
     channel_selection,
     masked_linear_selected,
 )
-from tinyclip_fast.sparsity import TowerMaskProbs, expected_remaining_params, expected_sparsity
-from tinyclip_fast.student_io import (
-    CompactResidualBlock,
-    block_dims,
-    build_student,
-    student_config,
+from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.sparsity import (
+    TowerMaskProbs,
+    expected_remaining_params,
+    expected_sparsity,
 )
 
 # Padding entries of the masks of pruned students (rows longer than a layer): always exactly 0.

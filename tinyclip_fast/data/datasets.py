@@ -310,7 +310,7 @@ def build_dataset(
             vocab_size=int(data_cfg.get("vocab_size", 49408)),
             seed=int(data_cfg.get("seed", 0)),
         )
-    from tinyclip_fast.demo_data import load_demo_split
+    from tinyclip_fast.demo.data import load_demo_split
 
     return load_demo_split(
         data_cfg.get("source") or data_cfg.get("path") or "auto",

@@ -6,15 +6,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, rel_err
 
-import tinyclip_fast.affinity_loss as affinity_module
-from tinyclip_fast.affinity_loss import (
+import tinyclip_fast.ops.affinity_loss as affinity_module
+from tinyclip_fast.ops.affinity_loss import (
     affinity_loss_rows,
     affinity_loss_square,
     affinity_mimicking_loss,
 )
-from tinyclip_fast.backend import force_backend
+from tinyclip_fast.ops.backend import force_backend
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -238,8 +238,8 @@ def test_cpu_without_interpreter_never_touches_triton():
     script = (
         "import torch, tinyclip_fast.kernels as k\n"
         "assert not k.INTERPRETING\n"
-        "import tinyclip_fast.affinity_loss as al\n"
-        "from tinyclip_fast.backend import use_triton\n"
+        "import tinyclip_fast.ops.affinity_loss as al\n"
+        "from tinyclip_fast.ops.backend import use_triton\n"
         "x = torch.randn(16, 8, requires_grad=True)\n"
         "assert not use_triton(x)\n"
         "d, c = al.affinity_loss_square(x, x * 2, 3.0, x.detach(), x.detach(), 2.0,\n"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from support import PlainDataset
 
-from tinyclip_fast.data import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
-from tinyclip_fast.teacher_cache import TeacherEmbeddingCache, teacher_fingerprint
+from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
+from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache, teacher_fingerprint
 
 VOCAB, CONTEXT = 40, 8
 

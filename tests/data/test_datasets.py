@@ -10,7 +10,7 @@ from PIL import Image
 from support import PlainDataset
 from torch.utils.data import IterableDataset
 
-from tinyclip_fast.data import (
+from tinyclip_fast.data.datasets import (
     CsvPairDataset,
     SyntheticPairDataset,
     TensorPairDataset,
@@ -19,7 +19,7 @@ from tinyclip_fast.data import (
     collate,
     make_loader,
 )
-from tinyclip_fast.demo_data import CompactTokenizer
+from tinyclip_fast.demo.data import CompactTokenizer
 
 CAPTIONS = [
     f"a photo of pattern {word}" for word in ("red", "green", "blue", "grey", "dark", "pale")

@@ -40,19 +40,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from tinyclip_fast.checkpoint import CHECKPOINT_NAME, load_training_state, save_training_state
-from tinyclip_fast.config import DistillConfig, EvalConfig, StageConfig, TeacherConfig
-from tinyclip_fast.data import build_dataset, make_loader
-from tinyclip_fast.inheritance import manual_inherit, preset_config
-from tinyclip_fast.losses import AffinityMimickingLoss
-from tinyclip_fast.masked_clip import MaskedCLIP
-from tinyclip_fast.sparsity import SparsityController
-from tinyclip_fast.student_io import (
+from tinyclip_fast.data.datasets import build_dataset, make_loader
+from tinyclip_fast.inheritance.manual import manual_inherit, preset_config
+from tinyclip_fast.inheritance.student_io import (
     CompactResidualBlock,
     build_student,
     save_student,
     student_config,
 )
+from tinyclip_fast.losses import AffinityMimickingLoss
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.pruning.sparsity import SparsityController
+from tinyclip_fast.train.checkpoint import CHECKPOINT_NAME, load_training_state, save_training_state
+from tinyclip_fast.train.config import DistillConfig, EvalConfig, StageConfig, TeacherConfig
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,7 +87,7 @@ def build_teacher(config: TeacherConfig) -> tuple[nn.Module, Callable, Callable,
     ``pretrained`` is a local checkpoint file (works offline) or an open_clip pretrained tag.
     """
     if config.model == "demo":
-        from tinyclip_fast.demo import build_demo_teacher
+        from tinyclip_fast.demo.run import build_demo_teacher
 
         return build_demo_teacher(config.pretrained)
     name = config.model
@@ -515,7 +515,7 @@ class _Distiller:
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
         self.cache = None
         if config.teacher.cache is not None:
-            from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
+            from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
             size = len(dataset) if hasattr(dataset, "__len__") else None
             # Refuses a cache built for another dataset size or by another teacher.
@@ -855,10 +855,10 @@ def build_evaluator(
     config: EvalConfig, *, tokenizer: Callable, preprocess: Callable, device: torch.device
 ) -> Callable[[nn.Module], float]:
     """Zero-shot top-1 on a class-per-folder tree, a CSV of (filepath, label) or the demo set."""
-    from tinyclip_fast import zero_shot
+    from tinyclip_fast.data import zero_shot
 
     if config.kind == "demo":
-        from tinyclip_fast.demo_data import load_demo_split
+        from tinyclip_fast.demo.data import load_demo_split
 
         return load_demo_split(config.path or "auto", "test").evaluator(device, config.batch_size)
     if config.path is None:

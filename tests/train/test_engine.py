@@ -13,15 +13,18 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import rel_err
-from support import binary_masks
+from support import binary_masks, rel_err
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.checkpoint import CHECKPOINT_NAME, load_training_state
-from tinyclip_fast.config import DataConfig, DistillConfig, OptimConfig, StageConfig
-from tinyclip_fast.data import SyntheticPairDataset, TensorPairDataset
-from tinyclip_fast.demo_data import CompactTokenizer
-from tinyclip_fast.engine import (
+from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset
+from tinyclip_fast.data.zero_shot import ZeroShotEvaluator
+from tinyclip_fast.demo.data import CompactTokenizer
+from tinyclip_fast.inheritance.student_io import load_student
+from tinyclip_fast.losses import AffinityMimickingLoss
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.train.checkpoint import CHECKPOINT_NAME, load_training_state
+from tinyclip_fast.train.config import DataConfig, DistillConfig, OptimConfig, StageConfig
+from tinyclip_fast.train.engine import (
     carry_optimizer_state,
     distill,
     learning_rate,
@@ -29,11 +32,7 @@ from tinyclip_fast.engine import (
     train_step,
     xformers_attention,
 )
-from tinyclip_fast.losses import AffinityMimickingLoss
-from tinyclip_fast.masked_clip import MaskedCLIP
-from tinyclip_fast.student_io import load_student
-from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
-from tinyclip_fast.zero_shot import ZeroShotEvaluator
+from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 TEXT = {"context_length": 16, "vocab_size": 1000}
 TEACHER_CFG = {

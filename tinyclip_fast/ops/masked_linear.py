@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyclip_fast.backend import use_triton
+from tinyclip_fast.ops.backend import use_triton
 
 
 class ChannelSelection(NamedTuple):

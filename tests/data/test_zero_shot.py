@@ -11,15 +11,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from tinyclip_fast.data import TensorPairDataset
-from tinyclip_fast.demo_data import CompactTokenizer
-from tinyclip_fast.zero_shot import (
+from tinyclip_fast.data.datasets import TensorPairDataset
+from tinyclip_fast.data.zero_shot import (
     ZeroShotEvaluator,
     load_class_names_and_templates,
     load_image_folder,
     load_labelled_csv,
     load_names,
 )
+from tinyclip_fast.demo.data import CompactTokenizer
 
 CLASSES = ["cat", "dog", "bird", "fish"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyclip_fast.backend import use_triton
+from tinyclip_fast.ops.backend import use_triton
 
 KINDS = ("soft_ce", "kl")
 

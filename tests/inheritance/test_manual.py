@@ -5,9 +5,9 @@ import pytest
 import torch
 from support import TEACHER, TEXT
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.inheritance import PRESETS, manual_inherit, preset_config, select_layers
-from tinyclip_fast.masked_clip import MaskedCLIP
+from tinyclip_fast.inheritance.manual import PRESETS, manual_inherit, preset_config, select_layers
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 
 STUDENT = {
     "embed_dim": 24,

@@ -7,11 +7,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, rel_err
-from support import binary_masks
+from support import KERNEL_DEVICE, binary_masks, rel_err
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.masked_clip import MaskedCLIP
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 
 CONFIG = {
     "embed_dim": 32,
@@ -379,8 +378,8 @@ def test_prune_like_weights_selects_what_prune_keeps():
 def test_forward_reads_each_towers_zero_pattern_once(monkeypatch):
     # The zero patterns set the launch sizes, so the host must read them: once per tower per
     # forward, never once per linear (a sync each, ~100 per step at ViT-B sizes).
-    import tinyclip_fast.masked_clip as masked_clip_module
-    import tinyclip_fast.masked_linear as masked_linear_module
+    import tinyclip_fast.ops.masked_linear as masked_linear_module
+    import tinyclip_fast.pruning.masked_clip as masked_clip_module
 
     def per_call_sync(*args):
         raise AssertionError("a linear of MaskedCLIP read its masks on its own")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from tinyclip_fast.data import TensorPairDataset
+from tinyclip_fast.data.datasets import TensorPairDataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SOURCES = ("auto", "fashion-mnist", "digits")
@@ -119,7 +119,7 @@ class DemoSplit:
 
     def evaluator(self, device: str | torch.device = "cpu", batch_size: int = 256) -> Any:
         """A ZeroShotEvaluator over this split's images with its class names and templates."""
-        from tinyclip_fast.zero_shot import ZeroShotEvaluator
+        from tinyclip_fast.data.zero_shot import ZeroShotEvaluator
 
         return ZeroShotEvaluator(
             self.dataset.images,

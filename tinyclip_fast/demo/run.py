@@ -31,15 +31,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.config import DataConfig, DistillConfig, LossConfig, OptimConfig, StageConfig
-from tinyclip_fast.data import make_loader
-from tinyclip_fast.demo_data import SOURCES, CompactTokenizer, DemoSplit, load_demo_split
-from tinyclip_fast.engine import count_parameters, distill, learning_rate, make_optimizer
+from tinyclip_fast.data.datasets import make_loader
+from tinyclip_fast.data.zero_shot import ZeroShotEvaluator
+from tinyclip_fast.demo.data import SOURCES, CompactTokenizer, DemoSplit, load_demo_split
+from tinyclip_fast.inheritance.student_io import load_student, save_student
 from tinyclip_fast.losses import ClipLoss
-from tinyclip_fast.student_io import load_student, save_student
-from tinyclip_fast.teacher_cache import TeacherEmbeddingCache
-from tinyclip_fast.zero_shot import ZeroShotEvaluator
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.train.config import (
+    DataConfig,
+    DistillConfig,
+    LossConfig,
+    OptimConfig,
+    StageConfig,
+)
+from tinyclip_fast.train.engine import count_parameters, distill, learning_rate, make_optimizer
+from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8

@@ -18,7 +18,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 from torch.utils.data import Dataset
 
-from tinyclip_fast.data import load_rgb
+from tinyclip_fast.data.datasets import load_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tinyclip_fast.hard_concrete import HardConcreteMask
-from tinyclip_fast.sparsity import (
+from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.sparsity import (
     SparsityController,
     TowerMaskProbs,
     expected_remaining_params,

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, rel_err
 
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.masked_linear import MaskedLinear, masked_linear
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.ops.masked_linear import MaskedLinear, masked_linear
 
 BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

@@ -9,11 +9,16 @@ import torch
 from safetensors.torch import load_file
 from support import TEACHER, TEXT
 
-import tinyclip_fast.student_io as student_io
-from tinyclip_fast.backend import force_backend
-from tinyclip_fast.inheritance import manual_inherit
-from tinyclip_fast.masked_clip import MaskedCLIP
-from tinyclip_fast.student_io import CONFIG_NAME, WEIGHTS_NAME, load_student, save_student
+import tinyclip_fast.inheritance.student_io as student_io
+from tinyclip_fast.inheritance.manual import manual_inherit
+from tinyclip_fast.inheritance.student_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_student,
+    save_student,
+)
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 
 STUDENT = {
     "embed_dim": 32,

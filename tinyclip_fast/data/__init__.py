@@ -1,0 +1,1 @@
+"""Image-text datasets, the resumable batch loader, and zero-shot evaluation."""

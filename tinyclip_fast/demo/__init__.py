@@ -1,0 +1,1 @@
+"""The built-in demo: a demo teacher, built-in data, and the three-student comparison."""

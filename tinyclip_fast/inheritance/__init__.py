@@ -1,0 +1,1 @@
+"""Manual weight inheritance, the released TinyCLIP presets, and student files."""

@@ -1,0 +1,1 @@
+"""Autograd ops over the Triton kernels, each with a PyTorch path for plain CPU tensors."""

@@ -1,0 +1,1 @@
+"""Automatic weight inheritance: hard-concrete masks, sparsity control, the masked CLIP."""

@@ -1,0 +1,1 @@
+"""The distillation loop: configuration, the step, checkpoints, the teacher and its cache."""
