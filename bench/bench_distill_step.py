@@ -1,6 +1,6 @@
 """Images/s of one full distillation step in the mask-learning phase (SPEC 3b), three ways.
 
-- tinyclip_fast: ``engine.train_step`` on a MaskedCLIP student (masks inside the matmuls),
+- tinyclip_fast: ``train.step.train_step`` on a MaskedCLIP student (masks inside the matmuls),
   the fused affinity loss, fused AdamW; teacher run online under no_grad.
 - tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
 - tinyclip_fast (xformers attention): on CUDA with xformers installed, the first variant with
@@ -39,8 +39,10 @@ from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.pruning.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
+from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.config import DistillConfig
-from tinyclip_fast.train.engine import make_optimizer, train_step, xformers_attention
+from tinyclip_fast.train.optim import make_optimizer
+from tinyclip_fast.train.step import train_step
 from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 TINY = {

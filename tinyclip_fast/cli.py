@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         metavar="NAME",
         help="manual inheritance to a released architecture, e.g. ViT-40M-32-Text-19M, "
-        "ViT-61M-32-Text-29M, ViT-8M-16-Text-3M (tinyclip_fast.inheritance.PRESETS)",
+        "ViT-61M-32-Text-29M, ViT-8M-16-Text-3M (tinyclip_fast.inheritance.presets.PRESETS)",
     )
     g.add_argument(
         "--student-config",
@@ -328,7 +328,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 def _build_teacher_cache(config: DistillConfig) -> None:
     from tinyclip_fast.data.datasets import build_dataset
-    from tinyclip_fast.train.engine import build_teacher, dataset_defaults
+    from tinyclip_fast.train.engine import dataset_defaults
+    from tinyclip_fast.train.teacher import build_teacher
     from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
     if config.teacher.cache is None:

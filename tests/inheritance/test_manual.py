@@ -5,7 +5,8 @@ import pytest
 import torch
 from support import TEACHER, TEXT
 
-from tinyclip_fast.inheritance.manual import PRESETS, manual_inherit, preset_config, select_layers
+from tinyclip_fast.inheritance.manual import manual_inherit, select_layers
+from tinyclip_fast.inheritance.presets import PRESETS, preset_config
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 

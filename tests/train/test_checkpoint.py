@@ -10,8 +10,12 @@ from tinyclip_fast.inheritance.student_io import CompactResidualBlock
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.train import checkpoint
-from tinyclip_fast.train.checkpoint import load_training_state, save_training_state
-from tinyclip_fast.train.engine import pack_student, unpack_student
+from tinyclip_fast.train.checkpoint import (
+    load_training_state,
+    pack_student,
+    save_training_state,
+    unpack_student,
+)
 
 CFG = {
     "embed_dim": 16,

@@ -6,97 +6,27 @@ Oracles: an uninterrupted run (resume must be bitwise equal), the whole batch at
 
 import copy
 import signal
-import sys
-import types
 
-import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from support import binary_masks, rel_err
+from support import (
+    STUDENT_CFG,
+    TEXT,
+    assert_same_weights,
+    losses,
+    make_config,
+    make_teacher,
+    run,
+)
 
 from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset
 from tinyclip_fast.data.zero_shot import ZeroShotEvaluator
 from tinyclip_fast.demo.data import CompactTokenizer
 from tinyclip_fast.inheritance.student_io import load_student
-from tinyclip_fast.losses import AffinityMimickingLoss
-from tinyclip_fast.ops.backend import force_backend
-from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.train.checkpoint import CHECKPOINT_NAME, load_training_state
-from tinyclip_fast.train.config import DataConfig, DistillConfig, OptimConfig, StageConfig
-from tinyclip_fast.train.engine import (
-    carry_optimizer_state,
-    distill,
-    learning_rate,
-    make_optimizer,
-    train_step,
-    xformers_attention,
-)
+from tinyclip_fast.train.config import DataConfig, OptimConfig, StageConfig
 from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
-
-TEXT = {"context_length": 16, "vocab_size": 1000}
-TEACHER_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
-    "text_cfg": {**TEXT, "width": 64, "heads": 2, "layers": 3},
-}
-STUDENT_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 32},
-    "text_cfg": {**TEXT, "width": 32, "heads": 1, "layers": 2},
-}
-
-
-def make_teacher(seed: int = 1) -> open_clip.model.CLIP:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return open_clip.model.CLIP(**TEACHER_CFG).eval()
-
-
-def make_config(tmp_path, stages, **overrides) -> DistillConfig:
-    values = dict(
-        stages=stages,
-        data=DataConfig(kind="synthetic", size=48),
-        optim=OptimConfig(lr=1e-3, warmup_steps=2),
-        batch_size=16,
-        precision="fp32",
-        out_dir=str(tmp_path / "run"),
-        log_every=1,
-        save_every=0,
-        progress=False,
-    )
-    values.update(overrides)
-    return DistillConfig(**values)
-
-
-def run(config, teacher=None, **kwargs):
-    with force_backend("torch"):
-        return distill(config, teacher=teacher or make_teacher(), device="cpu", **kwargs)
-
-
-def losses(history):
-    return [h["loss"] for h in history if "loss" in h]
-
-
-def _comparable(key, tensor):
-    # The key bias gets an exactly zero gradient (softmax ignores a shift), so Adam turns the
-    # rounding noise there into +-lr steps that no two summation orders share: leave it out.
-    if key.endswith("attn.in_proj_bias"):
-        third = tensor.shape[0] // 3
-        return torch.cat([tensor[:third], tensor[2 * third :]])
-    return tensor
-
-
-def assert_same_weights(a, b, tol=None):
-    """Bitwise equal (tol None) or every tensor within relative error ``tol``."""
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        if tol is None:
-            assert torch.equal(sa[key], sb[key]), key
-        else:
-            err = rel_err(_comparable(key, sa[key]), _comparable(key, sb[key]))
-            assert err < tol, (key, err)
 
 
 def test_tiny_run_loss_falls_eval_runs_and_exports(tmp_path):
@@ -184,93 +114,6 @@ def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     teacher_params = sum(p.numel() for p in make_teacher().parameters())
     assert result.stage_params[1] < result.stage_params[0] < teacher_params
     assert all(torch.isfinite(torch.tensor(losses(result.history))))
-
-
-def _loss_fn(*args):
-    return AffinityMimickingLoss()(*args)
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _step(model, images, texts, teacher_feats, micro, fixed_scale=None):
-    model.zero_grad(set_to_none=True)
-    with force_backend("torch"):
-        loss = train_step(
-            model,
-            images,
-            texts,
-            teacher_feats,
-            _loss_fn,
-            micro_batch_size=micro,
-            autocast=lambda: torch.autocast("cpu", enabled=False),
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            fixed_scale=fixed_scale,
-        )
-    return loss, _grads(model)
-
-
-@pytest.mark.parametrize(
-    "variant", ["learnable_scale", "fixed_scale", "masked_eval", "masked_train"]
-)
-def test_grad_accumulation_equals_big_batch(variant):
-    teacher = make_teacher()
-    student = open_clip.model.CLIP(**STUDENT_CFG)
-    if variant.startswith("masked"):
-        # eval: deterministic masks, the same for any batch split. train: sampled masks, one
-        # sample per step (fix_mask_sample), shared by every micro-batch and both passes.
-        # log_alpha spread around 1 so the masks are soft and log_alpha gets gradients.
-        student = MaskedCLIP(copy.deepcopy(make_teacher(seed=2)).requires_grad_(True))
-        with torch.no_grad():
-            for log_alpha in student.mask_parameters():
-                log_alpha.copy_(torch.randn(log_alpha.shape) * 2 + 1)
-        student.train(variant == "masked_train")
-        student.fix_mask_sample(123)
-    data = SyntheticPairDataset(20, image_size=32, **TEXT).__getitem__
-    batch = [data(i) for i in range(20)]
-    images = torch.stack([b["image"] for b in batch])
-    texts = torch.stack([b["text"] for b in batch])
-    with torch.no_grad():
-        t_img, t_txt, t_scale = teacher(images, texts)
-    fixed = torch.tensor(50.0) if variant == "fixed_scale" else None
-    if fixed is not None:
-        student.logit_scale.requires_grad_(False)
-    loss_big, big = _step(student, images, texts, (t_img, t_txt, t_scale), 20, fixed)
-    loss_acc, acc = _step(student, images, texts, (t_img, t_txt, t_scale), 6, fixed)  # 6+6+6+2
-    assert rel_err(loss_acc, loss_big) < 1e-6
-    assert big.keys() == acc.keys() and len(big) > 10
-    if variant.startswith("masked"):
-        assert any(n.endswith("log_alpha") for n in big)
-    for name in big:
-        assert rel_err(acc[name], big[name]) < 1e-5, (name, rel_err(acc[name], big[name]))
-
-
-def test_grad_accumulation_replays_dropout():
-    # With patch dropout, GradCache must backprop through the SAME tokens it dropped in the
-    # no-grad pass. Oracle: the micro-batches run with grad in one graph, same RNG start.
-    cfg = copy.deepcopy(STUDENT_CFG)
-    cfg["vision_cfg"]["patch_dropout"] = 0.5
-    student = open_clip.model.CLIP(**cfg).train()
-    images, texts = torch.randn(12, 3, 32, 32), torch.randint(1, 999, (12, 16))
-    t_img = torch.nn.functional.normalize(torch.randn(12, 24), dim=-1)
-    t_txt = torch.nn.functional.normalize(torch.randn(12, 24), dim=-1)
-    feats = (t_img, t_txt, torch.tensor(30.0))
-
-    torch.manual_seed(5)
-    parts = [student(images[s : s + 4], texts[s : s + 4]) for s in range(0, 12, 4)]
-    with force_backend("torch"):
-        loss = _loss_fn(
-            torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2], *feats
-        )
-    student.zero_grad()
-    loss.backward()
-    expected = _grads(student)
-
-    torch.manual_seed(5)
-    _, got = _step(student, images, texts, feats, 4)
-    for name in expected:
-        assert rel_err(got[name], expected[name]) < 1e-5, name
 
 
 def test_accumulated_run_matches_big_batch_run(tmp_path):
@@ -385,86 +228,3 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     config = make_config(tmp_path, [StageConfig(steps=2, sparsity=0.01, prune_step=5)])
     with pytest.raises(ValueError, match="prune_step"):
         run(config)
-
-
-def test_xformers_route_matches_torch_sdpa(monkeypatch):
-    # A stand-in for xformers.ops with its [batch, tokens, heads, dim] layout, so the route's
-    # layout handling is checked on the CPU; the real kernel needs CUDA.
-    calls = []
-    torch_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
-        calls.append(q.shape)
-        out = torch_sdpa(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=attn_bias is not None, dropout_p=p, scale=scale,
-        )  # fmt: skip
-        return out.transpose(1, 2)
-
-    ops = types.ModuleType("xformers.ops")
-    ops.memory_efficient_attention = memory_efficient_attention
-    ops.LowerTriangularMask = object
-    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
-    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
-
-    model = open_clip.model.CLIP(**STUDENT_CFG).train()
-    images, texts = torch.randn(3, 3, 32, 32), torch.randint(1, 999, (3, 16))
-    expected = model(images, texts)
-    with xformers_attention():
-        got = model(images, texts)
-    assert torch.nn.functional.scaled_dot_product_attention is torch_sdpa  # restored
-    assert len(calls) == 2  # the vision tower's layers; the causal text tower stays on torch
-    for a, b in zip(got, expected, strict=True):
-        assert rel_err(a, b) < 1e-6
-
-
-def test_learning_rate_ramps_up_again_after_pruning(tmp_path):
-    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=3, prune_warmup_steps=4)
-    config = make_config(tmp_path, [StageConfig(steps=20, sparsity=0.5)], optim=optim)
-    plain = [learning_rate(s, 20, config) for s in range(20)]
-    pruned = [learning_rate(s, 20, config, pruned_at=8) for s in range(20)]
-    assert pruned[:8] == plain[:8]
-    ramp = [pruned[s] / plain[s] for s in range(8, 12)]
-    assert ramp == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert pruned[12:] == plain[12:]
-    assert plain[2] == pytest.approx(1.0) and plain[19] > 0.1  # warmup, then cosine to min_lr
-    early = [learning_rate(s, 20, config, pruned_at=1) for s in range(3)]  # inside warmup
-    assert early == pytest.approx([plain[0], plain[1] * 0.25, plain[2] * 0.5])
-
-
-def _adamw_step(model, optimizer, image, text, weights):
-    image_f, text_f, scale = model(image, text)[:3]
-    loss = (image_f * weights[0]).sum() + (text_f * weights[1]).sum() + 0.01 * scale
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def test_pruning_carries_adam_moments_so_training_continues(tmp_path):
-    # With 0/1 masks the pruned model computes the masked model's function, so one AdamW
-    # step on each after pruning must move the kept weights identically, which needs the
-    # moments (and step count) carried over; fresh moments would move them by about +-lr.
-    torch.manual_seed(0)
-    masked = MaskedCLIP(make_teacher()).eval()  # eval: the deterministic masks
-    binary_masks(masked)
-    config = make_config(tmp_path, [StageConfig(steps=4, sparsity=0.5)])
-    old = make_optimizer(masked, config)
-    image, text = torch.randn(4, 3, 32, 32), torch.randint(1, 999, (4, 16))
-    weights = (torch.randn(4, 32), torch.randn(4, 32))
-    with force_backend("torch"):
-        for _ in range(2):
-            _adamw_step(masked, old, image, text, weights)
-        pruned = masked.prune().eval()
-        new = make_optimizer(pruned, config)
-        carry_optimizer_state(masked, old, pruned, new)
-        before = {n: p.detach().clone() for n, p in pruned.named_parameters()}
-        _adamw_step(masked, old, image, text, weights)
-        _adamw_step(pruned, new, image, text, weights)
-    after_masked = masked.prune_like_weights(
-        {n: p.detach() for n, p in masked.model.named_parameters()}
-    )
-    for name, param in pruned.named_parameters():
-        assert int(new.state[param]["step"]) == 3, name
-        moved = _comparable(name, param.detach() - before[name])
-        expected = _comparable(name, after_masked[name] - before[name])
-        assert rel_err(moved, expected) < 1e-3, (name, rel_err(moved, expected))

@@ -8,7 +8,6 @@ unchanged. ResNet towers match blocks per stage the same way and keep the first 
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -26,47 +25,6 @@ SUPPORTED = (
     "built-in text transformer, default (non-custom) residual blocks or pruned students' "
     "CompactResidualBlock, no attentional pooler"
 )
-
-_TEXT = {"context_length": 77, "vocab_size": 49408}
-PRESETS: dict[str, dict[str, Any]] = {
-    "ViT-61M-32-Text-29M": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 640, "patch_size": 32},
-        "text_cfg": {**_TEXT, "width": 512, "heads": 8, "layers": 9},
-    },
-    "ViT-40M-32-Text-19M": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 512, "patch_size": 32},
-        "text_cfg": {**_TEXT, "width": 512, "heads": 8, "layers": 6},
-    },
-    "ViT-39M-16-Text-19M": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 512, "patch_size": 16},
-        "text_cfg": {**_TEXT, "width": 512, "heads": 8, "layers": 6},
-    },
-    "ViT-8M-16-Text-3M": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 10, "width": 256, "patch_size": 16},
-        "text_cfg": {**_TEXT, "width": 256, "heads": 4, "layers": 3},
-    },
-    "ResNet-30M-Text-29M": {
-        "embed_dim": 1024,
-        "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 56},
-        "text_cfg": {**_TEXT, "width": 512, "heads": 8, "layers": 9},
-    },
-    "ResNet-19M-Text-19M": {
-        "embed_dim": 1024,
-        "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 44},
-        "text_cfg": {**_TEXT, "width": 512, "heads": 8, "layers": 6},
-    },
-}
-
-
-def preset_config(name: str) -> dict[str, Any]:
-    """A deep copy of the open_clip config of a released TinyCLIP architecture."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
 
 
 def select_layers(teacher_depth: int, student_depth: int, layer_selection: str) -> list[int]:

@@ -10,13 +10,17 @@ lists and dicts, so loading never unpickles code.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tinyclip_fast.atomic_io import atomic_write
+from tinyclip_fast.inheritance.student_io import CompactResidualBlock, build_student, student_config
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 
 FORMAT = "tinyclip_fast.training_state/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -49,3 +53,24 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a tinyclip_fast training checkpoint (format {FORMAT})")
     return state
+
+
+def pack_student(model: nn.Module) -> dict[str, Any]:
+    """Architecture (student_io config, so pruned students rebuild) + weights (+ masks)."""
+    masked = isinstance(model, MaskedCLIP)
+    base = model.model if masked else model
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = student_config(base)
+    if any(isinstance(m, CompactResidualBlock) for m in base.modules()):
+        # A pruned student whose layers happen to be uniform would rebuild with open_clip's
+        # blocks (other attention kernels): bitwise resume needs the same module classes.
+        config["open_clip_compatible"] = False
+    return {"config": json.dumps(config), "masked": masked, "state": state}
+
+
+def unpack_student(packed: dict[str, Any]) -> nn.Module:
+    model = build_student(json.loads(packed["config"]))
+    if packed["masked"]:
+        model = MaskedCLIP(model)
+    model.load_state_dict(packed["state"])
+    return model

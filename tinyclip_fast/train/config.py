@@ -40,7 +40,7 @@ class StageConfig:
     """
 
     steps: int = 1000
-    preset: str | None = None  # name in inheritance.PRESETS
+    preset: str | None = None  # name in inheritance.presets.PRESETS
     student_config: dict[str, Any] | None = None  # open_clip model config (embed_dim, vision_cfg..)
     layer_selection: str = "every_k"  # manual inheritance: "every_k" (authors) or "even"
     sparsity: float | None = None  # auto: fraction of the ORIGINAL (teacher-sized) prunable

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from tinyclip_fast.atomic_io import atomic_write
-from tinyclip_fast.data.datasets import collate
+from tinyclip_fast.data.loader import collate
 
 FORMAT_VERSION = "1"
 

@@ -1,0 +1,44 @@
+"""The zero-shot evaluator a run's ``eval`` configuration asks for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tinyclip_fast.train.config import EvalConfig
+
+
+def build_evaluator(
+    config: EvalConfig, *, tokenizer: Callable, preprocess: Callable, device: torch.device
+) -> Callable[[nn.Module], float]:
+    """Zero-shot top-1 on a class-per-folder tree, a CSV of (filepath, label) or the demo set."""
+    from tinyclip_fast.data import zero_shot
+
+    if config.kind == "demo":
+        from tinyclip_fast.demo.data import load_demo_split
+
+        return load_demo_split(config.path or "auto", "test").evaluator(device, config.batch_size)
+    if config.path is None:
+        raise ValueError("eval.path is required for eval.kind 'folder' and 'csv'")
+    if tokenizer is None or preprocess is None:
+        raise ValueError("zero-shot evaluation needs the teacher's tokenizer and preprocess")
+    if config.kind == "folder":
+        images, names = zero_shot.load_image_folder(config.path, preprocess)
+    elif config.kind == "csv":
+        images, names = zero_shot.load_labelled_csv(config.path, preprocess), None
+    else:
+        raise ValueError(f"eval.kind must be folder, csv or demo, got {config.kind!r}")
+    if config.class_names is not None:
+        names = zero_shot.load_names(config.class_names)
+    if names is None:
+        raise ValueError("eval.kind 'csv' needs eval.class_names (a file, one name per line)")
+    templates = (
+        zero_shot.load_names(config.templates)
+        if config.templates is not None
+        else list(zero_shot.DEFAULT_TEMPLATES)
+    )
+    return zero_shot.ZeroShotEvaluator(
+        images, None, names, templates, tokenizer, device, config.batch_size
+    )

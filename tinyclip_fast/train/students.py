@@ -1,0 +1,53 @@
+"""The student each stage starts from: manual inheritance, masks (auto), scratch, or the
+previous stage's student."""
+
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import torch
+from torch import nn
+
+from tinyclip_fast.inheritance.manual import manual_inherit
+from tinyclip_fast.inheritance.presets import preset_config
+from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.train.config import StageConfig
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (mask log_alphas included for a MaskedCLIP)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_student(
+    stage: StageConfig, teacher: nn.Module, previous: nn.Module | None, seed: int
+) -> nn.Module:
+    """The student a stage starts from (a MaskedCLIP for automatic inheritance)."""
+    source = teacher if previous is None else previous
+    if stage.kind == "continue":
+        return previous
+    if stage.kind == "auto":
+        base = copy.deepcopy(source).requires_grad_(True)
+        return MaskedCLIP(base)
+    model_cfg = preset_config(stage.preset) if stage.preset else copy.deepcopy(stage.student_config)
+    if stage.kind == "scratch":
+        # Seeded apart from the run's RNG stream, so a scratch student is the same model
+        # whatever ran before it (the demo compares students built in different orders).
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return open_clip.model.CLIP(**model_cfg)
+    return manual_inherit(source, model_cfg, layer_selection=stage.layer_selection)
+
+
+def relative_sparsity(stage: StageConfig, masked: MaskedCLIP, teacher: nn.Module) -> float:
+    """The target for this model such that ``stage.sparsity`` of the ORIGINAL is removed."""
+    full_teacher = MaskedCLIP(teacher).full_prunable_params()
+    full_here = masked.full_prunable_params()
+    target = 1.0 - (1.0 - stage.sparsity) * full_teacher / full_here
+    if target <= 0.0:
+        raise ValueError(
+            f"sparsity {stage.sparsity} of the original is already reached by this stage's "
+            f"student ({full_here} of {full_teacher} prunable parameters left)"
+        )
+    return target

@@ -1,0 +1,53 @@
+"""The frozen teacher: an open_clip model built from a name or model-config file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+from torch import nn
+
+from tinyclip_fast.train.config import TeacherConfig
+
+
+def build_teacher(config: TeacherConfig) -> tuple[nn.Module, Callable, Callable, Callable]:
+    """(teacher, tokenizer, train preprocess, eval preprocess) from an open_clip name or "demo".
+
+    ``model`` may also be a path to an open_clip model-config JSON (registered under its stem).
+    ``pretrained`` is a local checkpoint file (works offline) or an open_clip pretrained tag.
+    """
+    if config.model == "demo":
+        from tinyclip_fast.demo.run import build_demo_teacher
+
+        return build_demo_teacher(config.pretrained)
+    name = config.model
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher model config {path} does not exist")
+        open_clip.add_model_config(path)
+        name = path.stem
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    pretrained = config.pretrained
+    if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {pretrained} does not exist")
+    if pretrained is None:
+        raise ValueError(
+            "teacher.pretrained is required: a local checkpoint file or an open_clip tag "
+            f"(open_clip.list_pretrained_tags_by_model({name!r}))"
+        )
+    try:
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, require_pretrained=True
+        )
+    except (RuntimeError, OSError) as err:
+        # open_clip raises RuntimeError for unknown tags, failed downloads, bad state dicts.
+        raise ValueError(f"cannot load teacher {name} from {pretrained!r}: {err}") from err
+    return model, open_clip.get_tokenizer(name), train_tf, eval_tf
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
