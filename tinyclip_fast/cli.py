@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     became NaN/inf, 130 SIGINT/SIGTERM stopped the run (after saving a checkpoint)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from tinyclip_fast.demo.plugins import register_demo
+
+    register_demo()
     try:
         config = config_from_args(args)
     except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as err:

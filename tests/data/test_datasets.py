@@ -198,11 +198,3 @@ def test_synthetic_is_a_function_of_seed_and_index():
         a[10]
     with pytest.raises(ValueError, match="context_length >= 2"):
         SyntheticPairDataset(4, context_length=1)
-
-
-def test_demo_kind_builds_digits():
-    data = build_dataset(
-        {"kind": "demo", "source": "digits", "split": "test"}, preprocess=None, tokenizer=None
-    )
-    assert data.images.shape[1:] == (3, 32, 32)
-    assert len(data) == data.labels.numel() > 100

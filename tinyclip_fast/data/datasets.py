@@ -20,7 +20,17 @@ from tinyclip_fast.data.loader import epoch_generator
 Preprocess = Callable[[Any], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
-DATASET_KINDS = ("csv", "webdataset", "synthetic", "demo")
+DATASET_KINDS = ("csv", "webdataset", "synthetic")
+DatasetBuilder = Callable[[dict[str, Any], "Preprocess | None", "Tokenizer | None"], Dataset]
+_DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(kind: str, builder: DatasetBuilder) -> None:
+    """Make ``data_cfg["kind"] = kind`` call ``builder(data_cfg, preprocess, tokenizer)`` (the
+    built-in demo registers ``"demo"`` this way, so this module never imports it)."""
+    _DATASETS[kind] = builder
+
+
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -268,20 +278,20 @@ class WebDatasetPairs(IterableDataset):
 def build_dataset(
     data_cfg: dict[str, Any], *, preprocess: Preprocess | None, tokenizer: Tokenizer | None
 ) -> Dataset:
-    """The dataset that ``data_cfg["kind"]`` names (csv, webdataset, synthetic, demo).
+    """The dataset that ``data_cfg["kind"]`` names (csv, webdataset, synthetic, or registered).
 
     Keys (``path`` and ``num_samples`` serve every kind, as in config.DataConfig):
     csv: ``path``, ``csv_img_key``, ``csv_caption_key``, ``csv_separator``;
     webdataset: ``path`` (or ``urls``), ``caption_key``, ``shuffle``, ``num_samples``;
     synthetic: ``num_samples`` (or ``size``), ``image_size``, ``context_length``,
-    ``vocab_size``, ``seed``;
-    demo: ``path`` (or ``source``: auto/digits/fashion-mnist), ``split`` (train/test),
-    ``image_size``, ``context_length``, ``seed``, ``num_samples``. The demo ships tensor
-    images and its own compact tokenizer: ``preprocess`` and ``tokenizer`` are ignored.
+    ``vocab_size``, ``seed``; registered kinds: whatever their builder reads.
     """
     kind = data_cfg.get("kind")
+    if kind in _DATASETS:
+        return _DATASETS[kind](data_cfg, preprocess, tokenizer)
     if kind not in DATASET_KINDS:
-        raise ValueError(f"data_cfg['kind'] must be one of {DATASET_KINDS}, got {kind!r}")
+        kinds = [*DATASET_KINDS, *sorted(_DATASETS)]
+        raise ValueError(f"data_cfg['kind'] must be one of {kinds}, got {kind!r}")
     if kind in ("csv", "webdataset") and (preprocess is None or tokenizer is None):
         raise ValueError(f"data kind {kind!r} needs a preprocess and a tokenizer")
     if kind == "csv":
@@ -302,24 +312,13 @@ def build_dataset(
             shuffle=data_cfg.get("shuffle", True),
             num_samples=data_cfg.get("num_samples"),
         )
-    if kind == "synthetic":
-        return SyntheticPairDataset(
-            int(_required(data_cfg, "size", "num_samples")),
-            image_size=int(data_cfg.get("image_size", 224)),
-            context_length=int(data_cfg.get("context_length", 77)),
-            vocab_size=int(data_cfg.get("vocab_size", 49408)),
-            seed=int(data_cfg.get("seed", 0)),
-        )
-    from tinyclip_fast.demo.data import load_demo_split
-
-    return load_demo_split(
-        data_cfg.get("source") or data_cfg.get("path") or "auto",
-        data_cfg.get("split", "train"),
-        image_size=int(data_cfg.get("image_size", 32)),
-        context_length=int(data_cfg.get("context_length", 12)),
+    return SyntheticPairDataset(
+        int(_required(data_cfg, "size", "num_samples")),
+        image_size=int(data_cfg.get("image_size", 224)),
+        context_length=int(data_cfg.get("context_length", 77)),
+        vocab_size=int(data_cfg.get("vocab_size", 49408)),
         seed=int(data_cfg.get("seed", 0)),
-        max_samples=data_cfg.get("num_samples"),
-    ).dataset
+    )
 
 
 def _required(data_cfg: dict[str, Any], key: str, alias: str) -> Any:

@@ -1,4 +1,8 @@
-"""The zero-shot evaluator a run's ``eval`` configuration asks for."""
+"""The zero-shot evaluator a run's ``eval`` configuration asks for.
+
+Built-in kinds: a class-per-folder tree and a CSV of (filepath, label); others plug in with
+:func:`register_evaluator` (the built-in demo registers ``"demo"``).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,24 @@ from torch import nn
 
 from tinyclip_fast.train.config import EvalConfig
 
+EvaluatorBuilder = Callable[[EvalConfig, torch.device], Callable[[nn.Module], float]]
+_EVALUATORS: dict[str, EvaluatorBuilder] = {}
+
+
+def register_evaluator(kind: str, builder: EvaluatorBuilder) -> None:
+    """Make ``eval.kind = kind`` use ``builder(eval_config, device) -> evaluator``."""
+    _EVALUATORS[kind] = builder
+
 
 def build_evaluator(
     config: EvalConfig, *, tokenizer: Callable, preprocess: Callable, device: torch.device
 ) -> Callable[[nn.Module], float]:
-    """Zero-shot top-1 on a class-per-folder tree, a CSV of (filepath, label) or the demo set."""
+    """Zero-shot top-1 on a class-per-folder tree, a CSV of (filepath, label) or a registered
+    kind."""
     from tinyclip_fast.data import zero_shot
 
-    if config.kind == "demo":
-        from tinyclip_fast.demo.data import load_demo_split
-
-        return load_demo_split(config.path or "auto", "test").evaluator(device, config.batch_size)
+    if config.kind in _EVALUATORS:
+        return _EVALUATORS[config.kind](config, device)
     if config.path is None:
         raise ValueError("eval.path is required for eval.kind 'folder' and 'csv'")
     if tokenizer is None or preprocess is None:
@@ -29,7 +40,8 @@ def build_evaluator(
     elif config.kind == "csv":
         images, names = zero_shot.load_labelled_csv(config.path, preprocess), None
     else:
-        raise ValueError(f"eval.kind must be folder, csv or demo, got {config.kind!r}")
+        kinds = ["folder", "csv", *sorted(_EVALUATORS)]
+        raise ValueError(f"eval.kind must be one of {kinds}, got {config.kind!r}")
     if config.class_names is not None:
         names = zero_shot.load_names(config.class_names)
     if names is None:

@@ -1,4 +1,8 @@
-"""The frozen teacher: an open_clip model built from a name or model-config file."""
+"""The frozen teacher: an open_clip model built from a name or model-config file.
+
+Other teachers plug in by name with :func:`register_teacher` (the built-in demo registers
+``"demo"`` this way), so this module never imports the code that provides them.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,25 @@ from torch import nn
 
 from tinyclip_fast.train.config import TeacherConfig
 
+TeacherBuilder = Callable[[str | None], tuple[nn.Module, Callable, Callable, Callable]]
+_TEACHERS: dict[str, TeacherBuilder] = {}
+
+
+def register_teacher(name: str, builder: TeacherBuilder) -> None:
+    """Make ``teacher.model = name`` call ``builder(teacher.pretrained)``, which returns
+    (teacher, tokenizer, train preprocess, eval preprocess)."""
+    _TEACHERS[name] = builder
+
 
 def build_teacher(config: TeacherConfig) -> tuple[nn.Module, Callable, Callable, Callable]:
-    """(teacher, tokenizer, train preprocess, eval preprocess) from an open_clip name or "demo".
+    """(teacher, tokenizer, train preprocess, eval preprocess) from an open_clip name.
 
-    ``model`` may also be a path to an open_clip model-config JSON (registered under its stem).
-    ``pretrained`` is a local checkpoint file (works offline) or an open_clip pretrained tag.
+    ``model`` may also be a path to an open_clip model-config JSON (registered under its stem)
+    or a name given to :func:`register_teacher`. ``pretrained`` is a local checkpoint file
+    (works offline) or an open_clip pretrained tag.
     """
-    if config.model == "demo":
-        from tinyclip_fast.demo.run import build_demo_teacher
-
-        return build_demo_teacher(config.pretrained)
+    if config.model in _TEACHERS:
+        return _TEACHERS[config.model](config.pretrained)
     name = config.model
     if name.endswith(".json"):
         path = Path(name)
