@@ -1,0 +1,337 @@
+"""Static sm_90 report of the Triton kernels: registers, spills, shared memory, wgmma.
+
+Every kernel, every autotune configuration the CUDA launchers may pick, and every feature
+dtype (bf16, fp16, fp32) is compiled ahead of time for sm_90a by the installed Triton (no GPU
+needed); the bundled ptxas then reports registers and spills of the PTX, and the PTX shows
+whether the main loop uses Hopper's wgmma. A spill in a bf16/fp16 main loop is a performance
+bug: ``--check`` exits 1 when one spills (fp32 variants are reported, not checked).
+
+    python bench/sm90_report.py                 # all kernels -> bench/results/sm90_<triton>.md
+    python bench/sm90_report.py --check --dtypes bf16,fp16   # what the test suite runs
+    python bench/sm90_report.py --families masked_matmul --jobs 2
+
+Each kernel family describes its variants in one function below (``FAMILIES``): the kernel,
+the pointer dtypes of its signature, the constexprs of the launch, and the configurations.
+Integer arguments are specialised as a real launch at the ViT-B shapes would be (Triton turns
+an int equal to 1 into a constant and marks ints divisible by 16): ``unit`` names the
+arguments that are 1 (unit strides), ``odd`` the ones not divisible by 16; every other int
+and every pointer counts as divisible by 16. Without these hints the report would describe
+code that no launch runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+# The kernels must be defined for compilation, not for the interpreter.
+os.environ.pop("TRITON_INTERPRET", None)
+
+DTYPES = ("bf16", "fp16", "fp32")
+CHECKED_DTYPES = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compile: kernel ``module.kernel`` with these constexprs and launch options."""
+
+    family: str
+    module: str
+    kernel: str
+    dtype: str
+    label: str
+    pointers: tuple[tuple[str, str], ...]  # (argument, Triton pointer type) for pointer args
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+    num_stages: int
+    unit: tuple[str, ...] = ()  # int arguments equal to 1 at launch
+    odd: tuple[str, ...] = ()  # int arguments not divisible by 16 at launch
+
+
+@dataclass
+class Report:
+    variant: Variant
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    shared_bytes: int = -1
+    wgmma: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def _config_values(config) -> tuple[dict, int, int]:
+    return dict(config.kwargs), config.num_warps, config.num_stages
+
+
+# ---------------------------------------------------------------------------- kernel families
+
+
+def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
+    """Both affinity kernels with teacher and column terms on (their heaviest form)."""
+    import tinyclip_fast.kernels.affinity_loss as kernels
+
+    module = "tinyclip_fast.kernels.affinity_loss"
+    scalars = {
+        "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
+        "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
+        "col_lse_ptr": "*fp32", "coeff_ptr": "*fp32", "dscale_ptr": "*fp32",
+    }  # fmt: skip
+    for kernel, shapes in (
+        ("_affinity_stats_kernel", kernels._STATS_SHAPES),
+        ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
+    ):
+        fn = getattr(kernels, kernel)
+        for dtype in dtypes:
+            pointers = {
+                name: scalars.get(name, f"*{dtype}")
+                for name in fn.arg_names
+                if name.endswith("_ptr")
+            }
+            for bm, bn, bd, warps, stages in shapes:
+                consts = dict(
+                    TEACHER=True, COLUMNS=True, UPCAST=False, FP32_DOT=dtype == "fp32",
+                    DOT_PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                )  # fmt: skip
+                yield Variant(
+                    "affinity_loss", module, kernel, dtype, f"{bm}x{bn}x{bd} w{warps} s{stages}",
+                    tuple(pointers.items()), tuple(consts.items()), warps, stages,
+                    unit=("stride_xd", "stride_yd", "stride_xtd", "stride_ytd"),
+                )  # fmt: skip
+
+
+def masked_matmul_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
+    """Forward/input-gradient and weight-gradient kernels, gathered and dense, all masks on."""
+    import tinyclip_fast.kernels.masked_matmul as kernels
+
+    module = "tinyclip_fast.kernels.masked_matmul"
+    for dtype in dtypes:
+        # fp32 follows torch's default (TF32 off for matmuls): exact fp32 dots.
+        dot = dict(DOT_FP32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        matmul = {
+            "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+            "c_ptr": f"*{dtype}", "k_kept_ptr": "*i64", "n_kept_ptr": "*i64",
+            "n_pruned_ptr": "*i64", "k_scale_ptr": "*fp32", "n_scale_ptr": "*fp32",
+        }  # fmt: skip
+        wgrad = {
+            "dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
+            "dw_ptr": "*fp32", "d_in_ptr": "*fp32", "d_out_ptr": "*fp32", "db_ptr": "*fp32",
+            "in_kept_ptr": "*i64", "out_kept_ptr": "*i64", "in_scale_ptr": "*fp32",
+            "out_scale_ptr": "*fp32",
+        }  # fmt: skip
+        for dense in (False, True):
+            where = "dense" if dense else "gathered"
+            for config in kernels._MATMUL_CONFIGS:
+                blocks, warps, stages = _config_values(config)
+                consts = dict(
+                    HAS_BIAS=True, HAS_K_SCALE=True, HAS_N_SCALE=True, DENSE_K=dense,
+                    DENSE_N=dense, **dot, **blocks,
+                )  # fmt: skip
+                label = "x".join(str(v) for v in blocks.values())
+                for role, weight_unit in (("fwd", "stride_bk"), ("dgrad", "stride_bn")):
+                    yield Variant(
+                        "masked_matmul", module, "_gathered_matmul_kernel", dtype,
+                        f"{role} {where} {label} w{warps} s{stages}", tuple(matmul.items()),
+                        tuple(consts.items()), warps, stages,
+                        unit=("stride_ak", "stride_cn", weight_unit),
+                    )  # fmt: skip
+            for config in kernels._WGRAD_CONFIGS:
+                blocks, warps, stages = _config_values(config)
+                consts = dict(
+                    HAS_IN_SCALE=True, HAS_OUT_SCALE=True, DENSE_IN=dense, DENSE_OUT=dense,
+                    NEED_DW=True, NEED_DB=True, NEED_D_IN=True, NEED_D_OUT=True, **dot, **blocks,
+                )  # fmt: skip
+                label = "x".join(str(v) for v in blocks.values())
+                yield Variant(
+                    "masked_matmul", module, "_masked_weight_grad_kernel", dtype,
+                    f"{where} {label} w{warps} s{stages}", tuple(wgrad.items()),
+                    tuple(consts.items()), warps, stages,
+                    unit=("stride_dyn", "stride_xk", "stride_wk"),
+                )  # fmt: skip
+
+
+FAMILIES: dict[str, Callable[[tuple[str, ...]], Iterator[Variant]]] = {
+    "affinity_loss": affinity_loss_variants,
+    "masked_matmul": masked_matmul_variants,
+}
+
+
+# ---------------------------------------------------------------------------- compile + ptxas
+
+
+def _ptxas() -> str:
+    from triton.backends.nvidia import compiler
+
+    try:
+        tool = compiler.get_ptxas(90)
+    except TypeError:  # older Triton: no arch argument
+        tool = compiler.get_ptxas()
+    path = getattr(tool, "path", tool[0] if isinstance(tool, tuple) else tool)
+    return str(path)
+
+
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _kernel_fn(variant: Variant):
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module(variant.module), variant.kernel)
+    while not isinstance(kernel, JITFunction):  # unwrap @triton.autotune / heuristics
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_variant(variant: Variant) -> Report:
+    """Compile one variant for sm_90a and read ptxas' resource usage of its PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    report = Report(variant)
+    start = time.perf_counter()
+    try:
+        fn = _kernel_fn(variant)
+        consts = {**dict(variant.constexprs), **{name: 1 for name in variant.unit}}
+        pointers = dict(variant.pointers)
+        signature = {
+            name: "constexpr" if name in consts else pointers.get(name, "i32")
+            for name in fn.arg_names
+        }
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, name in enumerate(fn.arg_names)
+            if signature[name] != "constexpr" and name not in variant.odd
+        }
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+        )
+        ptx = compiled.asm["ptx"]
+        report.wgmma = "wgmma.mma_async" in ptx
+        report.shared_bytes = int(compiled.metadata.shared)
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "kernel.ptx"
+            source.write_text(ptx)
+            done = subprocess.run(
+                [_ptxas(), "-v", "--gpu-name", "sm_90a", str(source), "-o", os.devnull],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+        log = done.stdout + done.stderr
+        registers = _REGISTERS.search(log)
+        spills = _SPILLS.search(log)
+        report.registers = int(registers.group(1)) if registers else -1
+        if spills:
+            report.spill_stores, report.spill_loads = int(spills.group(1)), int(spills.group(2))
+    except Exception as err:  # a variant that fails to compile is reported, not fatal
+        report.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def collect(families: list[str], dtypes: tuple[str, ...]) -> list[Variant]:
+    return [v for family in families for v in FAMILIES[family](dtypes)]
+
+
+def table(reports: list[Report], versions: str) -> str:
+    lines = [
+        "# sm_90 static report of the Triton kernels",
+        "",
+        f"{versions}. Compiled ahead of time for sm_90a (no GPU), registers and spills from "
+        "the bundled ptxas -v, shared memory from Triton's metadata, wgmma = the PTX uses "
+        "wgmma.mma_async. Every autotune configuration a CUDA launch may pick; bf16/fp16 "
+        "variants must not spill (tests/kernels/test_sm90_report.py).",
+        "",
+        "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
+        "| wgmma | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        v = r.variant
+        if r.error:
+            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | |")
+            continue
+        spill = f"{r.spill_stores} / {r.spill_loads}" + (" **SPILL**" if r.spills else "")
+        lines.append(
+            f"| {v.kernel} | {v.dtype} | {v.label} | {r.registers} | {spill} | "
+            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> str:
+    import torch
+    import triton
+
+    python = sys.version.split()[0]
+    return f"triton {triton.__version__}, torch {torch.__version__}, Python {python}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--out", type=Path, default=None, help="write sm90_<triton>.md here")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if a bf16/fp16 variant spills or fails"
+    )
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {sorted(FAMILIES)}")
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    if set(dtypes) - set(DTYPES):
+        parser.error(f"dtypes must be among {DTYPES}")
+    variants = collect(families, dtypes)
+    print(f"compiling {len(variants)} variants for sm_90a with {args.jobs} jobs")
+    reports = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for report in pool.map(compile_variant, variants):
+            v = report.variant
+            status = report.error or (
+                f"{report.registers} regs, spills {report.spill_stores}/{report.spill_loads}, "
+                f"wgmma {'yes' if report.wgmma else 'no'}"
+            )
+            print(f"  {v.kernel} {v.dtype} {v.label}: {status} ({report.seconds:.1f} s)")
+            reports.append(report)
+    text = table(reports, versions())
+    if args.out is not None:
+        import triton
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"sm90_triton_{triton.__version__}.md"
+        path.write_text(text)
+        print(f"wrote {path}")
+    bad = [r for r in reports if r.variant.dtype in CHECKED_DTYPES and (r.spills or r.error)]
+    if bad:
+        print(f"{len(bad)} bf16/fp16 variants spill or fail to compile:")
+        for r in bad:
+            print(
+                f"  {r.variant.kernel} {r.variant.dtype} {r.variant.label}: "
+                f"{r.error or f'{r.spill_stores} B spill stores, {r.spill_loads} B loads'}"
+            )
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
