@@ -103,23 +103,26 @@ def _gather(v: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor 
 
 class _FoldWeight(torch.autograd.Function):
     """weight[rows][:, cols] * row_scale[:, None] * col_scale[None, :], with a backward that
-    scatters through flat indices (index_copy along a column dimension is slow on the CPU) and
-    reduces the scales' gradients with two matrix-vector products."""
+    scatters the weight's gradient by rows or through flat indices (index_copy along a column
+    dimension is slow on the CPU) and reduces the scales' gradients by matrix-vector products."""
 
     @staticmethod
     def forward(ctx, weight, rows, cols, row_scale, col_scale):
         kept = weight if rows is None else weight.index_select(0, rows)
         kept = kept if cols is None else kept.index_select(1, cols)
+        rs = None if row_scale is None else row_scale.to(weight.dtype)
+        cs = None if col_scale is None else col_scale.to(weight.dtype)
         scale = None
-        if row_scale is not None and col_scale is not None:
-            scale = torch.outer(row_scale.to(weight.dtype), col_scale.to(weight.dtype))
-        elif row_scale is not None:
-            scale = row_scale.to(weight.dtype)[:, None]
-        elif col_scale is not None:
-            scale = col_scale.to(weight.dtype)[None, :]
-        ctx.save_for_backward(kept, rows, cols, row_scale, col_scale, scale)
+        if rs is not None and cs is not None:
+            scale = torch.outer(rs, cs)  # one pass over the weight, not two
+        elif rs is not None or cs is not None:
+            scale = rs[:, None] if rs is not None else cs[None, :]
+        # The gathered weight is needed for the scales' gradients only.
+        ctx.save_for_backward(
+            kept if scale is not None else None, rows, cols, row_scale, col_scale, scale
+        )
         ctx.full_shape = weight.shape
-        return kept * scale if scale is not None else kept.clone()
+        return kept if scale is None else kept * scale
 
     @staticmethod
     def backward(ctx, grad):
@@ -127,27 +130,28 @@ class _FoldWeight(torch.autograd.Function):
         d_weight = d_rows = d_cols = None
         if ctx.needs_input_grad[0]:
             d_kept = grad if scale is None else grad * scale
-            if rows is None and cols is None:
-                d_weight = d_kept
-            else:
-                n, k = ctx.full_shape
-                r = torch.arange(n, device=grad.device) if rows is None else rows
-                c = torch.arange(k, device=grad.device) if cols is None else cols
-                flat = (r[:, None] * k + c[None, :]).flatten()
-                d_weight = grad.new_zeros(n * k).index_copy_(0, flat, d_kept.flatten())
-                d_weight = d_weight.view(n, k)
-        need_rows, need_cols = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if need_rows or need_cols:
+            d_weight = _scatter(d_kept, rows, cols, ctx.full_shape)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             product = (grad * kept).to(torch.promote_types(grad.dtype, torch.float32))
-            if need_rows:
-                d_rows = product @ col_scale.to(product.dtype) if col_scale is not None else None
-                d_rows = product.sum(1) if d_rows is None else d_rows
+            if ctx.needs_input_grad[3]:
+                d_rows = product.sum(1) if col_scale is None else product @ col_scale.to(product)
                 d_rows = d_rows.to(row_scale.dtype)
-            if need_cols:
-                d_cols = row_scale.to(product.dtype) @ product if row_scale is not None else None
-                d_cols = product.sum(0) if d_cols is None else d_cols
+            if ctx.needs_input_grad[4]:
+                d_cols = product.sum(0) if row_scale is None else row_scale.to(product) @ product
                 d_cols = d_cols.to(col_scale.dtype)
         return d_weight, None, None, d_rows, d_cols
+
+
+def _scatter(values, rows, cols, shape) -> torch.Tensor:
+    """A zero tensor of ``shape`` holding ``values`` at rows x cols (None: all)."""
+    if rows is None and cols is None:
+        return values
+    if cols is None:
+        return values.new_zeros(shape).index_copy_(0, rows, values)
+    n, k = shape
+    rows = torch.arange(n, device=values.device) if rows is None else rows
+    flat = (rows[:, None] * k + cols[None, :]).flatten()
+    return values.new_zeros(n * k).index_copy_(0, flat, values.flatten()).view(n, k)
 
 
 def fold_weight(
