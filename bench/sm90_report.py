@@ -165,8 +165,8 @@ def masked_matmul_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
                 blocks, warps, stages = _config_values(config)
                 consts = dict(
                     HAS_OUT_SCALE=True, HAS_IN_SCALE=True, GATHER_OUT=gather_c,
-                    GATHER_IN=gather_r, NEED_DW=True, NEED_DB=True, NEED_D_IN=True,
-                    NEED_D_OUT=True, **dot, **blocks,
+                    GATHER_IN=gather_r, NEED_DW=True, NEED_D_IN=True, NEED_D_OUT=True,
+                    **dot, **blocks,
                 )  # fmt: skip
                 label = "x".join(str(v) for v in blocks.values())
                 yield Variant(

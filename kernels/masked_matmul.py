@@ -16,7 +16,7 @@ pruned columns zeroed by extra programs of the same launch. The weight gradient
     G[n, k] = sum_t dy[t, n] x[t, k],   dW[ch_n(n), ch_k(k)] += G * out_scale[n] * in_scale[k]
 
 reduces the mask gradients from G in its epilogue: d in_scale[k] = sum_n G W out_scale,
-d out_scale[n] = sum_k G W in_scale, and db[n] = sum_t dy.
+d out_scale[n] = sum_k G W in_scale; an extra column of programs sums db[n] = sum_t dy.
 
 Conventions: index vectors int32, scales float32 [kept count], both at the kept positions;
 fp16/bf16/fp32 operands, fp32 accumulation. In-tile offsets are int32 on a 64-bit base
@@ -251,85 +251,89 @@ def _masked_weight_grad_kernel(
     m_class, n_class, k_class,
     HAS_OUT_SCALE: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     GATHER_OUT: tl.constexpr, GATHER_IN: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    NEED_D_IN: tl.constexpr, NEED_D_OUT: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_D_IN: tl.constexpr, NEED_D_OUT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """G = dy^T x over one token split (dy [M, N], x [M, K] dense), then atomically into fp32
     buffers: dw[ch_n, ch_k] += G * out_scale * in_scale (dw full-size, pruned entries never
     touched), d_in[k] += sum_n G W out_scale, d_out[n] += sum_k G W in_scale (bias term
-    aside), db[n] += sum_t dy (the pid_k == 0 programs). Program (pid_k, pid_n, split)."""
+    aside); the programs past K's blocks: db[n] += sum_t dy. Program (pid_k, pid_n, split)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
     t_start = pid_s * tokens_per_split
     t_count = tl.minimum(M - t_start, tokens_per_split)
     offs_t = tl.arange(0, BLOCK_T)
     row0 = t_start.to(tl.int64)
     dy_ptrs = dy_ptr + row0 * stride_dym + (offs_t[:, None] * stride_dym + offs_n[None, :])
-    x_ptrs = x_ptr + row0 * stride_xm + (offs_t[:, None] * stride_xm + offs_k[None, :])
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t0 in range(0, t_count, BLOCK_T):
-        mask_t = offs_t < t_count - t0
-        dy = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        if NEED_DB:
-            if pid_k == 0:
-                db_acc += tl.sum(dy.to(tl.float32), axis=0)
-        if DOT_FP32:
-            acc = tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
-        dy_ptrs += BLOCK_T * stride_dym
-        x_ptrs += BLOCK_T * stride_xm
+    if pid_k < tl.cdiv(K, BLOCK_K):
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_ptrs = x_ptr + row0 * stride_xm + (offs_t[:, None] * stride_xm + offs_k[None, :])
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t0 in range(0, t_count, BLOCK_T):
+            mask_t = offs_t < t_count - t0
+            dy = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            if DOT_FP32:
+                dy, x = dy.to(tl.float32), x.to(tl.float32)
+                acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+            dy_ptrs += BLOCK_T * stride_dym
+            x_ptrs += BLOCK_T * stride_xm
 
-    if GATHER_OUT:
-        ch_n = tl.load(out_idx_ptr + offs_n, mask=mask_n, other=0)
+        if GATHER_OUT:
+            ch_n = tl.load(out_idx_ptr + offs_n, mask=mask_n, other=0)
+        else:
+            ch_n = offs_n
+        if GATHER_IN:
+            ch_k = tl.load(in_idx_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            ch_k = offs_k
+        mask_nk = mask_n[:, None] & mask_k[None, :]
+        if HAS_OUT_SCALE:
+            out_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        else:
+            out_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+        if HAS_IN_SCALE:
+            in_scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        else:
+            in_scale = tl.full((BLOCK_K,), 1.0, tl.float32)
+        # The mask gradients first: the weight tile is dead before the scatter of dw begins.
+        if NEED_D_IN or NEED_D_OUT:
+            w = tl.load(
+                w_ptr + (ch_n[:, None] * stride_wn + ch_k[None, :] * stride_wk),
+                mask=mask_nk,
+                other=0.0,
+            )
+            gw = acc * w.to(tl.float32)
+            if NEED_D_IN:
+                d_in = tl.sum(gw * out_scale[:, None], axis=0)
+                tl.atomic_add(d_in_ptr + offs_k, d_in, mask=mask_k, sem="relaxed")
+            if NEED_D_OUT:
+                d_out = tl.sum(gw * in_scale[None, :], axis=1)
+                tl.atomic_add(d_out_ptr + offs_n, d_out, mask=mask_n, sem="relaxed")
+        if NEED_DW:
+            tl.atomic_add(
+                dw_ptr + (ch_n[:, None] * stride_dwn + ch_k[None, :]),
+                acc * out_scale[:, None] * in_scale[None, :],
+                mask=mask_nk,
+                sem="relaxed",
+            )
     else:
-        ch_n = offs_n
-    if GATHER_IN:
-        ch_k = tl.load(in_idx_ptr + offs_k, mask=mask_k, other=0)
-    else:
-        ch_k = offs_k
-    mask_nk = mask_n[:, None] & mask_k[None, :]
-    if HAS_OUT_SCALE:
-        out_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        out_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-    if HAS_IN_SCALE:
-        in_scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
-    else:
-        in_scale = tl.full((BLOCK_K,), 1.0, tl.float32)
-    # The mask gradients first: the weight tile is dead before the scatter of dw begins.
-    if NEED_D_IN or NEED_D_OUT:
-        w = tl.load(
-            w_ptr + (ch_n[:, None] * stride_wn + ch_k[None, :] * stride_wk),
-            mask=mask_nk,
-            other=0.0,
-        )
-        gw = acc * w.to(tl.float32)
-        if NEED_D_IN:
-            d_in = tl.sum(gw * out_scale[:, None], axis=0)
-            tl.atomic_add(d_in_ptr + offs_k, d_in, mask=mask_k, sem="relaxed")
-        if NEED_D_OUT:
-            d_out = tl.sum(gw * in_scale[None, :], axis=1)
-            tl.atomic_add(d_out_ptr + offs_n, d_out, mask=mask_n, sem="relaxed")
-    if NEED_DW:
-        tl.atomic_add(
-            dw_ptr + (ch_n[:, None] * stride_dwn + ch_k[None, :]),
-            acc * out_scale[:, None] * in_scale[None, :],
-            mask=mask_nk,
-            sem="relaxed",
-        )
-    if NEED_DB:
-        if pid_k == 0:
-            tl.atomic_add(db_ptr + offs_n, db_acc, mask=mask_n, sem="relaxed")
+        # One extra column of programs sums dy for db: the matmul programs keep dy in shared
+        # memory only (summing it there too would cost registers in their main loop).
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for t0 in range(0, t_count, BLOCK_T):
+            mask_t = offs_t < t_count - t0
+            dy = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+            db += tl.sum(dy.to(tl.float32), axis=0)
+            dy_ptrs += BLOCK_T * stride_dym
+        tl.atomic_add(db_ptr + offs_n, db, mask=mask_n, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -496,13 +500,12 @@ def masked_matmul_weight_grad(
         tokens_per_split = triton.cdiv(m, splits)
         device = x.device
 
+        # The matmul programs cover K; with need_db one more column of programs sums dy.
+        k_matmul = k if need_dw or need_d_in or need_d_out else 0
+
         def grid(meta):
-            # At least one pid_k column, so the pid_k == 0 programs reduce db even if K = 0.
-            return (
-                max(1, triton.cdiv(k, meta["BLOCK_K"])),
-                triton.cdiv(n, meta["BLOCK_N"]),
-                splits,
-            )
+            k_blocks = triton.cdiv(k_matmul, meta["BLOCK_K"])
+            return (k_blocks + int(need_db), triton.cdiv(n, meta["BLOCK_N"]), splits)
 
         def buffer(t):
             return t if t is not None else _scale(None, device)
@@ -511,12 +514,12 @@ def masked_matmul_weight_grad(
             dy, x, weight, buffer(dw32), buffer(d_in), buffer(d_out), buffer(db),
             _index(out_idx, device), _scale(out_scale, device),
             _index(in_idx, device), _scale(in_scale, device),
-            m, n, k, tokens_per_split,
+            m, n, k_matmul, tokens_per_split,
             dy.stride(0), x.stride(0), weight.stride(0), weight.stride(1), k_in,
             _size_class(m), _size_class(n), _size_class(k),
             HAS_OUT_SCALE=out_scale is not None, HAS_IN_SCALE=in_scale is not None,
             GATHER_OUT=out_idx is not None, GATHER_IN=in_idx is not None,
-            NEED_DW=need_dw, NEED_DB=need_db, NEED_D_IN=need_d_in, NEED_D_OUT=need_d_out,
+            NEED_DW=need_dw, NEED_D_IN=need_d_in, NEED_D_OUT=need_d_out,
             **_dot_settings(x.dtype),
         )  # fmt: skip
     dw = dw32 if dw32 is None or weight.dtype == torch.float32 else dw32.to(weight.dtype)

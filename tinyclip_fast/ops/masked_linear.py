@@ -219,7 +219,7 @@ def _torch_forward(x2d, weight, bias, sel_in: ChannelSelection, sel_out: Channel
 def _torch_backward(
     dy2d, x2d, weight, sel_in, sel_out, need_dx, need_dw, need_db, need_d_in, need_d_out
 ):
-    """Same results as ``masked_matmul_backward``: (dx, dw, db_raw, d_in, d_out), each or None."""
+    """(dx, dw, db_raw, d_in, d_out), each or None: dx and dw full-size, the rest per channel."""
     n_out, k_in = weight.shape
     in_s, out_s = _kept_scale(sel_in), _kept_scale(sel_out)
     w_k = _compact_weight(weight, sel_in, sel_out)
