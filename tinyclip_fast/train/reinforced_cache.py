@@ -101,7 +101,8 @@ def build_reinforced_cache(
 
     ``num_augmentations`` K per image, stored in ``dtype`` (fp16, bf16 or fp32); the
     teachers run under ``precision`` autocast on ``device`` in batches of ``batch_size``
-    images (and captions). A tqdm bar shows images/s. Returns what was built and skipped.
+    images (and captions). A tqdm bar (rank 0) shows images/s. Returns what was built and
+    skipped on this rank.
     """
     if not teachers:
         raise ValueError("need at least one teacher")
@@ -149,7 +150,7 @@ def build_reinforced_cache(
         unit="img",
         desc=f"reinforced cache, rank {rank}/{world_size}",
         dynamic_ncols=True,
-        disable=not progress,
+        disable=not progress or rank != 0,  # one bar per job: rank 0's shards
     )
     modes = [t.model.training for t in teachers]
     for teacher in teachers:
