@@ -308,6 +308,17 @@ def refuse_mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any])
         )
 
 
+def check_shard_unchanged(shard: Any, path: Path, header: dict[str, Any]) -> None:
+    """Refuse a cache whose shard changed (rewritten, truncated, replaced) since the build."""
+    now = shard.fingerprint()
+    if header.get("source_fingerprint") != now:
+        raise ValueError(
+            f"shard {shard} changed since its cache {path} was built (fingerprint "
+            f"{header.get('source_fingerprint')!r} then, {now!r} now): it was rewritten, "
+            "truncated or replaced; restore it or rebuild the cache (delete the file)"
+        )
+
+
 # ---- choosing and yielding samples ------------------------------------------------------
 
 
@@ -398,8 +409,9 @@ class ReinforcedStream(IterableDataset):
             "index": position,
             "aug_index": aug,
             "caption_index": caption,
-            TEACHER_IMAGE: item.image_emb[aug],
-            TEACHER_TEXT: item.text_emb[caption],
+            # Copies: a row view would ship the whole shard's tensor to a loader worker's peer.
+            TEACHER_IMAGE: item.image_emb[aug].clone(),
+            TEACHER_TEXT: item.text_emb[caption].clone(),
         }
 
     def __len__(self) -> int:
@@ -454,7 +466,7 @@ class ReinforcedDataset(ReinforcedStream):
     def _items(self, shard: Any) -> Iterator[ReinforcedItem]:
         path = self.source.cache_path(shard)
         cache = load_shard_cache(path)
-        refuse_mismatch(path, cache.header, {"source_fingerprint": shard.fingerprint()})
+        check_shard_unchanged(shard, path, cache.header)
         count = 0
         for position, record in enumerate(shard.records()):
             if position >= len(cache) or record.key != cache.keys[position]:

@@ -32,6 +32,7 @@ from tinyclip_fast.data.augment import AugmentRecipe
 from tinyclip_fast.data.reinforced import (
     CACHE_DTYPES,
     TeacherInfo,
+    check_shard_unchanged,
     expected_header,
     read_header,
     refuse_mismatch,
@@ -138,9 +139,9 @@ def build_reinforced_cache(
     for shard in mine:
         path = source.cache_path(shard)
         if path.exists():
-            refuse_mismatch(
-                path, read_header(path), {**spec, "source_fingerprint": shard.fingerprint()}
-            )
+            header = read_header(path)
+            refuse_mismatch(path, header, spec)
+            check_shard_unchanged(shard, path, header)
             report.skipped.append(path)
         else:
             todo.append(shard)
