@@ -131,9 +131,14 @@ def run(images: int, batch: int, workers: int, vit: bool) -> str:
         urls = write_shards(Path(tmp), images, shards=4)
         source = webdataset_source(urls)
         report = build_reinforced_cache(
-            source, [CacheTeacher(teacher, tokenizer)], recipe, num_augmentations=5,
-            dtype="fp16", batch_size=128, progress=False,
-        )  # fmt: skip
+            source,
+            [CacheTeacher(teacher, tokenizer)],
+            recipe,
+            num_augmentations=5,
+            dtype="fp16",
+            batch_size=128,
+            progress=False,
+        )
         files = [source.cache_path(s) for s in source.shards]
         file_bytes = sum(p.stat().st_size for p in files) / report.images
         caches = [load_shard_cache(p) for p in files]
@@ -144,13 +149,22 @@ def run(images: int, batch: int, workers: int, vit: bool) -> str:
         formula = cache_bytes_per_sample(5, (32,), 3, "fp16", json_bytes)
         steps = max(1, images // batch - 1)
         cached = samples_per_second(
-            make_loader(ReinforcedDataset(source, tokenizer=tokenizer), batch, seed=0,
-                        num_workers=workers), steps, batch
-        )  # fmt: skip
+            make_loader(
+                ReinforcedDataset(source, tokenizer=tokenizer), batch, seed=0, num_workers=workers
+            ),
+            steps,
+            batch,
+        )
         plain = samples_per_second(
-            make_loader(WebDatasetPairs(urls, preprocess=transform, tokenizer=tokenizer), batch,
-                        seed=0, num_workers=workers), steps, batch
-        )  # fmt: skip
+            make_loader(
+                WebDatasetPairs(urls, preprocess=transform, tokenizer=tokenizer),
+                batch,
+                seed=0,
+                num_workers=workers,
+            ),
+            steps,
+            batch,
+        )
     lines += [
         f"Build (tiny 32 px teacher, K=5, fp16): {report.images_per_s:,.0f} source images/s",
         "",

@@ -119,8 +119,9 @@ def teacher_targets(
             TeacherTargets(
                 torch.nn.functional.normalize(image[:, part], dim=-1),
                 torch.nn.functional.normalize(text[:, part], dim=-1),
-                torch.tensor(math.exp(teacher.logit_scale), device=device),
-                None if bias is None else torch.tensor(float(bias), device=device),
+                # torch.full fills on the device: no host-to-device copy, no sync per step.
+                torch.full((), math.exp(teacher.logit_scale), device=device),
+                None if bias is None else torch.full((), float(bias), device=device),
             )
         )
     return targets

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -125,10 +125,11 @@ def build_reinforced_cache(
     device = torch.device(device)
     for teacher in teachers:
         _check_image_size(teacher, recipe)
+    infos = [teacher_info(t, 0) for t in teachers]  # fingerprints once; dims from the forward
     # Compared before building on: what an existing cache file must have been built with.
     spec = {
         **expected_header(recipe),
-        "teachers": [teacher_info(t, 0).to_dict() for t in teachers],
+        "teachers": [info.to_dict() for info in infos],
         "num_augmentations": num_augmentations,
         "dtype": dtype,
         "seed": seed,
@@ -160,7 +161,15 @@ def build_reinforced_cache(
         for shard in todo:
             start = time.perf_counter()
             encoder = _ShardEncoder(
-                teachers, recipe, num_augmentations, dtype, seed, batch_size, device, precision
+                teachers,
+                infos,
+                recipe,
+                num_augmentations,
+                dtype,
+                seed,
+                batch_size,
+                device,
+                precision,
             )
             path = source.cache_path(shard)
             _remove_stale_temporaries(path)
@@ -185,6 +194,7 @@ class _ShardEncoder:
     def __init__(
         self,
         teachers: Sequence[CacheTeacher],
+        infos: Sequence[TeacherInfo],
         recipe: AugmentRecipe,
         num_augmentations: int,
         dtype: str,
@@ -193,7 +203,7 @@ class _ShardEncoder:
         device: torch.device,
         precision: str,
     ) -> None:
-        self.teachers, self.recipe, self.k = teachers, recipe, num_augmentations
+        self.teachers, self.infos, self.recipe, self.k = teachers, infos, recipe, num_augmentations
         self.dtype, self.seed, self.batch_size, self.device = dtype, seed, batch_size, device
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.keys: list[str] = []
@@ -279,7 +289,8 @@ class _ShardEncoder:
             "dtype": self.dtype,
             "seed": self.seed,
             "teachers": [
-                teacher_info(t, d).to_dict() for t, d in zip(self.teachers, self.dims, strict=True)
+                replace(info, dim=dim).to_dict()
+                for info, dim in zip(self.infos, self.dims, strict=True)
             ],
         }
         write_shard_cache(
