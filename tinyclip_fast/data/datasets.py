@@ -10,7 +10,7 @@ import csv
 import io
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -200,6 +200,26 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return expanded
 
 
+ShardT = TypeVar("ShardT")
+
+
+def split_shards(
+    shards: Sequence[ShardT], *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool
+) -> list[ShardT]:
+    """The shards this rank and loader worker read in ``epoch``: the list permuted per
+    (seed, epoch) when ``shuffle``, then every world_size-th from ``rank``, then every
+    num_workers-th from the worker id (so each shard is read once per epoch across the job)."""
+    shards = list(shards)
+    if shuffle:
+        order = torch.randperm(len(shards), generator=epoch_generator(seed, epoch))
+        shards = [shards[i] for i in order.tolist()]
+    shards = shards[rank::world_size]
+    worker = get_worker_info()
+    if worker is not None:
+        shards = shards[worker.id :: worker.num_workers]
+    return shards
+
+
 class WebDatasetPairs(IterableDataset):
     """Image-text pairs from webdataset tar shards (``.jpg``/``.png``/... + ``.txt``).
 
@@ -238,15 +258,14 @@ class WebDatasetPairs(IterableDataset):
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def _my_shards(self) -> list[str]:
-        shards = list(self.shards)
-        if self.shuffle:
-            order = torch.randperm(len(shards), generator=epoch_generator(self.seed, self.epoch))
-            shards = [shards[i] for i in order.tolist()]
-        shards = shards[self.rank :: self.world_size]
-        worker = get_worker_info()
-        if worker is not None:
-            shards = shards[worker.id :: worker.num_workers]
-        return shards
+        return split_shards(
+            self.shards,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.shuffle,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
