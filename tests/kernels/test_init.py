@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 from support import KERNEL_DEVICE
 
-import tinyclip_fast.kernels as kernels
+from tinyclip_fast import kernels
 
 
 @triton.jit
