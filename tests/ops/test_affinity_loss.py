@@ -16,7 +16,7 @@ from tinyclip_fast.ops.affinity_loss import (
 )
 from tinyclip_fast.ops.backend import force_backend
 
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def reference_row_losses(A, B, kind, labels):
@@ -66,7 +66,10 @@ def check(
         assert not any(t.is_contiguous() for t in (x, y, xt, yt))
     x.requires_grad_()
     y.requires_grad_()
-    scale_t = torch.tensor(scale, device=device, requires_grad=True)
+    float64 = dtype == torch.float64
+    scale_t = torch.tensor(
+        scale, dtype=torch.float64 if float64 else torch.float32, device=device, requires_grad=True
+    )
     # Careless callers may hand over teacher tensors that require grad: they must get none.
     xt.requires_grad_()
     teacher = (xt, yt, teacher_scale) if distill else (None, None, None)
@@ -82,7 +85,9 @@ def check(
                 compute_contrastive=contrastive, label_offset=label_offset,
             )  # fmt: skip
         (out[0] * grads[0] + out[1] * grads[1]).backward()
-    assert all(o.dtype == torch.float32 and o.dim() == 0 for o in out)
+    # float64 features give float64 losses on both paths; every other dtype fp32.
+    assert all(o.dtype == (torch.float64 if float64 else torch.float32) for o in out)
+    assert all(o.dim() == 0 for o in out)
     assert x.grad.dtype == dtype and y.grad.dtype == dtype
     assert xt.grad is None
 
@@ -155,6 +160,14 @@ def test_mixed_student_and_teacher_dtypes(backend):
     inputs = [x.bfloat16(), y.bfloat16(), xt, yt.half()]
     check(square=True, m=37, n=37, dtype=torch.bfloat16, inputs=inputs, backend=backend,
           device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_float64_computes_in_float64_torch(small_chunks, square):
+    """float64 in: float64 math end to end (1e-10 against the float64 reference)."""
+    m, n = (37, 37) if square else (37, 53)
+    check(square=square, m=m, n=n, dtype=torch.float64, scale=100.0, teacher_scale=50.0,
+          label_offset=0 if square else 9, kind="kl")  # fmt: skip
 
 
 def test_single_chunk_larger_batch_torch():
@@ -269,6 +282,8 @@ def test_cpu_without_interpreter_never_touches_triton():
         dict(square=False, m=21, n=53, label_offset=17, dtype=torch.bfloat16),
         dict(square=False, m=37, n=53, label_offset=9, kind="kl", scale=100.0, teacher_scale=100.0),
         dict(square=False, m=37, n=53, distill=False, grads=(0.0, -2.0), non_contiguous=True),
+        # float64 features: the kernels compute in fp32, the loss comes back as float64.
+        dict(square=True, m=37, n=37, dtype=torch.float64, tol=TOLERANCE[torch.float32]),
     ],
 )
 def test_triton(case):
