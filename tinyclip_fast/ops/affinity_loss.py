@@ -573,7 +573,10 @@ def affinity_mimicking_loss(
     contrastive_weight: float = 0.0,
     kind: str = "soft_ce",
 ) -> torch.Tensor:
-    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d tensor (fp32; float64 for float64 features)."""
+    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d tensor.
+
+    fp32, or float64 for float64 features (see ``affinity_loss_square``).
+    """
     distill, contrastive = affinity_loss_square(
         image_features, text_features, logit_scale,
         teacher_image_features, teacher_text_features, teacher_logit_scale,
