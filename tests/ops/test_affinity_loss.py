@@ -333,36 +333,3 @@ def test_column_underflow_falls_back_to_exact_pass(monkeypatch):
     check(square=True, m=37, n=37, scale=100.0, backend="triton", device=KERNEL_DEVICE,
           inputs=inputs)  # fmt: skip
     assert recomputed == [[0, 1, 2, 3, 4]]
-
-
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-import tinyclip_fast.kernels.affinity_loss as kernels
-
-scalars = {"scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
-           "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
-           "col_lse_ptr": "*fp32", "coeff_ptr": "*fp32", "dscale_ptr": "*fp32"}
-for features, teacher, columns in (("*bf16", True, True), ("*fp32", False, False)):
-    consts = dict(TEACHER=teacher, COLUMNS=columns, UPCAST=False, FP32_DOT=features == "*fp32",
-                  DOT_PRECISION="tf32x3", BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)
-    for fn in (kernels._affinity_stats_kernel, kernels._affinity_grad_logits_kernel):
-        signature = {
-            name: "constexpr" if name in consts else scalars.get(name, features)
-            if name.endswith("_ptr") else "i32"
-            for name in fn.arg_names
-        }
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
-def test_kernels_compile_for_cuda_without_a_gpu():
-    """The interpreter never compiles: build the kernels for sm_90 ahead of time instead."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, check=True, timeout=300)
