@@ -290,7 +290,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps (for gpu_check)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.cpu
+    # A dry run describes the GPU plan unless --cpu: that is what it prepares.
+    cuda = not args.cpu and (args.dry_run or torch.cuda.is_available())
     warmup = 3 if cuda else 2
     iters = args.iters or (5 if args.quick else 10 if cuda else 5)
     batch = args.batch or (1024 if cuda else 64)
