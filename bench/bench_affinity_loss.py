@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -384,7 +385,8 @@ def cpu_report(times: dict, memory: dict, sizes: list[int]) -> list[str]:
         f"warm-up (ours and open_clip alternate by size). Memory at n = {CPU_MEMORY_N}: peak "
         f"RSS growth of each of {MEMORY_CALLS} consecutive calls in one fresh process, over "
         "the RSS with the inputs in place, gradients set to None after each call; the "
-        "steady state is the largest, and 'beyond grads' subtracts the returned gradients.",
+        "steady state is the largest, and 'beyond grads' subtracts the returned gradients. "
+        f"Load average (1 min) when the table was written: {os.getloadavg()[0]:.1f}.",
         "",
         "| n | ours s | open_clip s | speed-up | ours MB per call | open_clip MB per call "
         "| ours MB beyond grads |",

@@ -95,9 +95,13 @@ step() {
 }
 
 masked_bench() { # the masked-matmul benchmark, with --dry-run only where it has one
-    if [[ $1 == --dry-run ]] && ! $PY bench/bench_masked_matmul.py --help | grep -q -- --dry-run; then
-        echo "bench_masked_matmul.py has no --dry-run yet: its plan is not walked"
-        return 0
+    if [[ ${1:-} == --dry-run ]]; then
+        local help
+        help=$($PY bench/bench_masked_matmul.py --help) || return 1
+        if ! grep -q -- --dry-run <<<"$help"; then
+            echo "bench_masked_matmul.py has no --dry-run yet: its plan is not walked"
+            return 0
+        fi
     fi
     $PY bench/bench_masked_matmul.py --quick --out "$RESULTS" "$@"
 }
