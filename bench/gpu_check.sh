@@ -119,7 +119,7 @@ plan install 30 \
 name=\${wheel%%==*}; version=\${wheel##*==}; pattern=\"\$(echo \"\$name\" | tr - _)-\$version-\"; \
 if compgen -G '.whl/*.whl' >/dev/null; then ls .whl | grep -qi \"^\$pattern\" \
 || { echo \"missing in .whl/: \$wheel\"; exit 1; }; fi; echo \"wheel: \$wheel\"; done"
-plan versions 15 \
+plan versions 20 \
     "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c \
 \"import torch, triton, numpy, open_clip; print('torch', torch.__version__, 'CUDA', \
 torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'open_clip', \
@@ -132,7 +132,7 @@ plan kernel-tests-affinity 110 "PYTHONPATH=bench $PYTEST $TESTS_AFFINITY" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_AFFINITY | tail -1"
 plan kernel-tests-masked 80 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_MASKED | tail -1"
-plan loss-bench 130 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
+plan loss-bench 125 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run"
 plan masked-bench 80 "masked_bench" "masked_bench --dry-run"
 plan distill-bench 80 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
