@@ -14,6 +14,10 @@ atomics relative to a fixed per-column shift c_j = |a| ||Y_j|| max_i ||X_i|| >= 
 (Cauchy-Schwarz), so nothing overflows and fp64 leaves ~700 natural-log units of headroom
 before underflow. Columns that still underflow are recomputed exactly by a second pass
 (the row kernel on the transposed problem, those columns only).
+
+Feature dtypes: bf16/fp16 dots on the tensor cores, fp32 ones as 3xTF32; every statistic
+and accumulation is fp32. Float64 features are cast to fp32 here: the kernels compute in
+fp32 (the PyTorch path computes float64 in float64).
 """
 
 import torch
