@@ -10,6 +10,9 @@ GPU_STACK_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python
 GPU_VENV ?= .venv-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_STAMP := $(GPU_VENV)/.installed
+# What test-gpu-stack runs: the whole suite; narrow it here (e.g. tests/kernels tests/ops
+# tests/test_losses.py) if CI's time demands.
+GPU_STACK_TESTS ?= tests
 
 .PHONY: install test test-fast demo lint format bench clean \
 	install-gpu-stack test-gpu-stack gpu-check-dry-run
@@ -36,7 +39,7 @@ $(GPU_STAMP): pyproject.toml constraints-gpu.txt bench/gpu_wheels.txt
 install-gpu-stack: $(GPU_STAMP)
 
 test-gpu-stack: $(GPU_STAMP)
-	$(GPU_PY) -m pytest -q tests
+	$(GPU_PY) -m pytest -q $(GPU_STACK_TESTS)
 
 gpu-check-dry-run: $(GPU_STAMP)
 	PYTHON=$(GPU_PY) bash bench/gpu_check.sh --dry-run
