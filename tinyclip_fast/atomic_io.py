@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,11 +12,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, fsync, then ``os.replace`` it onto ``path``.
 
     The temporary file sits in the same folder, so the rename is atomic (POSIX and Windows);
-    on any error it is removed and ``path`` is untouched.
+    on any error it is removed and ``path`` is untouched. It is created with mode 0666 minus
+    the process umask, like any file ``open()`` creates (``tempfile.mkstemp`` would give 0600:
+    checkpoints unreadable by the colleagues sharing a cluster folder).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     os.close(fd)
     try:
         write(tmp)
