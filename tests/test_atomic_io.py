@@ -8,6 +8,13 @@ import pytest
 from tinyclip_fast.atomic_io import atomic_write
 
 
+def write_safetensors(tmp):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, tmp)  # replaces the file, with mode 0600
+
+
 def write_bytes(data):
     def write(tmp):
         with open(tmp, "wb") as handle:
@@ -23,9 +30,10 @@ def test_files_get_the_process_umask(tmp_path, umask, mode):
     try:
         path = atomic_write(tmp_path / "sub" / "file.bin", write_bytes(b"new"))
         atomic_write(path, write_bytes(b"newer"))  # replacing keeps the rule
+        tensors = atomic_write(tmp_path / "file.safetensors", write_safetensors)
     finally:
         os.umask(previous)
-    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert stat.S_IMODE(path.stat().st_mode) == mode == stat.S_IMODE(tensors.stat().st_mode)
     assert path.read_bytes() == b"newer"
 
 

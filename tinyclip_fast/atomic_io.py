@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +13,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, fsync, then ``os.replace`` it onto ``path``.
 
     The temporary file sits in the same folder, so the rename is atomic (POSIX and Windows);
-    on any error it is removed and ``path`` is untouched. It is created with mode 0666 minus
-    the process umask, like any file ``open()`` creates (``tempfile.mkstemp`` would give 0600:
-    checkpoints unreadable by the colleagues sharing a cluster folder).
+    on any error it is removed and ``path`` is untouched. The file gets mode 0666 minus the
+    process umask, like any file ``open()`` creates, even when ``write`` replaces it (as
+    safetensors does, with 0600): files unreadable by the colleagues sharing a cluster folder
+    would be lost work too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,9 +27,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             break
         except FileExistsError:
             continue
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 & ~umask, read without touching the umask
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
