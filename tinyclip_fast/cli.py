@@ -410,11 +410,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_path(config: DistillConfig, path: str, value: Any) -> None:
-    target: Any = config
-    *parents, name = path.split(".")
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, name, value)
+    parent, _, name = path.rpartition(".")
+    setattr(_get_path(config, parent) if parent else config, name, value)
 
 
 def _kind_and_path(value: str, flag: str) -> tuple[str, str | None]:

@@ -143,14 +143,15 @@ class CsvPairDataset(Dataset):
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
             raise ValueError(f"CSV {self.path} has a header but no rows")
+        # As written: resolved per access (10M rows of Path objects would cost gigabytes).
         self.listed_paths = [image_path for image_path, _ in rows]
-        self.image_paths = [self._resolve(image_path) for image_path in self.listed_paths]
         self.captions = [caption for _, caption in rows]
         self.preprocess = preprocess
         self.tokenizer = tokenizer
 
-    def _resolve(self, image_path: str) -> Path:
-        candidate = Path(image_path)
+    def image_path(self, index: int) -> Path:
+        """Row ``index``'s image; relative paths are relative to the CSV file's folder."""
+        candidate = Path(self.listed_paths[index])
         return candidate if candidate.is_absolute() else self.path.parent / candidate
 
     def __len__(self) -> int:
@@ -161,8 +162,8 @@ class CsvPairDataset(Dataset):
         return f"{self.listed_paths[index]}\t{self.captions[index]}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_path = self.image_paths[index]
-        where = f"image {image_path} (row {index}, line {index + 2} of {self.path})"
+        image_path = self.image_path(index)
+        where = f"image {image_path} (row {index} of {self.path})"
         record = {"source": str(self.path), "row": index, "file": str(image_path)}
         if not image_path.is_file():
             raise BadSampleError(f"{where} does not exist", record)
