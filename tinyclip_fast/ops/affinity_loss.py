@@ -15,6 +15,7 @@ per call and reused by every chunk, so its peak memory is set by the chunk size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +65,30 @@ def _check_features(name: str, tensor: object) -> torch.Tensor:
 
 
 def _check_scale(name: str, scale: object, device: torch.device) -> torch.Tensor:
-    """A Python number or a one-element floating tensor, returned as a 0-d tensor on device."""
+    """A finite positive Python number or one-element floating tensor, as a 0-d tensor on
+    device. A scale is multiplicative (``exp(logit_scale)``): 0, a negative or a non-finite
+    value is a mistake (often the log-space parameter passed as is); checking a tensor's value
+    reads it on the host once per call."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {scale.dtype}")
+        if scale.numel() != 1 or scale.dim() > 1:
+            raise ValueError(
+                f"{name} must be a scalar (0-d tensor), got shape {tuple(scale.shape)}"
+            )
+        value = float(scale.detach().reshape(()))
+    else:
+        value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{name} must be a finite multiplicative scale > 0 (exp of the log-space "
+            f"logit_scale), got {value}"
+        )
     if not isinstance(scale, torch.Tensor):
         # float64 keeps the scale exact for float64 features; the other paths cast it down.
-        return torch.tensor(float(scale), dtype=torch.float64, device=device)
-    if not scale.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {scale.dtype}")
-    if scale.numel() != 1 or scale.dim() > 1:
-        raise ValueError(f"{name} must be a scalar (0-d tensor), got shape {tuple(scale.shape)}")
+        return torch.tensor(value, dtype=torch.float64, device=device)
     return scale.reshape(()).to(device)
 
 
@@ -461,9 +476,10 @@ class _AffinityLoss(torch.autograd.Function):
         col_q, col_p = (row_q, row_p) if square else (row_q * 0, row_p * 0)
         onehot = g_c * (2 if square else 1) / num
         coeffs = torch.stack([row_q, row_p, col_q, col_p, onehot])
-        grad_rows, grad_cols, grad_scale = _backward_grads(
-            saved, row_stats, col_stats, coeffs, label_offset
-        )
+        with torch.autocast(rows.device.type, enabled=False):  # as in the forward
+            grad_rows, grad_cols, grad_scale = _backward_grads(
+                saved, row_stats, col_stats, coeffs, label_offset
+            )
         return (
             grad_rows.to(rows.dtype) if ctx.needs_input_grad[0] else None,
             grad_cols.to(cols.dtype) if ctx.needs_input_grad[1] else None,
@@ -492,10 +508,13 @@ def _affinity_loss(
             f"label_offset={label_offset} puts labels of {rows.shape[0]} rows outside the "
             f"{cols.shape[0]} columns of {named_student[1][0]} {tuple(cols.shape)}"
         )
-    return _AffinityLoss.apply(
-        rows, cols, scale, teacher_rows, teacher_cols, teacher_scale,
-        kind, compute_distill, compute_contrastive, square, label_offset,
-    )  # fmt: skip
+    # The losses are fp32 sums over N columns: under autocast the matmuls would run (and the
+    # values round) in bf16/fp16. Inputs keep their dtype; the math runs in fp32 regardless.
+    with torch.autocast(rows.device.type, enabled=False):
+        return _AffinityLoss.apply(
+            rows, cols, scale, teacher_rows, teacher_cols, teacher_scale,
+            kind, compute_distill, compute_contrastive, square, label_offset,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API
@@ -573,10 +592,10 @@ def affinity_mimicking_loss(
     contrastive_weight: float = 0.0,
     kind: str = "soft_ce",
 ) -> torch.Tensor:
-    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d tensor.
-
-    fp32, or float64 for float64 features (see ``affinity_loss_square``).
-    """
+    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d tensor (fp32, or
+    float64 for float64 features), with w = ``contrastive_weight`` in [0, 1] (the meaning
+    ``AffinityMimickingLoss`` and the engine's ``loss.contrastive_weight`` give it too)."""
+    check_contrastive_weight(contrastive_weight)
     distill, contrastive = affinity_loss_square(
         image_features, text_features, logit_scale,
         teacher_image_features, teacher_text_features, teacher_logit_scale,
@@ -585,3 +604,12 @@ def affinity_mimicking_loss(
     if contrastive_weight == 0:
         return distill
     return (1 - contrastive_weight) * distill + contrastive_weight * contrastive
+
+
+def check_contrastive_weight(weight: object) -> float:
+    """``weight`` as a float in [0, 1]; TypeError/ValueError otherwise."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"contrastive_weight must be a float in [0, 1], got {weight!r}")
+    if not 0.0 <= weight <= 1.0:  # NaN fails this too
+        raise ValueError(f"contrastive_weight must lie in [0, 1], got {weight}")
+    return float(weight)
