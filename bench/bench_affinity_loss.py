@@ -3,17 +3,22 @@
 GPU:  python bench/bench_affinity_loss.py [--quick] [--out bench/results]
       forward / backward / full (forward + backward) at n = 256 .. 262,144, d = 512, bf16
       features: ours vs open_clip eager vs torch.compile(open_clip); median time
-      (triton.testing.do_bench), peak extra memory, TFLOP/s on the matmul FLOPs the loss must do
-      (A and B forward, dX and dY backward) against a measured bf16 GEMM rate. Writes
-      <out>/affinity_loss_<gpu>.md and a PNG plot.
-CPU:  pytest bench/bench_affinity_loss.py --benchmark-enable
-      pytest-benchmark timings of forward + backward at n <= 8,192 (fp32), and the peak RSS
-      growth of one forward + backward at n = 8,192, d = 512 measured in a subprocess.
-      python bench/bench_affinity_loss.py --cpu writes the same numbers to
-      <out>/affinity_loss_cpu.md. On a machine shared with other jobs, run both with
-      OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise dominate the timing of code
-      that alternates GEMMs and elementwise ops (the chunked loss) much more than the
-      reference's few large ops.
+      (triton.testing.do_bench, return_mode="median"), steady-state peak memory beyond the
+      inputs (several consecutive calls, gradients included), TFLOP/s on the matmul FLOPs
+      the loss must do (A and B forward, dX and dY backward) against a measured bf16 GEMM
+      rate. --quick: full mode only, torch.compile at n = 16,384 only (the target size).
+      Writes <out>/affinity_loss_<gpu>.md after every size (a timeout loses nothing
+      measured) and a PNG plot at the end.
+CPU:  python bench/bench_affinity_loss.py --cpu [--quick] [--out bench/results]
+      fp32, n = 1,024 .. 8,192: median time of forward + backward, and at n = 8,192 the
+      steady-state peak RSS growth over several consecutive calls, each in a fresh process
+      (<out>/affinity_loss_cpu.md). pytest bench/bench_affinity_loss.py --benchmark-enable
+      runs the same as pytest-benchmark cases. On a machine shared with other jobs, run
+      with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise dominate the timing
+      of code that alternates GEMMs and elementwise ops (the chunked loss) much more than
+      the reference's few large ops.
+      --dry-run: print the plan, run every implementation once at n = 64 on the CPU and
+      render the table from that (nothing written); needs no GPU.
 
 Both implementations compute the same two terms (distillation and contrastive) so the
 comparison is like for like.
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -36,10 +43,15 @@ import torch.nn.functional as F
 
 DIM = 512
 GPU_SIZES = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
-QUICK_SIZES = [256, 2048, 16384, 65536]
+QUICK_SIZES = [256, 2048, 16384, 65536, 262144]
+COMPILED_QUICK_SIZES = [16384]
 CPU_SIZES = [1024, 4096, 8192]
+CPU_QUICK_SIZES = [1024, 8192]
+CPU_MEMORY_N = 8192
 IMPLS = ("tinyclip_fast", "open_clip", "open_clip+compile")
 MODES = ("forward", "backward", "full")
+# Consecutive forward + backward calls over which the steady-state peak is taken.
+MEMORY_CALLS = 4
 
 
 def make_features(n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -78,6 +90,12 @@ def must_do_flops(n: int, mode: str) -> float:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
+def _clear_grads(args) -> None:
+    """Gradients dropped after every step, as an optimizer's zero_grad(set_to_none=True)."""
+    for tensor in args[:3]:
+        tensor.grad = None
+
+
 # ----------------------------------------------------------------------------- GPU mode
 
 
@@ -86,84 +104,135 @@ def _gemm_tflops() -> float:
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b)
+    ms = do_bench(lambda: a @ b, return_mode="median")
     return 2 * 8192**3 / ms / 1e9
 
 
+def _steady_peak_mb(step, calls: int = MEMORY_CALLS) -> float:
+    """Peak allocated during ``calls`` consecutive steps, beyond what was allocated before.
+
+    Measured apart from the timing: do_bench allocates its own L2-flush buffer.
+    """
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _measure_gpu(impl: str, n: int, mode: str) -> tuple[float, float]:
-    """(median ms, peak MB beyond the inputs) of one mode; raises OutOfMemoryError."""
+    """(median ms, steady-state peak MB beyond the inputs) of one mode; may raise OOM."""
     from triton.testing import do_bench
 
     fn = loss_fn(impl)
     args = make_features(n, "cuda", torch.bfloat16)
-    grads = [args[0], args[1], args[2]]
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    grads = list(args[:3])
     if mode == "forward":
-        with torch.no_grad():
-            ms = do_bench(lambda: fn(*args))
+
+        def step():
+            with torch.no_grad():
+                fn(*args)
+
     elif mode == "backward":
         out = fn(*args)
-        ms = do_bench(lambda: out.backward(retain_graph=True), grad_to_none=grads)
+
+        def step():
+            out.backward(retain_graph=True)
+            _clear_grads(args)
+
     else:
-        ms = do_bench(lambda: fn(*args).backward(), grad_to_none=grads)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+        def step():
+            fn(*args).backward()
+            _clear_grads(args)
+
+    step()  # compiles, autotunes, and sets up lazy state before anything is measured
+    peak = _steady_peak_mb(step)
+    ms = do_bench(step, grad_to_none=grads, return_mode="median")
     return ms, peak
 
 
-def run_gpu(sizes: list[int], out_dir: Path) -> None:
+def gpu_plan(quick: bool) -> list[tuple[str, int, str]]:
+    """(impl, n, mode) in the order measured."""
+    sizes, modes = (QUICK_SIZES, ("full",)) if quick else (GPU_SIZES, MODES)
+    plan = []
+    for impl in IMPLS:
+        impl_sizes = COMPILED_QUICK_SIZES if quick and impl.endswith("+compile") else sizes
+        plan += [(impl, n, mode) for n in impl_sizes for mode in modes]
+    return plan
+
+
+def run_gpu(quick: bool, out_dir: Path) -> None:
     import triton
 
     name = torch.cuda.get_device_name()
+    sizes, modes = (QUICK_SIZES, ("full",)) if quick else (GPU_SIZES, MODES)
     gemm = _gemm_tflops()
-    results: dict[tuple[str, int, str], tuple[float, float] | None] = {}
-    for impl in IMPLS:
-        out_of_memory = False
-        for n in sizes:
-            for mode in MODES:
-                if out_of_memory:
-                    results[impl, n, mode] = None
-                    continue
-                try:
-                    results[impl, n, mode] = _measure_gpu(impl, n, mode)
-                except torch.OutOfMemoryError:
-                    results[impl, n, mode] = None
-                    out_of_memory = mode == "full"
-                torch.cuda.empty_cache()
-                print(impl, n, mode, results[impl, n, mode], flush=True)
     versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
-    lines = gpu_report(results, sizes, name, gemm, versions)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "affinity_loss_" + name.replace(" ", "_").replace("/", "_")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    _plot(results, sizes, name, out_dir / f"{stem}.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int, str], tuple[float, float] | None] = {}
+    out_of_memory: set[str] = set()
+    for impl, n, mode in gpu_plan(quick):
+        if impl in out_of_memory:  # a larger n cannot fit either
+            results[impl, n, mode] = None
+            continue
+        start = time.perf_counter()
+        try:
+            results[impl, n, mode] = _measure_gpu(impl, n, mode)
+        except torch.OutOfMemoryError:
+            results[impl, n, mode] = None
+            if mode == "full":
+                out_of_memory.add(impl)
+        torch.cuda.empty_cache()
+        seconds = time.perf_counter() - start
+        print(f"{impl} n={n} {mode}: {results[impl, n, mode]} ({seconds:.0f} s)", flush=True)
+        # Every finished measurement goes straight into the table.
+        lines = gpu_report(results, sizes, modes, name, gemm, versions)
+        (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    _plot(results, sizes, name, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.md and .png")
 
 
-def gpu_report(results: dict, sizes: list[int], name: str, gemm: float, versions: str) -> list:
-    """Markdown lines of the GPU table; results[impl, n, mode] = (ms, MB) or None (OOM)."""
+def gpu_report(
+    results: dict, sizes: list[int], modes: tuple, name: str, gemm: float, versions: str
+) -> list[str]:
+    """Markdown lines of the GPU table; results[impl, n, mode] = (ms, MB), None (OOM), or
+    missing (not measured, or not yet)."""
     lines = [
         f"# Affinity loss: {name}",
         "",
         f"{versions}; d = {DIM}, bf16 features, fp32 math, distill + contrastive; "
         f"bf16 GEMM rate {gemm:.0f} TFLOP/s (8192^3). Time: triton do_bench median. Memory: "
-        "peak allocated beyond the inputs. TFLOP/s: matmul FLOPs the loss must do "
-        "(8 n^2 d for full) / time. OOM = out of memory.",
+        f"peak allocated over {MEMORY_CALLS} consecutive calls beyond the inputs (the "
+        "gradients included). TFLOP/s: matmul FLOPs the loss must do (8 n^2 d for full) / "
+        "time. OOM = out of memory, - = not measured.",
         "",
         "| n | mode | ours ms | open_clip ms | compiled ms | speed-up vs eager / compiled "
         "| ours MB | open_clip MB | compiled MB | ours TFLOP/s (% GEMM) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda r, i: "OOM" if r is None else f"{r[i]:.3f}" if i == 0 else f"{r[i]:.0f}"
+    missing = object()
+    measured = lambda r: r is not missing and r is not None
+
+    def fmt(r, i):
+        if r is missing:
+            return "-"
+        return "OOM" if r is None else f"{r[i]:.3f}" if i == 0 else f"{r[i]:.0f}"
+
     for n in sizes:
-        for mode in MODES:
-            ours, eager, compiled = (results[impl, n, mode] for impl in IMPLS)
+        for mode in modes:
+            ours, eager, compiled = (results.get((impl, n, mode), missing) for impl in IMPLS)
+            if all(r is missing for r in (ours, eager, compiled)):
+                continue
             ratio = lambda ref, ours=ours: (
-                "-" if ref is None or ours is None else f"{ref[0] / ours[0]:.2f}x"
+                f"{ref[0] / ours[0]:.2f}x" if measured(ref) and measured(ours) else "-"
             )
             tflops = "-"
-            if ours is not None:
+            if measured(ours):
                 rate = must_do_flops(n, mode) / ours[0] / 1e9
                 tflops = f"{rate:.0f} ({100 * rate / gemm:.0f}%)"
             lines.append(
@@ -182,7 +251,7 @@ def _plot(results: dict, sizes: list[int], title: str, path: Path) -> None:
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
     for impl in IMPLS:
-        points = [(n, results[impl, n, "full"]) for n in sizes]
+        points = [(n, results.get((impl, n, "full"))) for n in sizes]
         points = [(n, r) for n, r in points if r is not None]
         if points:
             ax_time.plot([n for n, _ in points], [r[0] for _, r in points], "o-", label=impl)
@@ -203,41 +272,74 @@ def _plot(results: dict, sizes: list[int], title: str, path: Path) -> None:
 
 _RSS_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, sys
     import torch
     sys.path.insert(0, {bench_dir!r})
-    from bench_affinity_loss import loss_fn, make_features
-
-    def status_mb(field):
-        # VmHWM is this address space's peak; ru_maxrss would also count the forked parent.
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(field))
-        return int(line.split()[1]) / 1024
+    from bench_affinity_loss import cpu_steady_state_rss
 
     torch.set_num_threads({threads})
-    impl, n = {impl!r}, {n}
-    fn = loss_fn(impl)
-    args = make_features(n, "cpu", torch.float32)
-    fn(*make_features(64, "cpu", torch.float32)).backward()  # warm-up: lazy allocations
-    before = status_mb("VmRSS:")
-    start = time.perf_counter()
-    fn(*args).backward()
-    seconds = time.perf_counter() - start
-    growth = status_mb("VmHWM:") - before
-    print(json.dumps({{"peak_growth_mb": growth, "seconds": seconds}}))
+    print(json.dumps(cpu_steady_state_rss({impl!r}, {n}, {calls})))
     """
 )
 
 
-def cpu_peak_rss_growth(impl: str, n: int = 8192) -> dict:
-    """Peak RSS minus RSS just before one forward + backward, in a fresh process."""
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def cpu_steady_state_rss(impl: str, n: int, calls: int) -> dict:
+    """Per call, the peak RSS beyond the RSS with the inputs in place; run in a subprocess.
+
+    Before each call the high-water mark is reset (``/proc/self/clear_refs``), so every
+    call's peak is its own, with whatever the allocator kept from the calls before.
+    """
+    fn = loss_fn(impl)
+    fn(*make_features(64, "cpu", torch.float32)).backward()  # warm-up: lazy allocations
+    args = make_features(n, "cpu", torch.float32)
+    base = _status_mb("VmRSS:")
+    peaks, seconds = [], []
+    for _ in range(calls):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        start = time.perf_counter()
+        fn(*args).backward()
+        seconds.append(time.perf_counter() - start)
+        peaks.append(_status_mb("VmHWM:") - base)
+        _clear_grads(args)
+    grad_mb = sum(t.numel() * t.element_size() for t in args[:3]) / 2**20
+    return {"peak_mb": peaks, "grad_mb": grad_mb, "seconds": seconds}
+
+
+def cpu_peak_rss(impl: str, n: int = CPU_MEMORY_N, calls: int = MEMORY_CALLS) -> dict:
+    """cpu_steady_state_rss in a fresh process (the measure sees nothing of this one)."""
     script = _RSS_SCRIPT.format(
-        bench_dir=str(Path(__file__).parent), impl=impl, n=n, threads=torch.get_num_threads()
+        bench_dir=str(Path(__file__).parent),
+        impl=impl,
+        n=n,
+        calls=calls,
+        threads=torch.get_num_threads(),
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_median_seconds(impl: str, n: int, runs: int = 3) -> float:
+    """Median wall time of forward + backward after one warm-up call."""
+    fn = loss_fn(impl)
+    args = make_features(n, "cpu", torch.float32)
+    fn(*args).backward()
+    _clear_grads(args)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(*args).backward()
+        times.append(time.perf_counter() - start)
+        _clear_grads(args)
+    return statistics.median(times)
 
 
 @pytest.mark.parametrize("n", CPU_SIZES)
@@ -246,14 +348,19 @@ def test_cpu_forward_backward(benchmark, impl, n):
     fn = loss_fn(impl)
     args = make_features(n, "cpu", torch.float32)
     benchmark.extra_info.update(n=n, dim=DIM, impl=impl)
-    benchmark.pedantic(lambda: fn(*args).backward(), rounds=3, iterations=1, warmup_rounds=1)
+
+    def step():
+        fn(*args).backward()
+        _clear_grads(args)
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("impl", IMPLS[:2])
-def test_cpu_peak_rss_growth(record_property, impl):
-    result = cpu_peak_rss_growth(impl)
-    record_property("peak_rss_growth_mb", result["peak_growth_mb"])
-    print(f"\n{impl}: n=8192 d={DIM} peak RSS growth {result['peak_growth_mb']:.0f} MB")
+def test_cpu_steady_state_peak_rss(record_property, impl):
+    result = cpu_peak_rss(impl)
+    record_property("peak_rss_growth_mb", max(result["peak_mb"]))
+    print(f"\n{impl}: n={CPU_MEMORY_N} d={DIM} peak RSS growth per call {result['peak_mb']}")
 
 
 def cpu_name() -> str:
@@ -268,54 +375,95 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_cpu(out_dir: Path) -> None:
+def cpu_report(times: dict, memory: dict, sizes: list[int]) -> list[str]:
+    """Markdown lines; times[impl, n] = median s, memory[impl] = cpu_steady_state_rss()."""
     lines = [
         f"# Affinity loss on CPU: {cpu_name()}, {torch.get_num_threads()} threads",
         "",
-        f"torch {torch.__version__}; d = {DIM}, fp32, distill + contrastive, forward + "
-        "backward; time = median of 3 runs after a warm-up; memory = peak RSS growth of one "
-        "forward + backward in a fresh process (n = 8192 only).",
+        f"torch {torch.__version__}, Python {platform.python_version()}; d = {DIM}, fp32, "
+        "distill + contrastive, forward + backward; time = median of 3 calls after a "
+        f"warm-up (ours and open_clip alternate by size). Memory at n = {CPU_MEMORY_N}: peak "
+        f"RSS growth of each of {MEMORY_CALLS} consecutive calls in one fresh process, over "
+        "the RSS with the inputs in place, gradients set to None after each call; the "
+        "steady state is the largest, and 'beyond grads' subtracts the returned gradients. "
+        f"Load average (1 min) when the table was written: {os.getloadavg()[0]:.1f}.",
         "",
-        "| n | ours s | open_clip s | speed-up | ours MB | open_clip MB |",
-        "|---|---|---|---|---|---|",
+        "| n | ours s | open_clip s | speed-up | ours MB per call | open_clip MB per call "
+        "| ours MB beyond grads |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for n in CPU_SIZES:
-        times = {}
-        for impl in IMPLS[:2]:
-            fn = loss_fn(impl)
-            args = make_features(n, "cpu", torch.float32)
-            fn(*args).backward()
-            runs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn(*args).backward()
-                runs.append(time.perf_counter() - start)
-            times[impl] = sorted(runs)[1]
-        memory = ["-", "-"]
-        if n == 8192:
-            memory = [f"{cpu_peak_rss_growth(impl)['peak_growth_mb']:.0f}" for impl in IMPLS[:2]]
-        ours, ref = times["tinyclip_fast"], times["open_clip"]
+    for n in sizes:
+        ours, ref = times["tinyclip_fast", n], times["open_clip", n]
+        cells = ["-", "-", "-"]
+        if n == CPU_MEMORY_N and memory:
+            per_call = lambda r: ", ".join(f"{p:.0f}" for p in r["peak_mb"])
+            mine = memory["tinyclip_fast"]
+            beyond = max(mine["peak_mb"]) - mine["grad_mb"]
+            cells = [per_call(mine), per_call(memory["open_clip"]), f"{beyond:.0f}"]
         lines.append(
-            f"| {n} | {ours:.3f} | {ref:.3f} | {ref / ours:.2f}x | {memory[0]} | {memory[1]} |"
+            f"| {n} | {ours:.3f} | {ref:.3f} | {ref / ours:.2f}x | {cells[0]} | {cells[1]} "
+            f"| {cells[2]} |"
         )
-        print(lines[-1], flush=True)
+    return lines
+
+
+def run_cpu(quick: bool, out_dir: Path) -> None:
+    sizes = CPU_QUICK_SIZES if quick else CPU_SIZES
+    times, memory = {}, {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "affinity_loss_cpu.md").write_text("\n".join(lines) + "\n")
+    for n in sizes:
+        for impl in IMPLS[:2]:
+            times[impl, n] = cpu_median_seconds(impl, n)
+        if n == CPU_MEMORY_N:
+            memory = {impl: cpu_peak_rss(impl) for impl in IMPLS[:2]}
+        lines = cpu_report(times, memory, [s for s in sizes if ("open_clip", s) in times])
+        (out_dir / "affinity_loss_cpu.md").write_text("\n".join(lines) + "\n")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+def dry_run(cpu: bool, quick: bool, out_dir: Path) -> None:
+    """The plan, and every implementation once at n = 64 on the CPU; nothing written."""
+    if cpu:
+        sizes = CPU_QUICK_SIZES if quick else CPU_SIZES
+        print(f"plan (CPU): {', '.join(IMPLS[:2])} at n = {sizes}, fp32, median of 3 calls;")
+        print(f"  steady-state RSS at n = {CPU_MEMORY_N} over {MEMORY_CALLS} calls")
+        print(f"  -> {out_dir}/affinity_loss_cpu.md")
+    else:
+        plan = gpu_plan(quick)
+        print(f"plan (CUDA): {len(plan)} measurements -> {out_dir}/affinity_loss_<gpu>.md")
+        for impl in IMPLS:
+            points = [(n, mode) for i, n, mode in plan if i == impl]
+            print(f"  {impl}: " + ", ".join(f"{n} {mode}" for n, mode in points))
+    results = {}
+    for impl in IMPLS[:2]:
+        args = make_features(64, "cpu", torch.float32)
+        start = time.perf_counter()
+        loss = loss_fn(impl)(*args)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(args[0].grad).all()
+        results[impl, 64, "full"] = (1000 * (time.perf_counter() - start), 0.0)
+    loss_fn(IMPLS[2])  # torch.compile is only wrapped here: compiling needs the real run
+    lines = gpu_report(results, [64], ("full",), "dry run (CPU, n = 64)", 1.0, "no CUDA")
     print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"only n in {QUICK_SIZES}")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and modes")
     parser.add_argument("--cpu", action="store_true", help="CPU table instead of the GPU one")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
     args = parser.parse_args()
-    if not args.cpu and not torch.cuda.is_available():
+    cpu = args.cpu or not torch.cuda.is_available()
+    if cpu and not args.cpu and not args.dry_run:
         print("no CUDA device: running the CPU comparison instead", file=sys.stderr)
-    if args.cpu or not torch.cuda.is_available():
-        run_cpu(args.out)
+    if args.dry_run:
+        dry_run(args.cpu, args.quick, args.out)
+    elif cpu:
+        run_cpu(args.quick, args.out)
     else:
-        run_gpu(QUICK_SIZES if args.quick else GPU_SIZES, args.out)
+        run_gpu(args.quick, args.out)
 
 
 if __name__ == "__main__":

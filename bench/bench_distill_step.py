@@ -12,11 +12,15 @@
 Every variant does the same work per step: teacher features, student forward + backward,
 the sparsity Lagrangian, grad-norm clip, AdamW on weights, masks and multipliers.
 
-GPU:  python bench/bench_distill_step.py [--batch 1024] [--out bench/results]
+GPU:  python bench/bench_distill_step.py [--quick] [--batch 1024] [--out bench/results]
       teacher ViT-B-32 -> masked ViT-B-32 student, bf16 autocast, random weights (the speed
-      does not depend on them); writes <out>/distill_step_<gpu>.md with card and versions.
-CPU:  python bench/bench_distill_step.py --cpu
-      tiny models (width 64, 3 layers, 32x32 images), fp32; prints the table.
+      does not depend on them); writes <out>/distill_step_<gpu>.md with card and versions,
+      rewritten after every variant (a timeout loses nothing measured).
+CPU:  python bench/bench_distill_step.py --cpu [--out bench/results]
+      tiny models (width 64, 3 layers, 32x32 images), fp32; <out>/distill_step_cpu.md.
+Both: images/s = batch / the median time of one step (each step timed on its own, after
+warm-up steps). --dry-run: the plan, and one step of every variant on the tiny models on
+the CPU (nothing written; needs no GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import copy
 import importlib.util
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,18 +208,30 @@ def make_step(
 def images_per_second(
     step: Callable[[], torch.Tensor], batch: int, warmup: int, iters: int
 ) -> float:
+    """batch / the median of ``iters`` step times, each synchronised, after ``warmup`` steps."""
     device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         step()
-    device_sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        device_sync()
+        start = time.perf_counter()
         step()
-    device_sync()
-    return batch * iters / (time.perf_counter() - start)
+        device_sync()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
 
 
-def run(model_cfg, batch: int, device: str, dtype, warmup: int, iters: int) -> dict[str, float]:
+def run(
+    model_cfg,
+    batch: int,
+    device: str,
+    dtype,
+    warmup: int,
+    iters: int,
+    on_result: Callable[[dict[str, float]], None] = lambda results: None,
+) -> dict[str, float]:
+    """images/s of every variant; ``on_result`` sees the results after each one."""
     torch.manual_seed(0)
     if isinstance(model_cfg, str):
         teacher = open_clip.create_model(model_cfg)
@@ -230,6 +247,7 @@ def run(model_cfg, batch: int, device: str, dtype, warmup: int, iters: int) -> d
     for variant in VARIANTS:
         step = make_step(variant, teacher, images, texts, dtype)
         results[variant] = images_per_second(step, batch, warmup, iters)
+        on_result(results)
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -240,14 +258,16 @@ def run(model_cfg, batch: int, device: str, dtype, warmup: int, iters: int) -> d
             results["tinyclip_fast (xformers attention)"] = images_per_second(
                 step, batch, warmup, iters
             )
+        on_result(results)
     return results
 
 
 def table(results: dict[str, float]) -> str:
-    reference = results["tinyclip_way"]
+    reference = results.get("tinyclip_way")
     lines = ["| variant | images/s | vs TinyCLIP way |", "|---|---|---|"]
     for variant, rate in results.items():
-        lines.append(f"| {variant} | {rate:,.0f} | {rate / reference:.2f}x |")
+        ratio = f"{rate / reference:.2f}x" if reference else "-"
+        lines.append(f"| {variant} | {rate:,.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -266,30 +286,46 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU")
     parser.add_argument("--batch", type=int, default=None, help="1024 on GPU, 64 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (10 GPU, 5 CPU)")
-    parser.add_argument("--out", default="bench/results", help="GPU table folder")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="table folder")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps (for gpu_check)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
     args = parser.parse_args()
-    if args.quick and args.iters is None:
-        args.iters = 5 if torch.cuda.is_available() else 2
-    if args.cpu or not torch.cuda.is_available():
-        batch = args.batch or 64
-        results = run(TINY, batch, "cpu", None, warmup=2, iters=args.iters or 5)
-        print(f"CPU ({torch.get_num_threads()} threads), tiny models, batch {batch}, fp32")
-        print(table(results))
+    # A dry run describes the GPU plan unless --cpu: that is what it prepares.
+    cuda = not args.cpu and (args.dry_run or torch.cuda.is_available())
+    warmup = 3 if cuda else 2
+    iters = args.iters or (5 if args.quick else 10 if cuda else 5)
+    batch = args.batch or (1024 if cuda else 64)
+    if args.dry_run:
+        models = "ViT-B-32 -> masked ViT-B-32, bf16" if cuda else "tiny models, fp32"
+        print(f"plan: {', '.join(VARIANTS)} (+ xformers attention on CUDA when installed)")
+        print(f"  {models}, batch {batch}, {warmup} warm-up + {iters} timed steps each")
+        print(f"  -> {args.out}/distill_step_{'<gpu>' if cuda else 'cpu'}.md")
+        print("smoke run: one step of each variant, tiny models, CPU (nothing written)")
+        print(table(run(TINY, 8, "cpu", None, warmup=0, iters=1)))
         return
-    batch = args.batch or 1024
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results = run("ViT-B-32", batch, "cuda", torch.bfloat16, warmup=3, iters=args.iters or 10)
-    gpu = torch.cuda.get_device_name()
-    text = (
-        f"# Distillation step, teacher ViT-B-32 -> masked ViT-B-32, batch {batch}, bf16\n\n"
-        f"{gpu}; {versions()}\n\n{table(results)}\n"
-    )
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = gpu.replace(" ", "_").replace("/", "_")
-    (out / f"distill_step_{name}.md").write_text(text)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        model, device, dtype = "ViT-B-32", "cuda", torch.bfloat16
+        where = torch.cuda.get_device_name()
+        title = f"# Distillation step, teacher ViT-B-32 -> masked ViT-B-32, batch {batch}, bf16"
+    else:
+        model, device, dtype = TINY, "cpu", None
+        where = f"CPU ({torch.get_num_threads()} threads)"
+        title = f"# Distillation step on the CPU, tiny models, batch {batch}, fp32"
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = where.replace(" ", "_").replace("/", "_") if cuda else "cpu"
+    path = args.out / f"distill_step_{name}.md"
+
+    def write(results: dict[str, float]) -> None:
+        text = (
+            f"{title}\n\n{where}; {versions()}; images/s = batch / median step time of "
+            f"{iters} steps after {warmup}\n\n{table(results)}\n"
+        )
+        path.write_text(text)
+
+    run(model, batch, device, dtype, warmup=warmup, iters=iters, on_result=write)
+    print(path.read_text())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Every kernel, every autotune configuration the CUDA launchers may pick, and ever
 dtype (bf16, fp16, fp32) is compiled ahead of time for sm_90a by the installed Triton (no GPU
 needed); the bundled ptxas then reports registers and spills of the PTX, and the PTX shows
 whether the main loop uses Hopper's wgmma. A spill in a bf16/fp16 main loop is a performance
-bug: ``--check`` exits 1 when one spills (fp32 variants are reported, not checked).
+bug: ``--check`` exits 1 when one spills (fp32 variants are reported, not checked, unless
+``--check-dtypes`` names fp32 too).
 
     python bench/sm90_report.py                 # all kernels -> bench/results/sm90_<triton>.md
     python bench/sm90_report.py --check --dtypes bf16,fp16   # what the test suite runs
+    python bench/sm90_report.py --families affinity_loss --out bench/results
     python bench/sm90_report.py --families masked_matmul --jobs 2
 
 Each kernel family describes its variants in one function below (``FAMILIES``): the kernel,
@@ -101,7 +103,7 @@ def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
                 for name in fn.arg_names
                 if name.endswith("_ptr")
             }
-            for bm, bn, bd, warps, stages in shapes:
+            for bm, bn, bd, warps, stages in shapes["fp32" if dtype == "fp32" else "half"]:
                 consts = dict(
                     TEACHER=True, COLUMNS=True, UPCAST=False, FP32_DOT=dtype == "fp32",
                     DOT_PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
@@ -263,14 +265,15 @@ def collect(families: list[str], dtypes: tuple[str, ...]) -> list[Variant]:
     return [v for family in families for v in FAMILIES[family](dtypes)]
 
 
-def table(reports: list[Report], versions: str) -> str:
+def table(reports: list[Report], versions: str, families: list[str]) -> str:
     lines = [
         "# sm_90 static report of the Triton kernels",
         "",
-        f"{versions}. Compiled ahead of time for sm_90a (no GPU), registers and spills from "
-        "the bundled ptxas -v, shared memory from Triton's metadata, wgmma = the PTX uses "
-        "wgmma.mma_async. Every autotune configuration a CUDA launch may pick; bf16/fp16 "
-        "variants must not spill (tests/kernels/test_sm90_report.py).",
+        f"{versions}; families: {', '.join(families)}. Compiled ahead of time for sm_90a (no "
+        "GPU), registers and spills from the bundled ptxas -v, shared memory from Triton's "
+        "metadata, wgmma = the PTX uses wgmma.mma_async. Every autotune configuration a CUDA "
+        "launch may pick; bf16/fp16 variants must not spill, nor the affinity kernels' fp32 "
+        "ones (tests/kernels/test_sm90_report.py).",
         "",
         "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
         "| wgmma | compile s |",
@@ -304,7 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--out", type=Path, default=None, help="write sm90_<triton>.md here")
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if a bf16/fp16 variant spills or fails"
+        "--check", action="store_true", help="exit 1 if a checked variant spills or fails"
+    )
+    parser.add_argument(
+        "--check-dtypes", default=",".join(CHECKED_DTYPES), help="dtypes --check holds to it"
+    )
+    parser.add_argument(
+        "--fail-fast", action="store_true", help="with --check: stop at the first failure"
     )
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -313,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown families {unknown}; known: {sorted(FAMILIES)}")
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    if set(dtypes) - set(DTYPES):
+    checked = tuple(d for d in args.check_dtypes.split(",") if d)
+    if set(dtypes + checked) - set(DTYPES):
         parser.error(f"dtypes must be among {DTYPES}")
     variants = collect(families, dtypes)
     print(f"compiling {len(variants)} variants for sm_90a with {args.jobs} jobs")
     reports = []
+    failed = lambda r: r.variant.dtype in checked and (r.spills or r.error)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for report in pool.map(compile_variant, variants):
             v = report.variant
@@ -327,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"  {v.kernel} {v.dtype} {v.label}: {status} ({report.seconds:.1f} s)")
             reports.append(report)
-    text = table(reports, versions())
+            if args.check and args.fail_fast and failed(report):
+                print(f"stopping after the first failure ({len(reports)} of {len(variants)})")
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+    text = table(reports, versions(), families)
     if args.out is not None:
         import triton
 
@@ -335,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"sm90_triton_{triton.__version__}.md"
         path.write_text(text)
         print(f"wrote {path}")
-    bad = [r for r in reports if r.variant.dtype in CHECKED_DTYPES and (r.spills or r.error)]
+    bad = [r for r in reports if failed(r)]
     if bad:
-        print(f"{len(bad)} bf16/fp16 variants spill or fail to compile:")
+        print(f"{len(bad)} {'/'.join(checked)} variants spill or fail to compile:")
         for r in bad:
             print(
                 f"  {r.variant.kernel} {r.variant.dtype} {r.variant.label}: "

@@ -14,6 +14,10 @@ atomics relative to a fixed per-column shift c_j = |a| ||Y_j|| max_i ||X_i|| >= 
 (Cauchy-Schwarz), so nothing overflows and fp64 leaves ~700 natural-log units of headroom
 before underflow. Columns that still underflow are recomputed exactly by a second pass
 (the row kernel on the transposed problem, those columns only).
+
+Feature dtypes: bf16/fp16 dots on the tensor cores, fp32 ones as 3xTF32; every statistic
+and accumulation is fp32. Float64 features are cast to fp32 here: the kernels compute in
+fp32 (the PyTorch path computes float64 in float64).
 """
 
 import torch
@@ -247,20 +251,39 @@ def _autotuned(kernel, shapes: tuple, reset: list[str]):
     return triton.autotune(configs, key=["m", "n", "d_s", "d_t"], reset_to_zero=reset)(kernel)
 
 
-# Candidates that compile without register spills for bf16 features on sm_90 (checked with
-# ptxas -v on the ahead-of-time compiled kernels, teacher and column terms on); the forward
-# keeps many [BLOCK_M, BLOCK_N] tiles alive, hence 8 warps.
-_STATS_SHAPES = ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3))
-_GRAD_SHAPES = ((64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3))
+# Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
+# static report bench/sm90_report.py, teacher and column terms on; tests/kernels holds it
+# to that for bf16/fp16). The forward keeps many [BLOCK_M, BLOCK_N] tiles alive, hence 8
+# warps. fp32 features take 3xTF32 dots (each operand split in a high and a low part, three
+# MMAs per product), which need about twice the registers of a bf16 tile: larger fp32 tiles
+# spill 28-760 B, so fp32 gets smaller BLOCK_D / BLOCK_N candidates of its own.
+_STATS_SHAPES = {
+    "half": ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
+    "fp32": ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
+}
+_GRAD_SHAPES = {
+    "half": ((64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
+    "fp32": ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
+}
+
+
+def _shape_class(features: torch.Tensor) -> str:
+    return "fp32" if features.dtype == torch.float32 else "half"
 
 
 if INTERPRETING:
-    _stats_kernel = _affinity_stats_kernel
-    _grad_kernel = _affinity_grad_logits_kernel
+    _STATS_KERNELS = dict.fromkeys(_STATS_SHAPES, _affinity_stats_kernel)
+    _GRAD_KERNELS = dict.fromkeys(_GRAD_SHAPES, _affinity_grad_logits_kernel)
     _SMALLEST_BLOCK = _INTERPRETER_BLOCKS["BLOCK_M"]
 else:
-    _stats_kernel = _autotuned(_affinity_stats_kernel, _STATS_SHAPES, ["col_acc_ptr"])
-    _grad_kernel = _autotuned(_affinity_grad_logits_kernel, _GRAD_SHAPES, ["dscale_ptr"])
+    _STATS_KERNELS = {
+        kind: _autotuned(_affinity_stats_kernel, shapes, ["col_acc_ptr"])
+        for kind, shapes in _STATS_SHAPES.items()
+    }
+    _GRAD_KERNELS = {
+        kind: _autotuned(_affinity_grad_logits_kernel, shapes, ["dscale_ptr"])
+        for kind, shapes in _GRAD_SHAPES.items()
+    }
     _SMALLEST_BLOCK = 64
 
 
@@ -337,7 +360,7 @@ def affinity_stats_forward(
     else:
         shifts = col_acc = row_out  # never read: COLUMNS is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _stats_kernel[grid](
+    _STATS_KERNELS[_shape_class(rows)][grid](
         rows, cols, teacher_rows if teacher else rows, teacher_cols if teacher else cols, a, b,
         row_out, shifts, col_acc,
         m, n, rows.shape[1], teacher_rows.shape[1] if teacher else 0, label_offset,
@@ -428,7 +451,7 @@ def affinity_grad_backward(
             triton.cdiv(size, meta["BLOCK_M"]),
             triton.cdiv(n, meta["BLOCK_N"]),
         )
-        _grad_kernel[grid](
+        _GRAD_KERNELS[_shape_class(rows)][grid](
             rows, cols, teacher_rows if teacher else rows, teacher_cols if teacher else cols,
             a, b, row_lse, col_lse, coeffs, grad, dscale[index],
             m, n, rows.shape[1], teacher_rows.shape[1] if teacher else 0, label_offset,

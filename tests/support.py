@@ -1,8 +1,14 @@
 """Small pieces shared by several test files: the error measure, tiny open_clip configs and
 dataset wrappers. (tests/ is on sys.path through pytest's ``pythonpath`` setting.)"""
 
+import hashlib
+import io
+import json
+
+import numpy as np
 import open_clip
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from tinyclip_fast.ops.backend import force_backend
@@ -118,3 +124,65 @@ def assert_same_weights(a, b, tol=None):
         else:
             err = rel_err(comparable(key, sa[key]), comparable(key, sb[key]))
             assert err < tol, (key, err)
+
+
+# ---- reinforced data: image shards and a tokenizer for them ---------------------------
+
+
+class WordTokenizer:
+    """Words -> ids by hash: ``[sot, w_1, ..., eot, 0, ...]`` with sot = vocab - 2 and eot =
+    vocab - 1 (argmax pooling finds it); picklable, so loader workers can use it."""
+
+    def __init__(self, context_length: int = 16, vocab_size: int = 1000):
+        self.context_length, self.vocab_size = context_length, vocab_size
+
+    def __call__(self, texts):
+        tokens = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = [
+                int(hashlib.blake2b(w.encode(), digest_size=4).hexdigest(), 16)
+                % (self.vocab_size - 3)
+                + 1
+                for w in text.split()
+            ][: self.context_length - 2]
+            ids = [self.vocab_size - 2, *words, self.vocab_size - 1]
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        return tokens
+
+
+def random_image(seed: int):
+    """A PIL RGB image of random pixels and a random size in [28, 52] x [28, 52]."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(28, 53, size=2))
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def encode_image(image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image_shards(folder, num_shards: int, per_shard: int, seed: int = 0, synthetic=2):
+    """Tar shards ``folder/{00000..}.tar`` of PNG images, a ``txt`` caption each and
+    ``synthetic`` captions in ``syn.json``; returns their paths."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(num_shards):
+        path = folder / f"{shard:05d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                index = seed * 10_000 + shard * per_shard + i
+                sample = {
+                    "__key__": f"s{shard}-{i:03d}",
+                    "png": encode_image(random_image(index)),
+                    "txt": f"a photo of thing {index}",
+                }
+                if synthetic:
+                    captions = [f"synthetic {j} of thing {index}" for j in range(synthetic)]
+                    sample["syn.json"] = json.dumps({"syn_text": captions})
+                sink.write(sample)
+        paths.append(path)
+    return paths

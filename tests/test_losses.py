@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from support import KERNEL_DEVICE, rel_err
 
 from tinyclip_fast.losses import AffinityMimickingLoss, ClipLoss, DistillClipLoss
+from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
 from tinyclip_fast.ops.backend import force_backend
 
 BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
@@ -125,3 +126,58 @@ def test_bad_arguments():
         ClipLoss()(*student, logit_scale, logit_bias=torch.zeros(5, 5))
     with pytest.raises(RuntimeError, match="not initialised"):
         ClipLoss(world_size=2)(*student, logit_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_values_and_gradients_under_autocast(dtype):
+    # Case 8: under CPU bf16 autocast the contrastive term was 19.000 where open_clip's fp32
+    # gives 18.9588: the loss ran (and rounded) in the autocast dtype.
+    student, teacher, logit_scale, teacher_scale = _inputs(37, 24, 40, "cpu", scale=100.0)
+    weights = (0.7, -1.3)
+    ref_out, ref_grads = _reference_grads(
+        oc_loss.DistillClipLoss(), student, teacher, logit_scale, teacher_scale, weights
+    )
+    with force_backend("torch"), torch.autocast("cpu", dtype=dtype):
+        out = DistillClipLoss()(*student, logit_scale, *teacher, teacher_scale)
+        (weights[0] * out[0] + weights[1] * out[1]).backward()  # backward inside autocast too
+    for ours, ref in zip(out, ref_out, strict=True):
+        assert ours.dtype == torch.float32 and rel_err(ours, ref) < 1e-6
+    for ours, ref in zip(
+        [student[0].grad, student[1].grad, logit_scale.grad], ref_grads, strict=True
+    ):
+        assert rel_err(ours, ref) < 1e-5
+
+
+def test_contrastive_weight_means_the_same_everywhere():
+    # Case 9: the function mixed (1 - w) L_dist + w L_clip, the engine summed the terms.
+    student, teacher, logit_scale, teacher_scale = _inputs(13, 16, 16, "cpu")
+    with force_backend("torch"):
+        contrastive, distill = DistillClipLoss()(*student, logit_scale, *teacher, teacher_scale)
+        for w in (0.0, 0.3, 1.0):
+            expected = (1 - w) * distill + w * contrastive
+            module = AffinityMimickingLoss(contrastive_weight=w)
+            loss = module(*student, logit_scale, *teacher, teacher_scale)
+            function = affinity_mimicking_loss(
+                *student, logit_scale, *teacher, teacher_scale, contrastive_weight=w
+            )
+            assert rel_err(loss, expected) < 1e-6 and rel_err(function, expected) < 1e-6
+
+
+def test_scales_and_weights_outside_their_domain_are_errors():
+    # Case 11: a negative, zero or NaN logit scale and a weight outside [0, 1] were accepted.
+    student, teacher, logit_scale, teacher_scale = _inputs(5, 8, 8, "cpu")
+    for bad in (0.0, -1.0, float("nan"), float("inf"), torch.tensor(-2.0), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="logit_scale must be a finite multiplicative scale"):
+            affinity_mimicking_loss(*student, bad, *teacher, teacher_scale)
+        with pytest.raises(ValueError, match="teacher_logit_scale must be a finite"):
+            affinity_mimicking_loss(*student, logit_scale, *teacher, bad)
+        with pytest.raises(ValueError, match="logit_scale must be a finite"):
+            ClipLoss()(*student, bad)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"contrastive_weight must lie in \[0, 1\]"):
+            affinity_mimicking_loss(*student, logit_scale, *teacher, teacher_scale,
+                                    contrastive_weight=bad)  # fmt: skip
+        with pytest.raises(ValueError, match=r"contrastive_weight must lie in \[0, 1\]"):
+            AffinityMimickingLoss(contrastive_weight=bad)
+    with pytest.raises(TypeError, match="contrastive_weight must be a float"):
+        AffinityMimickingLoss(contrastive_weight=True)

@@ -3,14 +3,19 @@
 Precedence: built-in defaults < ``--config FILE`` (JSON/TOML) < the flags below < ``--set``.
 Multi-stage runs are written in the config file (``[[stages]]``); the student flags
 (--preset, --student-config, --sparsity, --from-scratch, --steps, --prune-step) edit a
-single-stage run. Under torchrun every rank runs this same command.
+single-stage run. Under torchrun every rank runs this same command; rank 0 alone prints,
+except errors, which every rank writes as one line of its own.
+
+A bad configuration is reported before torch is imported, in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +28,18 @@ from tinyclip_fast.train.config import (
     apply_override,
     load_config,
 )
+from tinyclip_fast.train.run_folder import check_run_folder
 
 EPILOG = """\
 examples:
   # manual inheritance, one stage, CSV data, zero-shot eval every 500 steps
   tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32_laion2b_e16.pt \\
-      --preset ViT-40M-32-Text-19M --steps 20000 --data csv:train.tsv \\
+      --preset ViT-40M-32-Text-19M --steps 20000 --data csv:train.csv \\
       --eval folder:imagenet_val/ --eval-every 500 --out-dir runs/manual
   # automatic inheritance to 50% sparsity, pruned after 5000 steps
   tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --sparsity 0.5 \\
       --prune-step 5000 --steps 10000 --data webdataset:'shards/{00000..00999}.tar' \\
-      --data-size 10000000
+      --data-size 10000000 --skip-bad-samples
   # multi-stage progressive distillation from a config file; continue after a stop
   tinyclip-distill --config progressive.toml
   tinyclip-distill --config progressive.toml --resume
@@ -43,10 +49,52 @@ examples:
   # print the resolved configuration (a template for --config) and exit
   tinyclip-distill --preset ViT-8M-16-Text-3M --print-config
 
-Outputs in --out-dir: checkpoint.pt (resumable training state), metrics.jsonl,
-tensorboard/ (when installed), student/ (weights-only export; load with
-tinyclip_fast.inheritance.student_io.load_student, or open_clip "local-dir:" for uniform students).
+rules:
+  run folder   --out-dir holds checkpoint.pt (resumable state), metrics.jsonl, tensorboard/
+               (when installed), bad_samples.jsonl and student/ (weights-only export; load with
+               tinyclip_fast.load_student, or open_clip "local-dir:" for uniform students).
+               A folder holding another run's files needs --resume (continue it: metrics.jsonl
+               is cut back to the checkpoint's step; the last stage may be given more --steps)
+               or --overwrite (replace those files). Files get the usual umask permissions.
+  precision    default: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on the
+               CPU. The loss is computed and returned in fp32 under any autocast.
+  bad data     an unreadable image, CSV row or shard member stops the run with its name;
+               --skip-bad-samples skips and logs each to bad_samples.jsonl instead, and stops
+               once more than --max-bad-fraction of the samples read were bad.
+  cache        --teacher-cache holds one teacher's embeddings of one dataset, in order: a
+               cache built on other samples, the same rows reordered or by another teacher
+               is refused, naming the first sample that differs.
+  CSV          --csv-separator defaults to the extension's: .csv comma, else tab (.tsv).
+exit status: 0 done, 1 the loss became NaN/inf, 2 bad input, 130 stopped by SIGINT/SIGTERM
+(after a checkpoint).
 """
+
+
+class _Version(argparse.Action):
+    """--version, with the versions of the stack (looked up only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib import metadata
+
+        def version(package: str) -> str:
+            try:
+                return metadata.version(package)
+            except metadata.PackageNotFoundError:
+                return "not installed"
+
+        stack = ", ".join(
+            f"{name} {version(package)}"
+            for name, package in (
+                ("torch", "torch"),
+                ("triton", "triton"),
+                ("open_clip", "open_clip_torch"),
+            )
+        )
+        print(f"tinyclip-distill {version('tinyclip-fast')} ({stack})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=_Version)
     p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (see --print-config)")
     p.add_argument(
         "--set",
         metavar="KEY=VALUE",
         action="append",
         default=[],
-        help="override any config field, value parsed as JSON; repeatable. "
-        "e.g. --set optim.betas=[0.9,0.98] --set stages.1.prune_step=5000",
+        help="override any config field, value parsed as JSON and checked against the "
+        "field's type; repeatable. e.g. --set optim.betas=[0.9,0.98] --set "
+        "stages.1.prune_step=5000 --set data.options.caption_key=caption",
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
@@ -87,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-cache",
         metavar="FILE",
         help="cached teacher embeddings (safetensors): read them instead of running "
-        "the teacher; needs a map-style dataset without random augmentation",
+        "the teacher; needs map-style data without random augmentation, built on the same "
+        "samples in the same order",
     )
     g.add_argument(
         "--build-teacher-cache",
@@ -124,27 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-step",
         type=int,
         metavar="K",
-        help="automatic inheritance: prune after K steps (default: at the end)",
+        help="automatic inheritance: prune after K steps (default: at the end of the stage)",
     )
     g.add_argument(
         "--sparsity-warmup",
         type=int,
         metavar="W",
-        help="steps over which the sparsity target ramps from 0 to S (default 1000)",
+        help="steps over which the sparsity target ramps from 0 to S, at most the prune step "
+        "(default: 1000, at most half the prune step)",
     )
     g.add_argument(
         "--from-scratch",
         action="store_true",
+        default=None,
         help="random init with --preset/--student-config's architecture (baseline)",
     )
     g.add_argument("--steps", type=int, help="training steps of the stage")
 
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data (required: name the data a run trains on)")
     g.add_argument(
         "--data",
         metavar="KIND[:PATH]",
         help="csv:FILE (CSV/TSV, open_clip columns filepath/title), "
-        "webdataset:'a-{000..099}.tar', synthetic, or demo[:SOURCE]",
+        "webdataset:'a-{000..099}.tar', demo[:SOURCE], or synthetic (random pairs: "
+        "throughput checks only)",
     )
     g.add_argument(
         "--data-size",
@@ -152,15 +206,45 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="synthetic: number of samples (10,000); webdataset: samples per epoch",
     )
+    g.add_argument(
+        "--csv-separator",
+        metavar="SEP",
+        help="CSV column separator (default: from the extension, .csv comma, else tab)",
+    )
+    g.add_argument(
+        "--csv-img-key", metavar="COLUMN", help="CSV column of image paths (default: filepath)"
+    )
+    g.add_argument(
+        "--csv-caption-key", metavar="COLUMN", help="CSV column of captions (default: title)"
+    )
+    g.add_argument(
+        "--skip-bad-samples",
+        action="store_true",
+        default=None,
+        help="skip unreadable samples (logged in --out-dir/bad_samples.jsonl) instead of "
+        "stopping at the first",
+    )
+    g.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        metavar="F",
+        help="with --skip-bad-samples: stop once more than F of the samples read were bad",
+    )
     g.add_argument("--num-workers", type=int, help="data loader worker processes")
 
     g = p.add_argument_group("zero-shot evaluation")
     g.add_argument(
         "--eval",
         metavar="KIND[:PATH]",
-        help="folder:DIR (one subfolder per class), csv:FILE (filepath,label), or demo",
+        help="folder:DIR (one subfolder per class), csv:FILE (filepath,label; .csv comma, "
+        "else tab), or demo",
     )
-    g.add_argument("--eval-every", type=int, metavar="K", help="evaluate every K steps (0: off)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="K",
+        help="evaluate every K steps, 0: off (default with --eval: 1000)",
+    )
     g.add_argument("--eval-class-names", metavar="FILE", help="class names, one per line")
     g.add_argument(
         "--eval-templates",
@@ -168,9 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt templates with '{}', one per line (default 'a photo of a {}.')",
     )
 
-    g = p.add_argument_group("loss")
-    g.add_argument("--distill-weight", type=float, help="weight of the affinity loss (1.0)")
-    g.add_argument("--contrastive-weight", type=float, help="weight of the CLIP loss (0.0)")
+    g = p.add_argument_group("loss: (1 - w) L_dist + w L_clip")
+    g.add_argument(
+        "--contrastive-weight",
+        type=float,
+        metavar="W",
+        help="w in [0, 1]: the CLIP loss's share (0: pure affinity mimicking, TinyCLIP's; "
+        "0.5: open_clip's 1:1 sum at half the scale)",
+    )
     g.add_argument(
         "--loss-kind",
         choices=LOSS_KINDS,
@@ -180,38 +269,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-scale",
         type=float,
         metavar="S",
-        help="fix both logit scales to S (the authors use 50); default: learnable "
+        help="fix both logit scales to S > 0 (the authors use 50); default: learnable "
         "student scale clamped to <= 100, teacher keeps its own",
     )
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, help="peak learning rate (1e-4)")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup before the cosine (2000)")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup before the cosine")
     g.add_argument(
         "--prune-warmup-steps",
         type=int,
-        help="auto stages: the rate ramps up again over this many steps after pruning (200); "
-        "the optimizer's moments carry over to the pruned student",
+        help="auto stages: the rate ramps up again over this many steps after pruning (at most "
+        "a quarter of the steps left); the optimizer's moments carry over to the pruned student",
     )
-    g.add_argument("--weight-decay", type=float, help="on >= 2-D weights only (0.2)")
-    g.add_argument("--grad-clip", type=float, help="max global grad norm, 0 = off (5.0)")
-    g.add_argument("--batch-size", type=int, help="global batch over all ranks (256)")
+    g.add_argument(
+        "--mask-lr",
+        type=float,
+        help="auto stages: AdamW rate of the masks' log_alpha (which start at 10); with the "
+        "default rates the masks reach the target in 200 or more steps before --prune-step "
+        "(demo teacher: 51%% of a 50%% target at 200 steps, 3%% at 100); tens of steps need "
+        "about 0.25 and --lagrangian-lr 0.05",
+    )
+    g.add_argument(
+        "--lagrangian-lr",
+        type=float,
+        help="auto stages: rate of the sparsity Lagrangian's multipliers (gradient ascent)",
+    )
+    g.add_argument("--weight-decay", type=float, help="on >= 2-D weights only")
+    g.add_argument("--grad-clip", type=float, help="max global grad norm, 0 = off")
+    g.add_argument("--batch-size", type=int, help="global batch over all ranks")
     g.add_argument(
         "--micro-batch-size",
         type=int,
         help="per-rank micro-batch: exact gradient accumulation (GradCache)",
     )
     g.add_argument(
-        "--precision", choices=PRECISIONS, help="autocast dtype (bf16); fp16 adds a GradScaler"
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA, fp16 where bf16 "
+        "is unsupported; fp32 on the CPU)",
     )
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
-    g.add_argument(
-        "--attention",
-        choices=ATTENTIONS,
-        help="sdpa (default) or xformers (CUDA; must be installed)",
-    )
+    g.add_argument("--attention", choices=ATTENTIONS, help="xformers: CUDA, must be installed")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    g.add_argument("--seed", type=int, help="seed of the data order and initialisation (0)")
+    g.add_argument("--seed", type=int, help="seed of the data order and initialisation")
 
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", metavar="DIR", help="checkpoint, metrics and student export")
@@ -219,11 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         default=None,
-        help="continue the run in --out-dir from its checkpoint.pt",
+        help="continue the run in --out-dir from its checkpoint.pt (more --steps in the last "
+        "stage extend a finished run)",
     )
-    g.add_argument("--log-every", type=int, metavar="K", help="log metrics every K steps (10)")
-    g.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace another run's files in --out-dir (checkpoint, metrics, student)",
+    )
+    g.add_argument("--log-every", type=int, metavar="K", help="log metrics every K steps")
+    g.add_argument(
+        "--save-every", type=int, metavar="K", help="checkpoint every K steps (and at stage ends)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    _show_defaults(p)
     return p
 
 
@@ -232,17 +343,20 @@ _FLAT = {  # flag -> config path
     "pretrained": "teacher.pretrained",
     "teacher_cache": "teacher.cache",
     "data_size": "data.size",
+    "skip_bad_samples": "data.skip_bad_samples",
+    "max_bad_fraction": "data.max_bad_fraction",
     "num_workers": "num_workers",
     "eval_every": "eval.every",
     "eval_class_names": "eval.class_names",
     "eval_templates": "eval.templates",
-    "distill_weight": "loss.distill_weight",
     "contrastive_weight": "loss.contrastive_weight",
     "loss_kind": "loss.kind",
     "fixed_scale": "loss.fixed_scale",
     "lr": "optim.lr",
     "warmup_steps": "optim.warmup_steps",
     "prune_warmup_steps": "optim.prune_warmup_steps",
+    "mask_lr": "optim.mask_lr",
+    "lagrangian_lr": "optim.lagrangian_lr",
     "weight_decay": "optim.weight_decay",
     "grad_clip": "optim.grad_clip",
     "batch_size": "batch_size",
@@ -254,8 +368,14 @@ _FLAT = {  # flag -> config path
     "seed": "seed",
     "out_dir": "out_dir",
     "resume": "resume",
+    "overwrite": "overwrite",
     "log_every": "log_every",
     "save_every": "save_every",
+}
+_CSV_OPTIONS = {  # flag -> data.options key (open_clip's names)
+    "csv_separator": "csv_separator",
+    "csv_img_key": "csv_img_key",
+    "csv_caption_key": "csv_caption_key",
 }
 _STAGE_FLAGS = (
     "preset",
@@ -269,27 +389,53 @@ _STAGE_FLAGS = (
 )
 
 
+def _get_path(config: Any, path: str) -> Any:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append '(default: X)' from the config dataclasses to the flags' help texts."""
+    defaults, stage = DistillConfig(), StageConfig()
+    for action in parser._actions:
+        if action.dest in _FLAT:
+            value = _get_path(defaults, _FLAT[action.dest])
+        elif action.dest in _STAGE_FLAGS:
+            value = getattr(stage, action.dest)
+        else:
+            continue
+        if value is not None and value is not False and "(default" not in (action.help or ""):
+            action.help = f"{action.help} (default: {value})"
+
+
 def _set_path(config: DistillConfig, path: str, value: Any) -> None:
-    target: Any = config
-    *parents, name = path.split(".")
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, name, value)
+    parent, _, name = path.rpartition(".")
+    setattr(_get_path(config, parent) if parent else config, name, value)
 
 
-def _kind_and_path(value: str) -> tuple[str, str | None]:
+def _kind_and_path(value: str, flag: str) -> tuple[str, str | None]:
+    """``KIND:PATH`` -> (kind, path); a bare path is an error suggesting its kind."""
     kind, sep, path = value.partition(":")
+    if not sep and ("/" in value or Path(value).suffix):
+        suffix = Path(value).suffix.lower()
+        if flag == "--data":
+            guess = "webdataset" if suffix == ".tar" or "{" in value else "csv"
+        else:
+            guess = "csv" if suffix in (".csv", ".tsv") else "folder"
+        raise ValueError(f"{flag} {value}: name the kind first, e.g. {flag} {guess}:{value}")
     return kind, (path if sep else None)
 
 
 def _edit_stage(config: DistillConfig, args: argparse.Namespace) -> None:
-    given = {k: getattr(args, k) for k in _STAGE_FLAGS if getattr(args, k) not in (None, False)}
+    given = {k: getattr(args, k) for k in _STAGE_FLAGS if getattr(args, k) is not None}
     if not given:
         return
     if len(config.stages) != 1:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
         raise ValueError(
-            "student flags edit single-stage runs; this config has "
-            f"{len(config.stages)} stages: use --set stages.N.KEY=VALUE"
+            f"{flags} edit single-stage runs; this config has {len(config.stages)} stages: "
+            "use --set stages.N.KEY=VALUE"
         )
     stage = config.stages[0]
     if {"preset", "student_config", "sparsity", "from_scratch"} & given.keys():
@@ -298,7 +444,10 @@ def _edit_stage(config: DistillConfig, args: argparse.Namespace) -> None:
         path = Path(given.pop("student_config"))
         if not path.is_file():
             raise FileNotFoundError(f"--student-config {path} does not exist")
-        stage.student_config = json.loads(path.read_text())
+        try:
+            stage.student_config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--student-config {path} is not valid JSON: {err}") from None
     for key, value in given.items():
         setattr(stage, key, value)
     config.stages[0] = stage
@@ -311,12 +460,15 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         value = getattr(args, flag)
         if value is not None:
             _set_path(config, path, value)
+    for flag, key in _CSV_OPTIONS.items():
+        if getattr(args, flag) is not None:
+            config.data.options[key] = getattr(args, flag)
     if args.no_progress:
         config.progress = False
     if args.data is not None:
-        config.data.kind, config.data.path = _kind_and_path(args.data)
+        config.data.kind, config.data.path = _kind_and_path(args.data, "--data")
     if args.eval is not None:
-        config.eval.kind, config.eval.path = _kind_and_path(args.eval)
+        config.eval.kind, config.eval.path = _kind_and_path(args.eval, "--eval")
         if config.eval.every == 0 and args.eval_every is None:
             config.eval.every = 1000
     _edit_stage(config, args)
@@ -326,65 +478,110 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     return config
 
 
-def _build_teacher_cache(config: DistillConfig) -> None:
+def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
     from tinyclip_fast.data.datasets import build_dataset
     from tinyclip_fast.train.engine import dataset_defaults
+    from tinyclip_fast.train.runtime import resolve_device
     from tinyclip_fast.train.teacher import build_teacher
     from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
     if config.teacher.cache is None:
         raise ValueError("--build-teacher-cache needs --teacher-cache FILE (where to write it)")
+    device = resolve_device(config.device)
     teacher, tokenizer, _, eval_preprocess = build_teacher(config.teacher)
     data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
     dataset = build_dataset(data_cfg, preprocess=eval_preprocess, tokenizer=tokenizer)
-    device = config.device or ("cuda" if _cuda() else "cpu")
-    teacher = teacher.to(device)
     cache = TeacherEmbeddingCache.build(
-        teacher,
+        teacher.to(device),
         dataset,
         config.teacher.cache,
         batch_size=config.micro_batch_size or 256,
         device=device,
     )
-    print(f"wrote {len(cache)} teacher embeddings (dim {cache.dim}) to {config.teacher.cache}")
+    if rank == 0:
+        print(f"wrote {len(cache)} teacher embeddings (dim {cache.dim}) to {config.teacher.cache}")
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _line(message: str, rank: int, label: str = "error") -> None:
+    """``tinyclip-distill: [rank r] label: message`` as ONE write to stderr: the lines of
+    ranks failing at once never run together."""
+    where = f"[rank {rank}] " if rank else ""
+    line = f"tinyclip-distill: {where}{label}: {' '.join(str(message).split())}\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):  # stderr is no file (captured, replaced)
+        sys.stderr.write(line)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tinyclip-distill``; returns the exit status: 0 done, 2 bad input, 1 the loss
     became NaN/inf, 130 SIGINT/SIGTERM stopped the run (after saving a checkpoint)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        warnings.simplefilter("ignore")  # rank 0 says what there is to say
+    try:
+        return _run(args, rank)
+    except BrokenPipeError:
+        # `tinyclip-distill --print-config | head`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
+    try:
+        config = config_from_args(args)
+        if not args.print_config:
+            config.data.require()
+            if not (config.resume or args.build_teacher_cache):
+                check_run_folder(config.out_dir, config.overwrite)  # the engine clears it
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if rank == 0:  # every rank read the same configuration
+            _line(err, rank)
+        return 2
+    if args.print_config:
+        if rank == 0:
+            print(json.dumps(config.to_dict(), indent=2), flush=True)
+        return 0
+
+    from tinyclip_fast.data.datasets import check_kind
+    from tinyclip_fast.data.loader import BadSampleError
     from tinyclip_fast.demo.plugins import register_demo
+    from tinyclip_fast.train.evaluation import check_eval_kind
+    from tinyclip_fast.train.runtime import check_device
 
     register_demo()
     try:
-        config = config_from_args(args)
-    except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as err:
-        parser.error(str(err))
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-    from tinyclip_fast.train.engine import distill
+        check_kind(config.data.kind)
+        if config.eval.every:
+            check_eval_kind(config.eval.kind)
+        check_device(config.device)
+        from tinyclip_fast.train.engine import distill  # open_clip: seconds to import
 
-    try:
         if args.build_teacher_cache:
-            _build_teacher_cache(config)
+            _build_teacher_cache(config, rank)
             return 0
         result = distill(config)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"tinyclip-distill: error: {err}", file=sys.stderr)
+    except BadSampleError as err:
+        hint = "; --skip-bad-samples skips and logs them"
+        if args.build_teacher_cache:
+            hint = "; a teacher cache needs every sample: fix the file or drop its row"
+        elif config.data.skip_bad_samples:
+            hint = ""
+        _line(f"{err}{hint}", rank)
+        return 2
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        _line(err, rank)
         return 2
     except FloatingPointError as err:
-        print(f"tinyclip-distill: stopped: {err}", file=sys.stderr)
+        _line(err, rank, "stopped")
         return 1
     if result.interrupted:
-        print("tinyclip-distill: interrupted; run again with --resume to continue", file=sys.stderr)
+        if rank == 0:
+            _line("run again with --resume to continue", rank, "interrupted")
         return 130  # the shell's code for "stopped by a signal", so job schedulers requeue
-    print(f"done: student with {result.params:,} parameters in {Path(config.out_dir) / 'student'}")
+    if rank == 0:
+        student = Path(config.out_dir) / "student"
+        print(f"done: student with {result.params:,} parameters in {student}", flush=True)
     return 0

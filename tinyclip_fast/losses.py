@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from tinyclip_fast.distributed import distributed_world, gather_features, gather_teacher_features
-from tinyclip_fast.ops.affinity_loss import affinity_loss_rows, affinity_loss_square
+from tinyclip_fast.ops.affinity_loss import (
+    affinity_loss_rows,
+    affinity_loss_square,
+    check_contrastive_weight,
+)
 
 
 def _check_logit_bias(logit_bias: torch.Tensor | float | None) -> None:
@@ -180,8 +184,7 @@ class AffinityMimickingLoss(ClipLoss):
         local_loss: bool = True,
         gather_with_grad: bool = True,
     ) -> None:
-        if not 0.0 <= contrastive_weight <= 1.0:
-            raise ValueError(f"contrastive_weight must lie in [0, 1], got {contrastive_weight}")
+        contrastive_weight = check_contrastive_weight(contrastive_weight)
         if kind not in ("soft_ce", "kl"):
             raise ValueError(f"kind must be 'soft_ce' or 'kl', got {kind!r}")
         super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad)

@@ -12,10 +12,13 @@ from torch.utils.data import IterableDataset
 from tinyclip_fast.data.datasets import (
     CsvPairDataset,
     SyntheticPairDataset,
+    TensorPairDataset,
     WebDatasetPairs,
     build_dataset,
+    check_sample_fingerprints,
+    sample_fingerprints,
 )
-from tinyclip_fast.data.loader import make_loader
+from tinyclip_fast.data.loader import BadSampleError, make_loader
 from tinyclip_fast.demo.data import CompactTokenizer
 
 CAPTIONS = [
@@ -94,14 +97,74 @@ def test_csv_dataset_bad_inputs(tmp_path, csv_folder, tokenizer):
         CsvPairDataset(csv_folder / "pairs.tsv", separator=",", **kwargs)
     (csv_folder / "images" / "2.png").unlink()
     data = CsvPairDataset(csv_folder / "pairs.tsv", **kwargs)
-    with pytest.raises(FileNotFoundError, match="2.png.*row 2"):
+    with pytest.raises(BadSampleError, match="2.png .row 2 of .*pairs.tsv. does not exist"):
         data[2]
     with pytest.raises(ValueError, match="needs a preprocess and a tokenizer"):
         build_dataset({"kind": "csv", "path": "x"}, preprocess=None, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="needs data_cfg\\['path'\\]"):
+    with pytest.raises(ValueError, match="needs a path: --data csv:PATH"):
         build_dataset({"kind": "csv"}, **kwargs)
-    with pytest.raises(ValueError, match="kind"):
-        build_dataset({"kind": "parquet"}, **kwargs)
+    # Case 16: "data.path has no meaning" and internal names instead of "unknown kind".
+    with pytest.raises(ValueError, match="unknown data kind 'parquet'.*kinds: csv, webdataset"):
+        build_dataset({"kind": "parquet", "path": "x"}, **kwargs)
+    with pytest.raises(ValueError, match="'synthetic' reads no files"):
+        build_dataset({"kind": "synthetic", "path": "x", "num_samples": 2}, **kwargs)
+
+
+def test_csv_separator_follows_the_extension(tmp_path, tokenizer):
+    # Case 17: a .csv file was read with TAB unless told otherwise.
+    Image.fromarray(random_pixels(1)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text(f"filepath,title\na.png,{CAPTIONS[1]}\n")
+    (tmp_path / "pairs.tsv").write_text(f"filepath\ttitle\na.png\t{CAPTIONS[1]}\n")
+    for name in ("pairs.csv", "pairs.tsv"):
+        data = CsvPairDataset(tmp_path / name, preprocess=preprocess, tokenizer=tokenizer)
+        assert data.captions == [CAPTIONS[1]]
+    with pytest.raises(ValueError, match="columns found with separator ';'"):
+        CsvPairDataset(tmp_path / "pairs.csv", preprocess=preprocess, tokenizer=tokenizer,
+                       separator=";")  # fmt: skip
+
+
+def bad_files(folder):
+    """A truncated PNG and a text file posing as a PNG, next to good images."""
+    good = folder / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(good)
+    (folder / "truncated.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (folder / "notes.png").write_text("not an image")
+
+
+def test_unreadable_images_name_the_file_and_row(tmp_path, tokenizer):
+    # Case 12: a truncated PNG ended the run with a 50-line PIL traceback naming no file.
+    bad_files(tmp_path)
+    rows = ["filepath\ttitle", "good.png\ta", "truncated.png\tb", "notes.png\tc"]
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    data = CsvPairDataset(tmp_path / "pairs.tsv", preprocess=preprocess, tokenizer=tokenizer)
+    assert data[0]["image"].shape == (3, 64, 64)
+    for row, name, reason in ((1, "truncated.png", "OSError"), (2, "notes.png", "Unidentified")):
+        with pytest.raises(BadSampleError) as info:
+            data[row]
+        message = str(info.value)
+        assert f"{name} (row {row} of" in message and reason in message
+        assert "\n" not in message
+        assert info.value.record["row"] == row and info.value.record["file"].endswith(name)
+
+
+def test_sample_fingerprints_follow_identity_and_order(tmp_path, csv_folder, tokenizer):
+    kwargs = {"preprocess": preprocess, "tokenizer": tokenizer}
+    data = CsvPairDataset(csv_folder / "pairs.tsv", **kwargs)
+    fingerprints = sample_fingerprints(data)
+    assert fingerprints.shape == (len(CAPTIONS),) and fingerprints.unique().numel() == len(CAPTIONS)
+    lines = (csv_folder / "pairs.tsv").read_text().splitlines()
+    (csv_folder / "swapped.tsv").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]))
+    swapped = CsvPairDataset(csv_folder / "swapped.tsv", **kwargs)
+    with pytest.raises(ValueError, match=r"sample 0 \('images/1.png\\ta photo of pattern green'\)"):
+        check_sample_fingerprints(fingerprints, swapped, "the cache")
+    assert torch.equal(check_sample_fingerprints(fingerprints, data, "the cache"), fingerprints)
+    tensors = TensorPairDataset(torch.randn(4, 3, 2, 2), torch.randint(0, 9, (4, 3)))
+    flipped = TensorPairDataset(tensors.images.flip(0), tensors.texts.flip(0))
+    assert not torch.equal(sample_fingerprints(tensors), sample_fingerprints(flipped))
+    assert torch.equal(sample_fingerprints(tensors), sample_fingerprints(
+        TensorPairDataset(tensors.images.clone(), tensors.texts.clone())))  # fmt: skip
+    assert sample_fingerprints(SyntheticPairDataset(3, image_size=4, context_length=4,
+                                                    vocab_size=8)).shape == (3,)  # fmt: skip
 
 
 def write_shards(folder, shards=3, per_shard=4, missing_caption=False):
@@ -165,17 +228,47 @@ def test_webdataset_shuffles_shards_per_epoch(tmp_path, tokenizer):
     assert torch.equal(first.sort(dim=0).values, second.sort(dim=0).values)
 
 
+def test_webdataset_bad_members_and_truncated_shards(tmp_path, tokenizer):
+    # Case 12: a non-image member and a truncated tar shard ended the run with tracebacks.
+    import webdataset as wds
+
+    bad_files(tmp_path)
+    members = {"mixed.tar": ("good.png", "notes.png", "good.png"), "whole.tar": ("good.png",) * 6}
+    for shard, names in members.items():
+        with wds.TarWriter(str(tmp_path / shard)) as sink:
+            for key, name in zip("abcdef", names, strict=False):
+                sink.write({"__key__": key, "png": (tmp_path / name).read_bytes(), "txt": "x"})
+    whole = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: int(len(whole) * 0.8)])  # tarfile: "the end"
+    (tmp_path / "torn.tar").write_bytes(whole[: 512 + 6000])  # tarfile: a ReadError
+    kwargs = {"preprocess": preprocess, "tokenizer": tokenizer, "shuffle": False}
+    strict = WebDatasetPairs(str(tmp_path / "mixed.tar"), **kwargs)
+    with pytest.raises(BadSampleError, match="sample 'b' in .*mixed.tar cannot be read"):
+        list(strict)
+    with pytest.raises(BadSampleError, match="shard .*cut.tar is unreadable past some point"):
+        list(WebDatasetPairs(str(tmp_path / "cut.tar"), **kwargs))
+    with pytest.raises(BadSampleError, match="torn.tar .*ReadError: unexpected end of data$"):
+        list(WebDatasetPairs(str(tmp_path / "torn.tar"), **kwargs))
+    lenient = WebDatasetPairs(str(tmp_path / "{mixed,cut}.tar"), skip_bad_samples=True, **kwargs)
+    items = list(lenient)
+    bad = [item["bad_sample"] for item in items if "bad_sample" in item]
+    assert [b.get("key") for b in bad] == ["b", None]
+    assert bad[1]["shard"].endswith("cut.tar") and "without the tar end" in bad[1]["error"]
+    good = [item for item in items if "bad_sample" not in item]
+    assert [item["index"] for item in good] == list(range(len(good))) and len(good) >= 5
+
+
 def test_webdataset_bad_inputs(tmp_path, tokenizer):
     kwargs = {"preprocess": preprocess, "tokenizer": tokenizer}
     with pytest.raises(FileNotFoundError, match="shards not found"):
         WebDatasetPairs(str(tmp_path / "nothing-{0..1}.tar"), **kwargs)
     write_shards(tmp_path, shards=1, per_shard=2, missing_caption=True)
     data = WebDatasetPairs(str(tmp_path / "shard-0.tar"), **kwargs)
-    with pytest.raises(ValueError, match="lacks an image.*or caption"):
+    with pytest.raises(BadSampleError, match="lacks an image.*or caption"):
         next(iter(data))
     with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
         next(make_loader(data, 1, seed=0, rank=1, world_size=2))
-    with pytest.raises(TypeError, match="num_samples"):
+    with pytest.raises(TypeError, match="give --data-size N"):  # not data_cfg['num_samples']
         len(data)
 
 

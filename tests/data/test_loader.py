@@ -1,11 +1,14 @@
 """The resumable batch loader: permutations per epoch, exact resume, rank sharding."""
 
+import json
+
 import pytest
 import torch
 from support import PlainDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from tinyclip_fast.data.datasets import TensorPairDataset
-from tinyclip_fast.data.loader import collate, make_loader
+from tinyclip_fast.data.loader import BadSampleError, BadSampleLog, collate, make_loader
 
 
 def tensor_dataset(size: int) -> TensorPairDataset:
@@ -97,3 +100,71 @@ def test_collate_stacks_tensors_and_ints():
     batch = collate([{"image": torch.ones(2), "index": 3}, {"image": torch.zeros(2), "index": 4}])
     assert batch["image"].shape == (2, 2) and batch["index"].tolist() == [3, 4]
     assert batch["index"].dtype == torch.long
+
+
+class SomeBad(Dataset):
+    """Samples 0..size-1 whose image holds the index; the indices in ``bad`` cannot be read."""
+
+    def __init__(self, size, bad):
+        self.size, self.bad = size, set(bad)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if index in self.bad:
+            raise BadSampleError(f"file {index}.png cannot be read", {"file": f"{index}.png"})
+        return {"image": torch.full((3, 2, 2), float(index)), "index": index}
+
+
+def test_bad_sample_stops_the_run_naming_it():
+    with pytest.raises(BadSampleError, match="file 3.png cannot be read"):
+        take(make_loader(SomeBad(8, bad=[3]), 4, seed=0), 2)
+    # The same from a loader worker: the message, not a worker traceback.
+    with pytest.raises(BadSampleError, match="^file 3.png cannot be read$"):
+        take(make_loader(SomeBad(8, bad=[3]), 4, seed=0, num_workers=1), 2)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipped_samples_are_replaced_logged_and_counted(tmp_path, workers):
+    log = BadSampleLog(tmp_path / "bad.jsonl", max_fraction=0.5)
+    batches = take(make_loader(SomeBad(12, bad=[3, 4]), 4, seed=0, bad_samples=log,
+                               num_workers=workers), 6)  # fmt: skip
+    for batch in batches:
+        indices = batch["index"].tolist()
+        assert len(indices) == 4 == len(set(indices)) and not {3, 4} & set(indices)
+        assert batch["image"][:, 0, 0, 0].long().tolist() == indices
+    assert log.bad == 4 and log.read == 28  # two epochs, two bad files each, read once each
+    records = [json.loads(line) for line in (tmp_path / "bad.jsonl").open()]
+    assert sorted(r["file"] for r in records) == ["3.png", "4.png"]  # logged once
+    assert all(1 <= r["step"] <= 3 and "cannot be read" in r["error"] for r in records)
+    # A resumed loader reads the same batches, substitutes included.
+    resumed = take(make_loader(SomeBad(12, bad=[3, 4]), 4, seed=0, start_step=4,
+                               bad_samples=BadSampleLog(None, 0.5)), 2)  # fmt: skip
+    for a, b in zip(resumed, batches[4:], strict=True):
+        assert torch.equal(a["index"], b["index"])
+
+
+def test_too_many_bad_samples_stop_the_run():
+    announced = []
+    log = BadSampleLog(None, max_fraction=0.01, announce=announced.append)
+    loader = make_loader(SomeBad(400, bad=range(0, 400, 50)), 100, seed=0, bad_samples=log)
+    with pytest.raises(BadSampleError, match=r"2 of \d+ samples read were bad, more than "):
+        take(loader, 4)
+    assert len(announced) == 1 and "the first: file" in announced[0]
+
+
+def test_stream_markers_are_logged_not_batched():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(6):
+                if i == 2:
+                    yield {"bad_sample": {"error": "member 2 is broken"}}
+                yield {"image": torch.full((1,), float(i)), "index": i}
+
+    log = BadSampleLog(None, max_fraction=0.5)
+    batches = take(make_loader(Stream(), 3, seed=0, bad_samples=log), 4)
+    assert [b["index"].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]] * 2
+    assert log.bad == 2 and log.read == 14
+    with pytest.raises(BadSampleError, match="member 2 is broken"):
+        take(make_loader(Stream(), 3, seed=0), 1)

@@ -26,6 +26,26 @@ def test_first_step_reaching_and_curve():
     assert demo.first_step_reaching(curve, 0.6) is None
 
 
+def test_an_oversized_auto_student_gets_no_speed_up():
+    # Case 10: the quick demo's auto student kept 99% of the teacher's parameters and was
+    # reported as reaching scratch's accuracy at step 10.
+    settings = demo.DemoSettings(student_steps=30)
+    curve = [(10, 0.9), (20, 0.95), (30, 0.96)]
+    students = {
+        "manual": {"params": 50, "curve": curve},
+        "auto": {"params": 99, "curve": curve},
+        "scratch": {"params": 50, "curve": [(10, 0.5), (20, 0.8), (30, 0.9)]},
+    }
+    summary = demo.summarise(100, 0.97, students, settings)
+    auto, manual = summary["students"]["auto"], summary["students"]["manual"]
+    assert not auto["within_budget"] and auto["steps_to_scratch_top1"] is None
+    assert manual["within_budget"] and manual["steps_to_scratch_top1"] == 10
+    table = demo.format_table(summary)
+    assert "too big: n/a" in table.splitlines()[3]
+    assert "auto: more than 60% of the teacher's parameters" in table
+    assert "too big" not in table.splitlines()[2]
+
+
 @pytest.mark.slow
 def test_miniature_demo_end_to_end(tmp_path, monkeypatch):
     tiny = demo.DemoSettings(
@@ -53,10 +73,13 @@ def test_miniature_demo_end_to_end(tmp_path, monkeypatch):
         else:
             reach = entry["steps_to_scratch_top1"]
             assert reach is None or reach in (2, 4)
+            assert entry["within_budget"] == (entry["params"] <= 0.6 * teacher["params"])
     manual, scratch = summary["students"]["manual"], summary["students"]["scratch"]
     assert manual["params"] == scratch["params"] <= 0.6 * teacher["params"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "teacher" / demo_teacher.TEACHER_META).is_file()
+    # A second demo run replaces its own run folders (the students' runs are the demo's).
+    assert demo.main(args) == 0
 
     # The saved teacher is reused for the same set-up, and the engine can load it by name.
     train = load_demo_split("digits", "train", max_samples=tiny.max_train_samples)

@@ -5,6 +5,7 @@ Oracles: an uninterrupted run (resume must be bitwise equal), the whole batch at
 """
 
 import copy
+import json
 import signal
 
 import pytest
@@ -20,12 +21,17 @@ from support import (
     run,
 )
 
-from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset
+from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
+from tinyclip_fast.data.loader import make_loader
 from tinyclip_fast.data.zero_shot import ZeroShotEvaluator
 from tinyclip_fast.demo.data import CompactTokenizer
 from tinyclip_fast.inheritance.student_io import load_student
-from tinyclip_fast.train.checkpoint import CHECKPOINT_NAME, load_training_state
-from tinyclip_fast.train.config import DataConfig, OptimConfig, StageConfig
+from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
+from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.train.checkpoint import load_training_state
+from tinyclip_fast.train.config import DataConfig, LossConfig, OptimConfig, StageConfig
+from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
+from tinyclip_fast.train.students import stage_student
 from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 
@@ -89,8 +95,9 @@ def test_resume_after_interrupts_equals_uninterrupted_bitwise(tmp_path):
 
     config = make_config(tmp_path / "b", copy.deepcopy(stages), micro_batch_size=8, optim=optim)
     config.eval.every = 1
-    for stop in (3, 6, 9):
-        result = run(config, evaluator=_interrupt_at_call(3))
+    # Step 4 ends stage 0: the resume starts at a stage boundary.
+    for stop, call in ((3, 3), (4, 1), (6, 2), (9, 3)):
+        result = run(config, evaluator=_interrupt_at_call(call))
         assert result.interrupted
         assert load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)["step"] == stop
         config.resume = True
@@ -114,6 +121,12 @@ def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     teacher_params = sum(p.numel() for p in make_teacher().parameters())
     assert result.stage_params[1] < result.stage_params[0] < teacher_params
     assert all(torch.isfinite(torch.tensor(losses(result.history))))
+    # Case 7: each prune is a record (and a line) saying how far the masks got.
+    pruned = [h for h in result.history if h.get("event") == "pruned"]
+    assert [(h["step"], h["target_sparsity"]) for h in pruned] == [(3, 0.5), (7, 0.8)]
+    assert [h["params_after"] for h in pruned] == result.stage_params
+    assert all(0 < h["expected_sparsity"] < 1 and h["params_after"] < h["params_before"]
+               for h in pruned)  # fmt: skip
 
 
 def test_accumulated_run_matches_big_batch_run(tmp_path):
@@ -176,8 +189,12 @@ def test_cache_mode_equals_online_teacher(tmp_path):
     assert_same_weights(cached.student, online.student, tol=1e-4)
     for a, b in zip(losses(cached.history), losses(online.history), strict=True):
         assert abs(a - b) < 1e-5 * abs(b)
+    cached_config.overwrite = True
     with pytest.raises(ValueError, match="different teacher"):
         run(cached_config, make_teacher(seed=2), train_dataset=dataset)
+    shuffled = TensorPairDataset(dataset.images.flip(0), dataset.texts.flip(0))
+    with pytest.raises(ValueError, match="built on other data: sample 0"):
+        run(cached_config, teacher, train_dataset=shuffled)
 
 
 class _TurnsNaN(TensorPairDataset):
@@ -195,15 +212,72 @@ class _TurnsNaN(TensorPairDataset):
         return batch
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = make_config(
-        tmp_path, [StageConfig(steps=10, student_config=STUDENT_CFG)], save_every=2
-    )
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5 .*checkpoint"):
-        run(config, train_dataset=_TurnsNaN(good=4))
+def test_nan_stop_then_resume_logs_every_step_once(tmp_path):
+    # Case 3: steps logged after the checkpoint (here 5) appeared twice after the resume.
+    config = make_config(tmp_path, [StageConfig(steps=8, student_config=STUDENT_CFG)], save_every=2)
+    with pytest.raises(FloatingPointError) as info:
+        run(config, train_dataset=_TurnsNaN(good=5))
+    # Case 15: the message names the checkpoint only when there is one.
+    assert "loss is nan at step 6 (stage 0)" in str(info.value)
+    assert "checkpoint of step 4" in str(info.value) and "--resume" in str(info.value)
     state = load_training_state(tmp_path / "run" / CHECKPOINT_NAME)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["student"]["state"].values())
+    config.resume = True
+    run(config, train_dataset=_TurnsNaN(good=100))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 9))
+
+
+def test_nan_stop_before_any_checkpoint_says_so(tmp_path):
+    config = make_config(
+        tmp_path, [StageConfig(steps=10, student_config=STUDENT_CFG)], save_every=5
+    )
+    with pytest.raises(FloatingPointError, match="No checkpoint was written yet .the first was "
+                       "due at step 5.: .*start again with --overwrite") as info:  # fmt: skip
+        run(config, train_dataset=_TurnsNaN(good=2))
+    assert "--resume" not in str(info.value) and "intact" not in str(info.value)
+
+
+def test_loss_mixes_terms_as_the_loss_api_does(tmp_path):
+    # Case 9: the engine's contrastive_weight summed the terms, the function's mixed them.
+    teacher = make_teacher()
+    dataset = TensorPairDataset(torch.randn(16, 3, 32, 32), torch.randint(1, 999, (16, 16)))
+    stage = StageConfig(steps=1, student_config=STUDENT_CFG)
+    config = make_config(tmp_path, [stage], loss=LossConfig(contrastive_weight=0.3))
+    logged = losses(run(config, teacher, train_dataset=dataset).history)[0]
+    student = stage_student(stage, teacher, None, config.seed).train()
+    batch = next(make_loader(dataset, 16, seed=config.seed))
+    with torch.no_grad(), force_backend("torch"):
+        image, text, scale = student(batch["image"], batch["text"])
+        t_image, t_text, t_scale = teacher(batch["image"], batch["text"])
+        expected = affinity_mimicking_loss(
+            image, text, scale, t_image, t_text, t_scale, contrastive_weight=0.3
+        )
+    assert abs(logged - float(expected)) < 1e-5 * abs(float(expected))
+
+
+def test_resume_extends_the_last_stage_or_says_why_not(tmp_path):
+    stage = StageConfig(steps=3, student_config=STUDENT_CFG)
+    config = make_config(tmp_path, [stage], save_every=2)
+    run(config)
+    config.resume = True
+    config.stages[0].steps = 5  # extending a finished run trains on
+    result = run(config)
+    assert [h["step"] for h in result.history if "loss" in h] == [1, 2, 3, 4, 5]
+    config.stages[0].steps = 4
+    with pytest.raises(ValueError, match="the last stage is at its step 5, past the 4 steps"):
+        run(config)
+    config.stages = [StageConfig(steps=5, preset="ViT-8M-16-Text-3M")]
+    with pytest.raises(ValueError, match="stages differ from the checkpoint's"):
+        run(config)
+    # A stage that pruned at its very end kept no optimizer state to continue from.
+    auto = make_config(tmp_path / "auto", [StageConfig(steps=2, sparsity=0.3)])
+    run(auto)
+    auto.resume = True
+    auto.stages[0].steps = 4
+    with pytest.raises(ValueError, match="cannot extend stage 0 past its step 2: it pruned"):
+        run(auto)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -215,16 +289,31 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt training checkpoint"):
         run(config)
-    config = make_config(tmp_path, copy.deepcopy(stages), data=DataConfig("csv", "missing.tsv"))
+    # A new run never writes over another run's files.
+    with pytest.raises(ValueError, match="holds another run .checkpoint.pt.: continue it with"):
+        run(make_config(tmp_path, copy.deepcopy(stages)))
+    assert (tmp_path / "run" / CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
+    config = make_config(
+        tmp_path / "csv", copy.deepcopy(stages), data=DataConfig("csv", "missing.tsv")
+    )
     with pytest.raises(ValueError, match="needs a preprocess and a tokenizer"):
         run(config)
     with pytest.raises(FileNotFoundError, match="missing.tsv"):
         run(config, tokenizer=lambda texts: None, preprocess=lambda image: image)
-    config = make_config(tmp_path, copy.deepcopy(stages), attention="xformers")
+    with pytest.raises(ValueError, match="no training data: give --data"):
+        run(make_config(tmp_path / "none", copy.deepcopy(stages), data=DataConfig()))
+    # Case 16: a cache with webdataset asked for data_cfg['num_samples'].
+    (tmp_path / "s.tar").write_bytes(b"")
+    stream = WebDatasetPairs(str(tmp_path / "s.tar"), preprocess=None, tokenizer=None)
+    config = make_config(tmp_path / "w", copy.deepcopy(stages))
+    config.teacher.cache = str(tmp_path / "cache.safetensors")
+    with pytest.raises(ValueError, match="--teacher-cache needs map-style data"):
+        run(config, train_dataset=stream)
+    config = make_config(tmp_path / "x", copy.deepcopy(stages), attention="xformers")
     with pytest.raises(ValueError, match="xformers.*CUDA"):
         run(config)
     with pytest.raises(ValueError, match="sparsity must be in"):
         make_config(tmp_path, [StageConfig(steps=2, sparsity=1.5)]).validate()
-    config = make_config(tmp_path, [StageConfig(steps=2, sparsity=0.01, prune_step=5)])
+    config = make_config(tmp_path / "p", [StageConfig(steps=2, sparsity=0.01, prune_step=5)])
     with pytest.raises(ValueError, match="prune_step"):
         run(config)

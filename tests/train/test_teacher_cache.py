@@ -1,5 +1,7 @@
 """Teacher-embedding cache: built once, read back exactly, refuses what does not match."""
 
+import json
+
 import open_clip
 import pytest
 import torch
@@ -96,6 +98,34 @@ def test_mismatch_and_corruption_are_clear_errors(tmp_path, dataset):
     save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a tinyclip_fast cache"):
         TeacherEmbeddingCache.load(tmp_path / "other.safetensors")
+
+
+def test_cache_is_tied_to_the_samples_and_their_order(tmp_path, dataset):
+    # Case 2: a cache built on one file was accepted for the same rows in another order.
+    teacher = tiny_clip()
+    path = tmp_path / "teacher.safetensors"
+    built = TeacherEmbeddingCache.build(teacher, dataset, path)
+    loaded = TeacherEmbeddingCache.load(path, teacher=teacher, dataset=dataset)
+    assert torch.equal(loaded.sample_fingerprints, built.sample_fingerprints)
+    order = torch.tensor([0, 1, 2, 4, 3, *range(5, 11)])
+    reordered = TensorPairDataset(dataset.images[order], dataset.texts[order])
+    with pytest.raises(ValueError, match=r"built on other data: sample 3 \('content [0-9a-f]+'\)"):
+        TeacherEmbeddingCache.load(path, dataset=reordered)
+    with pytest.raises(ValueError, match="holds 11 samples but the dataset has 10"):
+        TeacherEmbeddingCache.load(path, dataset=TensorPairDataset(dataset.images[:10],
+                                                                   dataset.texts[:10]))  # fmt: skip
+    # A dataset that does not name its samples cannot be checked: said, not silent.
+    with pytest.warns(UserWarning, match="cannot check that it was built on this data"):
+        TeacherEmbeddingCache.load(path, dataset=PlainDataset(dataset))
+    # A cache of the earlier format (no sample identities) is refused.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    old = {k: v for k, v in tensors.items() if k != "sample_fingerprints"}
+    meta = {"tinyclip_cache": json.dumps({**built.metadata, "format_version": "1"})}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="has format '1', expected '2'; rebuild it"):
+        TeacherEmbeddingCache.load(tmp_path / "old.safetensors", dataset=dataset)
 
 
 def test_bad_arguments(tmp_path, dataset):

@@ -2,20 +2,28 @@
 
 Every dataset yields dict samples ``{"image": FloatTensor[3, H, W], "text": LongTensor[ctx],
 "index": int}`` (labelled datasets add ``"label": int``); ``loader.make_loader`` batches them.
+
+A sample that cannot be read raises :class:`BadSampleError` naming the file, the CSV row or the
+shard member. Map-style datasets name each sample's identity with ``sample_key(index)`` (the
+CSV path and caption, a content hash, the synthetic seed), from which
+:func:`sample_fingerprints` derives the per-sample hashes that tie a teacher cache to the
+exact data it was built on.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from tinyclip_fast.data.loader import epoch_generator
+from tinyclip_fast.data.loader import BadSampleError, epoch_generator
 
 Preprocess = Callable[[Any], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -32,6 +40,55 @@ def register_dataset(kind: str, builder: DatasetBuilder) -> None:
 
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def csv_separator(path: str | Path, separator: str | None = None) -> str:
+    """The given separator, else from the extension: ``.csv`` comma, anything else tab
+    (open_clip's default, ``.tsv``)."""
+    if separator is not None:
+        return separator
+    return "," if Path(path).suffix.lower() == ".csv" else "\t"
+
+
+def sample_fingerprints(dataset: Dataset) -> torch.Tensor | None:
+    """int64 [N]: a 64-bit hash of every sample's identity (``dataset.sample_key(i)``) in index
+    order; None for datasets that do not name their samples."""
+    if not hasattr(dataset, "sample_key"):
+        return None
+    hashes = [
+        int.from_bytes(
+            hashlib.blake2b(dataset.sample_key(i).encode(), digest_size=8).digest(),
+            "little",
+            signed=True,
+        )
+        for i in range(len(dataset))
+    ]
+    return torch.tensor(hashes, dtype=torch.long)
+
+
+def check_sample_fingerprints(
+    expected: torch.Tensor, dataset: Dataset, what: str
+) -> torch.Tensor | None:
+    """ValueError naming the first sample of ``dataset`` whose identity differs from
+    ``expected`` (the fingerprints ``what`` was built on); returns the dataset's fingerprints,
+    None when the dataset does not name its samples (nothing to check)."""
+    actual = sample_fingerprints(dataset)
+    if actual is None:
+        return None
+    if actual.shape != expected.shape:
+        raise ValueError(
+            f"{what} was built on {expected.numel()} samples, the dataset has {actual.numel()}: "
+            "rebuild it for this dataset"
+        )
+    differs = (actual != expected.to(actual.device)).nonzero()
+    if differs.numel():
+        first = int(differs[0])
+        raise ValueError(
+            f"{what} was built on other data: sample {first} ({dataset.sample_key(first)!r}) "
+            f"is not the sample it holds there ({differs.numel()} of {actual.numel()} samples "
+            "differ; same rows in another order count too): rebuild it for this dataset"
+        )
+    return actual
 
 
 def load_rgb(source: str | Path | bytes) -> Any:
@@ -68,11 +125,12 @@ class CsvPairDataset(Dataset):
         tokenizer: Tokenizer,
         img_key: str = "filepath",
         caption_key: str = "title",
-        separator: str = "\t",
+        separator: str | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"CSV data file {self.path} does not exist")
+        separator = csv_separator(self.path, separator)
         with open(self.path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle, delimiter=separator)
             columns = reader.fieldnames or []
@@ -85,29 +143,45 @@ class CsvPairDataset(Dataset):
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
             raise ValueError(f"CSV {self.path} has a header but no rows")
-        self.image_paths = [self._resolve(image_path) for image_path, _ in rows]
+        # As written: resolved per access (10M rows of Path objects would cost gigabytes).
+        self.listed_paths = [image_path for image_path, _ in rows]
         self.captions = [caption for _, caption in rows]
         self.preprocess = preprocess
         self.tokenizer = tokenizer
 
-    def _resolve(self, image_path: str) -> Path:
-        candidate = Path(image_path)
+    def image_path(self, index: int) -> Path:
+        """Row ``index``'s image; relative paths are relative to the CSV file's folder."""
+        candidate = Path(self.listed_paths[index])
         return candidate if candidate.is_absolute() else self.path.parent / candidate
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    def sample_key(self, index: int) -> str:
+        """The row as written: image path and caption (so moving the folder keeps it)."""
+        return f"{self.listed_paths[index]}\t{self.captions[index]}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_path = self.image_paths[index]
+        image_path = self.image_path(index)
+        where = f"image {image_path} (row {index} of {self.path})"
+        record = {"source": str(self.path), "row": index, "file": str(image_path)}
         if not image_path.is_file():
-            raise FileNotFoundError(
-                f"image {image_path} (row {index} of {self.path}) does not exist"
-            )
+            raise BadSampleError(f"{where} does not exist", record)
+        try:
+            image = self.preprocess(load_rgb(image_path))
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
+            raise BadSampleError(f"{where} cannot be read: {describe_error(err)}", record) from err
         return {
-            "image": self.preprocess(load_rgb(image_path)),
+            "image": image,
             "text": _tokenize_one(self.tokenizer, self.captions[index]),
             "index": index,
         }
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: first line of the message`` (PIL's messages run over several lines)."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class TensorPairDataset(Dataset):
@@ -140,6 +214,13 @@ class TensorPairDataset(Dataset):
         if self.labels is not None:
             sample["label"] = int(self.labels[index])
         return sample
+
+    def sample_key(self, index: int) -> str:
+        """A hash of the sample's image and text (its content is its identity)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in (self.images[index], self.texts[index]):
+            digest.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
+        return f"content {digest.hexdigest()}"
 
     def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The collated batch of ``indices`` by one gather per field (no per-sample work)."""
@@ -176,6 +257,10 @@ class SyntheticPairDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def sample_key(self, index: int) -> str:
+        shape = (self.seed, self.image_size, self.context_length, self.vocab_size, index)
+        return "synthetic seed {} image {} context {} vocabulary {} index {}".format(*shape)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for synthetic dataset of {self.size}")
@@ -200,12 +285,34 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return expanded
 
 
+ShardT = TypeVar("ShardT")
+
+
+def split_shards(
+    shards: Sequence[ShardT], *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool
+) -> list[ShardT]:
+    """The shards this rank and loader worker read in ``epoch``: the list permuted per
+    (seed, epoch) when ``shuffle``, then every world_size-th from ``rank``, then every
+    num_workers-th from the worker id (so each shard is read once per epoch across the job)."""
+    shards = list(shards)
+    if shuffle:
+        order = torch.randperm(len(shards), generator=epoch_generator(seed, epoch))
+        shards = [shards[i] for i in order.tolist()]
+    shards = shards[rank::world_size]
+    worker = get_worker_info()
+    if worker is not None:
+        shards = shards[worker.id :: worker.num_workers]
+    return shards
+
+
 class WebDatasetPairs(IterableDataset):
     """Image-text pairs from webdataset tar shards (``.jpg``/``.png``/... + ``.txt``).
 
     Shards are split by rank and then by loader worker, so every sample is read once per
     epoch across the job; the shard order is shuffled per (seed, epoch) when ``shuffle``.
     ``index`` is the sample's position in this worker's stream, not a dataset-wide id.
+    Samples whose image or caption cannot be read, and the rest of a truncated shard, raise
+    :class:`BadSampleError` naming the shard and member (or are skipped, see ``__iter__``).
     """
 
     def __init__(
@@ -217,6 +324,7 @@ class WebDatasetPairs(IterableDataset):
         caption_key: str = "txt",
         shuffle: bool = True,
         num_samples: int | None = None,
+        skip_bad_samples: bool = False,
     ) -> None:
         self.shards = expand_urls(urls)
         local = [
@@ -227,6 +335,7 @@ class WebDatasetPairs(IterableDataset):
             raise FileNotFoundError(f"webdataset shards not found: {missing[:5]}")
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.caption_key, self.shuffle, self.num_samples = caption_key, shuffle, num_samples
+        self.skip_bad_samples = skip_bad_samples
         self.seed, self.epoch, self.rank, self.world_size = 0, 0, 0, 1
 
     def set_stream(self, *, seed: int, epoch: int, rank: int, world_size: int) -> None:
@@ -238,41 +347,99 @@ class WebDatasetPairs(IterableDataset):
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def _my_shards(self) -> list[str]:
-        shards = list(self.shards)
-        if self.shuffle:
-            order = torch.randperm(len(shards), generator=epoch_generator(self.seed, self.epoch))
-            shards = [shards[i] for i in order.tolist()]
-        shards = shards[self.rank :: self.world_size]
-        worker = get_worker_info()
-        if worker is not None:
-            shards = shards[worker.id :: worker.num_workers]
-        return shards
+        return split_shards(
+            self.shards,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.shuffle,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Samples in shard order; with ``skip_bad_samples`` an unreadable sample or shard
+        yields ``{"bad_sample": record}`` (the loader logs it) instead of raising."""
+        position = 0
+        for shard in self._my_shards():
+            for item in self._read_shard(shard):
+                if "bad_sample" in item:
+                    if not self.skip_bad_samples:
+                        raise BadSampleError(item["bad_sample"]["error"], item["bad_sample"])
+                    yield item
+                    continue
+                yield {**item, "index": position}
+                position += 1
+
+    def _read_shard(self, shard: str) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
-        samples = wds.tarfile_to_samples()(iter({"url": shard} for shard in self._my_shards()))
-        position = 0
-        for raw in samples:
+        errors: list[Exception] = []
+
+        def stop_shard(err: Exception) -> bool:
+            errors.append(err)
+            return False  # a broken tar stream cannot be read past the error
+
+        for raw in wds.tarfile_to_samples(handler=stop_shard)(iter([{"url": shard}])):
+            key = raw.get("__key__")
+            record = {"shard": shard, "key": key}
             image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in raw), None)
             if image_ext is None or self.caption_key not in raw:
-                raise ValueError(
-                    f"webdataset sample {raw.get('__key__')!r} in {raw.get('__url__')} lacks an "
-                    f"image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) or caption ({self.caption_key}); "
-                    f"it has {sorted(k for k in raw if not k.startswith('__'))}"
+                members = sorted(k for k in raw if not k.startswith("__"))
+                message = (
+                    f"webdataset sample {key!r} in {shard} lacks an image "
+                    f"({'/'.join(WDS_IMAGE_EXTENSIONS)}) or caption ({self.caption_key}); it "
+                    f"has {members}"
                 )
-            caption = raw[self.caption_key].decode("utf-8")
-            yield {
-                "image": self.preprocess(load_rgb(raw[image_ext])),
-                "text": _tokenize_one(self.tokenizer, caption),
-                "index": position,
-            }
-            position += 1
+                yield {"bad_sample": BadSampleError(message, record).record}
+                continue
+            try:
+                image = self.preprocess(load_rgb(raw[image_ext]))
+                caption = raw[self.caption_key].decode("utf-8")
+            except Exception as err:  # PIL's many error types, bad UTF-8
+                message = (
+                    f"webdataset sample {key!r} in {shard} cannot be read: {describe_error(err)}"
+                )
+                yield {"bad_sample": BadSampleError(message, record).record}
+                continue
+            yield {"image": image, "text": _tokenize_one(self.tokenizer, caption)}
+        reason = None
+        if errors:  # webdataset appends the stream and the url to the message's arguments
+            first = errors[0]
+            text = first.args[0] if first.args and isinstance(first.args[0], str) else first
+            reason = f"{type(first).__name__}: {str(text).split(' @ ')[0]}"
+        if reason is None and Path(shard).is_file():
+            reason = tar_truncation(shard)  # tarfile takes some truncations for the end
+        if reason is not None:
+            message = f"webdataset shard {shard} is unreadable past some point: {reason}"
+            yield {"bad_sample": BadSampleError(message, {"shard": shard}).record}
 
     def __len__(self) -> int:
         if self.num_samples is None:
-            raise TypeError("webdataset length unknown: set data_cfg['num_samples']")
+            raise TypeError("webdataset length unknown: give --data-size N (data.size)")
         return self.num_samples
+
+
+def tar_truncation(path: str | Path) -> str | None:
+    """Why the tar file at ``path`` is cut short; None when its end-of-archive marker (a zero
+    block) follows the last member. Reads the 512-byte headers only."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset + 512 <= size:
+            handle.seek(offset)
+            header = handle.read(512)
+            if header == bytes(512):
+                return None
+            field = header[124:136]
+            if field[0] & 0x80:  # GNU base-256 size of a member over 8 GB
+                length = int.from_bytes(field[1:], "big")
+            else:
+                try:
+                    length = int(field.rstrip(b"\0 ").decode() or "0", 8)
+                except ValueError:
+                    return f"no valid tar header at byte {offset}"
+            offset += 512 + -(-length // 512) * 512
+    return f"the file ends at byte {size}, inside or after its last member, without the tar end"
 
 
 def build_dataset(
@@ -281,17 +448,17 @@ def build_dataset(
     """The dataset that ``data_cfg["kind"]`` names (csv, webdataset, synthetic, or registered).
 
     Keys (``path`` and ``num_samples`` serve every kind, as in config.DataConfig):
-    csv: ``path``, ``csv_img_key``, ``csv_caption_key``, ``csv_separator``;
-    webdataset: ``path`` (or ``urls``), ``caption_key``, ``shuffle``, ``num_samples``;
+    csv: ``path``, ``csv_img_key``, ``csv_caption_key``, ``csv_separator`` (default from the
+    extension: ``.csv`` comma, else tab);
+    webdataset: ``path`` (or ``urls``), ``caption_key``, ``shuffle``, ``num_samples``,
+    ``skip_bad_samples``;
     synthetic: ``num_samples`` (or ``size``), ``image_size``, ``context_length``,
     ``vocab_size``, ``seed``; registered kinds: whatever their builder reads.
     """
     kind = data_cfg.get("kind")
+    check_kind(kind)
     if kind in _DATASETS:
         return _DATASETS[kind](data_cfg, preprocess, tokenizer)
-    if kind not in DATASET_KINDS:
-        kinds = [*DATASET_KINDS, *sorted(_DATASETS)]
-        raise ValueError(f"data_cfg['kind'] must be one of {kinds}, got {kind!r}")
     if kind in ("csv", "webdataset") and (preprocess is None or tokenizer is None):
         raise ValueError(f"data kind {kind!r} needs a preprocess and a tokenizer")
     if kind == "csv":
@@ -301,7 +468,7 @@ def build_dataset(
             tokenizer=tokenizer,
             img_key=data_cfg.get("csv_img_key", "filepath"),
             caption_key=data_cfg.get("csv_caption_key", "title"),
-            separator=data_cfg.get("csv_separator", "\t"),
+            separator=data_cfg.get("csv_separator"),
         )
     if kind == "webdataset":
         return WebDatasetPairs(
@@ -311,7 +478,10 @@ def build_dataset(
             caption_key=data_cfg.get("caption_key", "txt"),
             shuffle=data_cfg.get("shuffle", True),
             num_samples=data_cfg.get("num_samples"),
+            skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)),
         )
+    if data_cfg.get("path") is not None:
+        raise ValueError(f"data kind 'synthetic' reads no files, got path {data_cfg['path']!r}")
     return SyntheticPairDataset(
         int(_required(data_cfg, "size", "num_samples")),
         image_size=int(data_cfg.get("image_size", 224)),
@@ -321,9 +491,18 @@ def build_dataset(
     )
 
 
+def check_kind(kind: Any) -> None:
+    """ValueError unless ``kind`` is a built-in or registered data kind."""
+    if kind not in DATASET_KINDS and kind not in _DATASETS:
+        kinds = ", ".join([*DATASET_KINDS, *sorted(_DATASETS)])
+        raise ValueError(f"unknown data kind {kind!r} (--data KIND[:PATH]); kinds: {kinds}")
+
+
 def _required(data_cfg: dict[str, Any], key: str, alias: str) -> Any:
     value = data_cfg.get(key, data_cfg.get(alias))
     if value is None:
-        names = repr(key) if key == alias else f"{key!r} or {alias!r}"
-        raise ValueError(f"data kind {data_cfg['kind']!r} needs data_cfg[{names}]")
+        kind = data_cfg["kind"]
+        if key in ("path", "urls"):
+            raise ValueError(f"data kind {kind!r} needs a path: --data {kind}:PATH")
+        raise ValueError(f"data kind {kind!r} needs data_cfg[{alias!r}] (--data-size N)")
     return value

@@ -3,15 +3,36 @@
 ``make_loader`` turns a dataset into an endless stream of collated batches whose order
 depends only on (seed, epoch, rank), so a resumed run at step k sees exactly the batches the
 original run saw from step k on.
+
+Unreadable samples (:class:`BadSampleError`, raised by the datasets) stop the stream with
+that error, or, given a :class:`BadSampleLog`, are skipped: counted, logged, and the run
+stops once more than the log's fraction of samples were bad. A skipped map-style sample is
+replaced by the next readable index not yet in its batch, so batches keep their size (DDP
+ranks gather equal shapes) and a resumed run reads the same substitutes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+# Consecutive unreadable indices tried for one slot of a batch before giving up.
+MAX_SUBSTITUTES = 100
+BAD_SAMPLES_KEY = "bad_samples"
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be read; ``record`` names it (file, row or shard member) and the
+    reason, as one JSON-able dict for the run's bad-sample log."""
+
+    def __init__(self, message: str, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record = {**(record or {}), "error": message}
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -30,6 +51,58 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             else torch.tensor(values, dtype=torch.long)
         )
     return batch
+
+
+class BadSampleLog:
+    """Skipped samples: one JSON line per bad sample in ``path`` (the step that first met it,
+    where it is, why), a count of every time one was met, and the stop rule.
+
+    Stops (``BadSampleError``) once bad > max_fraction * max(read, 100) samples, read counting
+    good and bad ones alike: the first hundred samples may hold max_fraction * 100 bad ones.
+    ``announce(message)`` is told about the first skipped sample.
+    """
+
+    MIN_READ = 100
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        max_fraction: float,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.max_fraction, self.announce = max_fraction, announce
+        self.bad = self.read = 0
+        self.step = 0  # the training step whose batch is being read (1-based)
+        self._logged: set[str] = set()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"bad": self.bad, "read": self.read}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.bad, self.read = int(state["bad"]), int(state["read"])
+
+    def good(self, count: int) -> None:
+        self.read += count
+
+    def skip(self, record: dict[str, Any]) -> None:
+        self.bad += 1
+        self.read += 1
+        key = json.dumps(record, sort_keys=True)
+        if self.path is not None and key not in self._logged:
+            self._logged.add(key)  # a bad file is hit again every epoch: log it once
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.step, **record}) + "\n")
+        if self.bad == 1 and self.announce is not None:
+            where = f" (logged in {self.path})" if self.path is not None else ""
+            self.announce(f"skipping bad samples{where}; the first: {record['error']}")
+        if self.bad > self.max_fraction * max(self.read, self.MIN_READ):
+            raise BadSampleError(
+                f"{self.bad} of {self.read} samples read were bad, more than --max-bad-fraction "
+                f"{self.max_fraction}; the last: {record['error']}",
+                record,
+            )
 
 
 class _EpochBatches:
@@ -75,6 +148,59 @@ class _EpochBatches:
             epoch, offset = epoch + 1, 0
 
 
+class _BatchReader:
+    """``reader[indices] -> batch``: reads the samples of one batch (in a loader worker, too).
+
+    Bad samples never raise here (a worker's exception would reach the user wrapped in its
+    traceback): their records travel in the batch under ``BAD_SAMPLES_KEY`` and the main
+    process raises or logs. Skipping, a bad index is replaced by the next readable one.
+    """
+
+    def __init__(self, dataset: Dataset, skip: bool) -> None:
+        self.dataset, self.skip = dataset, skip
+        self.known_bad: dict[int, dict[str, Any]] = {}  # index -> record: not read again
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        size = len(self.dataset)
+        taken = set(indices) | set(self.known_bad)
+        samples, bad = [], []
+        for index in indices:
+            candidate = index
+            for _ in range(MAX_SUBSTITUTES):
+                try:
+                    if candidate in self.known_bad:
+                        raise BadSampleError(self.known_bad[candidate]["error"])
+                    samples.append(self.dataset[candidate])
+                    break
+                except BadSampleError as err:
+                    record = self.known_bad.setdefault(candidate, err.record)
+                    bad.append(record)
+                    if not self.skip:
+                        return {BAD_SAMPLES_KEY: bad}
+                    candidate = _next_free(candidate, size, taken)
+                    taken.add(candidate)
+            else:
+                bad.append(
+                    {"error": f"{MAX_SUBSTITUTES} consecutive samples from index {index} are bad"}
+                )
+                return {BAD_SAMPLES_KEY: bad}
+        batch = collate(samples)
+        batch[BAD_SAMPLES_KEY] = bad
+        return batch
+
+
+def _next_free(index: int, size: int, taken: set[int]) -> int:
+    for step in range(1, size + 1):
+        candidate = (index + step) % size
+        if candidate not in taken:
+            return candidate
+    return index  # every index is in this batch: read it again
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -85,13 +211,15 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     drop_last: bool = True,
+    bad_samples: BadSampleLog | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless collated batches of ``batch_size`` per rank, in a (seed, epoch)-determined order.
 
     Map-style: epoch e is ``randperm(N)`` from a generator seeded by (seed, e); rank r takes
     every world_size-th entry; the first ``start_step`` batches are skipped by index arithmetic.
     Iterable: shards go to ranks (``set_stream``) or, for other iterables, every world_size-th
-    sample; ``start_step`` batches are consumed and dropped.
+    sample; ``start_step`` batches are consumed and dropped. ``bad_samples`` switches skipping
+    of unreadable samples on (module docstring); without it the first one raises.
     """
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start_step < 0:
         raise ValueError(
@@ -108,6 +236,7 @@ def make_loader(
             world_size=world_size,
             num_workers=num_workers,
             drop_last=drop_last,
+            bad_samples=bad_samples,
         )
     batches = _EpochBatches(
         len(dataset),
@@ -118,22 +247,46 @@ def make_loader(
         world_size=world_size,
         drop_last=drop_last,
     )
-    if hasattr(dataset, "get_batch"):
+    if hasattr(dataset, "get_batch"):  # in-memory tensors: nothing to decode, nothing bad
         return (dataset.get_batch(indices) for indices in batches)
+    reader = _BatchReader(dataset, skip=bad_samples is not None)
     if num_workers == 0:
-        return (collate([dataset[i] for i in indices.tolist()]) for indices in batches)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=_ListBatches(batches),
-        num_workers=num_workers,
-        collate_fn=collate,
-        persistent_workers=True,
-    )
-    return iter(loader)
+        raw = (reader[indices.tolist()] for indices in batches)
+    else:
+        raw = iter(
+            DataLoader(
+                reader,
+                sampler=_ListBatches(batches),
+                batch_size=None,
+                num_workers=num_workers,
+                collate_fn=_identity,
+                persistent_workers=True,
+            )
+        )
+    return _checked(raw, bad_samples, start_step)
+
+
+def _checked(
+    batches: Iterator[dict[str, Any]], bad_samples: BadSampleLog | None, start_step: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Raise or log the bad samples each batch reports."""
+    for step, batch in enumerate(batches, start=start_step + 1):
+        bad = batch.pop(BAD_SAMPLES_KEY, [])
+        if bad_samples is None:
+            if bad:
+                raise BadSampleError(bad[0]["error"], bad[0])
+        else:
+            bad_samples.step = step
+            for record in bad:
+                bad_samples.skip(record)
+            if "image" not in batch:  # the reader gave up on a slot
+                raise BadSampleError(bad[-1]["error"], bad[-1])
+            bad_samples.good(batch["image"].shape[0])
+        yield batch
 
 
 class _ListBatches:
-    # DataLoader's batch_sampler wants lists of ints.
+    # The DataLoader's sampler: one list of indices per batch.
     def __init__(self, batches: _EpochBatches) -> None:
         self.batches = batches
 
@@ -151,6 +304,7 @@ def _iterable_batches(
     world_size: int,
     num_workers: int,
     drop_last: bool,
+    bad_samples: BadSampleLog | None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     step, epoch = 0, 0
     while True:
@@ -166,10 +320,20 @@ def _iterable_batches(
         pending: list[dict[str, Any]] = []
         produced = 0
         for sample in stream:
+            if "bad_sample" in sample:  # only a dataset built with skip_bad_samples yields these
+                record = sample["bad_sample"]
+                if bad_samples is None:
+                    raise BadSampleError(record["error"], record)
+                if step >= start_step:  # batches replayed to reach start_step were logged
+                    bad_samples.step = step + 1
+                    bad_samples.skip(record)
+                continue
             pending.append(sample)
             if len(pending) == batch_size:
                 produced += 1
                 if step >= start_step:
+                    if bad_samples is not None:
+                        bad_samples.good(batch_size)
                     yield collate(pending)
                 step, pending = step + 1, []
         if pending and not drop_last:

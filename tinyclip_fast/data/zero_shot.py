@@ -18,7 +18,8 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 from torch.utils.data import Dataset
 
-from tinyclip_fast.data.datasets import load_rgb
+from tinyclip_fast.data.datasets import csv_separator, describe_error, load_rgb
+from tinyclip_fast.data.loader import BadSampleError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -129,8 +130,14 @@ class LabelledImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        return {"image": self.preprocess(load_rgb(path)), "label": self.labels[index]}
+            raise FileNotFoundError(f"evaluation image {path} does not exist")
+        try:
+            image = self.preprocess(load_rgb(path))
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
+            raise BadSampleError(
+                f"evaluation image {path} cannot be read: {describe_error(err)}"
+            ) from err
+        return {"image": image, "label": self.labels[index]}
 
 
 def load_image_folder(
@@ -164,18 +171,23 @@ def load_labelled_csv(
     *,
     img_key: str = "filepath",
     label_key: str = "label",
-    separator: str = ",",
+    separator: str | None = None,
 ) -> LabelledImageFiles:
-    """CSV of image paths (relative to the CSV's folder) and integer labels."""
+    """CSV of image paths (relative to the CSV's folder) and integer labels (0-based). The
+    separator defaults to the extension's: ``.csv`` comma, else tab."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labelled CSV {path} does not exist")
+    separator = csv_separator(path, separator)
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter=separator)
         columns = reader.fieldnames or []
         for key in (img_key, label_key):
             if key not in columns:
-                raise ValueError(f"labelled CSV {path} has no column {key!r}; columns: {columns}")
+                raise ValueError(
+                    f"labelled CSV {path} has no column {key!r}; columns found with separator "
+                    f"{separator!r}: {columns}"
+                )
         rows = list(reader)
     if not rows:
         raise ValueError(f"labelled CSV {path} has a header but no rows")

@@ -8,11 +8,14 @@ the square problem, per-column) statistics only and the backward pass recomputes
 them: extra memory is O((m + N) d) plus one bounded chunk of rows, never O(m N).
 
 Two implementations share one autograd Function: the Triton kernels
-(``tinyclip_fast.kernels.affinity_loss``) and a chunked PyTorch path for CPU tensors.
+(``tinyclip_fast.kernels.affinity_loss``, fp32 math) and a chunked PyTorch path for CPU
+tensors (fp32 math, float64 for float64 features) whose [chunk, N] blocks are allocated once
+per call and reused by every chunk, so its peak memory is set by the chunk size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +33,9 @@ _MAX_CHUNK_ROWS = 2048
 
 @dataclass
 class AffinityStats:
-    """Per-row (or per-column) statistics of one softmax direction, fp32 [k] each.
+    """Per-row (or per-column) statistics of one softmax direction, [k] each.
+
+    fp32, except on the PyTorch path for float64 features, which computes in float64.
 
     lse_a / lse_b: log-sum-exp of the student / teacher logits; p_dot_a / p_dot_b:
     sum_j P_ij A_ij and sum_j P_ij B_ij with P the teacher softmax; target_a: the logit of
@@ -60,15 +65,30 @@ def _check_features(name: str, tensor: object) -> torch.Tensor:
 
 
 def _check_scale(name: str, scale: object, device: torch.device) -> torch.Tensor:
-    """A Python number or a one-element floating tensor, returned as a 0-d tensor on device."""
+    """A finite positive Python number or one-element floating tensor, as a 0-d tensor on
+    device. A scale is multiplicative (``exp(logit_scale)``): 0, a negative or a non-finite
+    value is a mistake (often the log-space parameter passed as is); checking a tensor's value
+    reads it on the host once per call."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {scale.dtype}")
+        if scale.numel() != 1 or scale.dim() > 1:
+            raise ValueError(
+                f"{name} must be a scalar (0-d tensor), got shape {tuple(scale.shape)}"
+            )
+        value = float(scale.detach().reshape(()))
+    else:
+        value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{name} must be a finite multiplicative scale > 0 (exp of the log-space "
+            f"logit_scale), got {value}"
+        )
     if not isinstance(scale, torch.Tensor):
-        return torch.tensor(float(scale), dtype=torch.float32, device=device)
-    if not scale.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {scale.dtype}")
-    if scale.numel() != 1 or scale.dim() > 1:
-        raise ValueError(f"{name} must be a scalar (0-d tensor), got shape {tuple(scale.shape)}")
+        # float64 keeps the scale exact for float64 features; the other paths cast it down.
+        return torch.tensor(value, dtype=torch.float64, device=device)
     return scale.reshape(()).to(device)
 
 
@@ -143,6 +163,56 @@ def _chunk_rows(num_cols: int) -> int:
     return max(_MIN_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, rows))
 
 
+class _Workspace:
+    """The buffers of one call, allocated once and reused by every row chunk.
+
+    ``blocks`` [chunk, N] tiles in one allocation (so that the C allocator hands the same
+    memory back call after call instead of fragmenting it), and per feature tensor a
+    [chunk, d] buffer for its rows in the compute dtype, scaled or not. Every chunk
+    writes into these with ``out=`` and in-place ops: the peak is set by the chunk size.
+    """
+
+    def __init__(self, chunk: int, num_cols: int, blocks: int, dtype, device) -> None:
+        self.dtype, self.device, self.chunk = dtype, device, chunk
+        self._blocks = torch.empty(blocks, chunk, num_cols, dtype=dtype, device=device)
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def block(self, index: int, size: int) -> torch.Tensor:
+        return self._blocks[index, :size]
+
+    def rows(self, name: str, features: torch.Tensor, start: int, stop: int, scale=None):
+        """features[start:stop] in the compute dtype, times ``scale`` if given."""
+        view = features[start:stop]
+        if scale is None and view.dtype == self.dtype:
+            return view
+        if name not in self._rows:
+            self._rows[name] = torch.empty(
+                self.chunk, features.shape[1], dtype=self.dtype, device=self.device
+            )
+        buffer = self._rows[name][: stop - start]
+        if view.dtype != self.dtype:
+            view = buffer.copy_(view)
+        return view if scale is None else torch.mul(view, scale, out=buffer)
+
+    def logits(self, index: int, name: str, rows, start, stop, scale, cols) -> torch.Tensor:
+        """Block ``index`` := (rows[start:stop] * scale) @ cols^T; the scale goes on the
+        [chunk, d] operand, not on the [chunk, N] product."""
+        out = self.block(index, stop - start)
+        return torch.matmul(self.rows(name, rows, start, stop, scale), cols.T, out=out)
+
+
+def _exp_rows(logits: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out := exp(logits - rowmax); returns (rowmax, rowsum of out). NaN propagates."""
+    row_max = torch.amax(logits, dim=1)
+    torch.sub(logits, row_max[:, None], out=out).exp_()
+    return row_max, out.sum(dim=1)
+
+
+def _row_dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """sum_j first_ij second_ij for each row i, as batched GEMVs (no [chunk, N] temporary)."""
+    return torch.bmm(first.unsqueeze(1), second.unsqueeze(2)).reshape(-1)
+
+
 def _labels_in_chunk(start: int, stop: int, label_offset: int, device: torch.device):
     """(row index within chunk, column index) of each contrastive label in rows start:stop."""
     local = torch.arange(stop - start, device=device)
@@ -169,20 +239,19 @@ class _OnlineColumnSoftmax:
         rescale = torch.exp(old_max - new_max)
         return new_max, [v.mul_(rescale) for v in sums]
 
-    def update(self, logits_a: torch.Tensor, logits_b: torch.Tensor | None) -> None:
+    def update(self, logits_a, logits_b, scratch) -> None:
+        """Add one chunk's columns; overwrites all three [chunk, N] blocks."""
         self.max_a, (self.sum_a,) = self._raise_max(self.max_a, logits_a.amax(dim=0), [self.sum_a])
-        # One [chunk, N] scratch buffer serves every exp below.
-        weights = torch.sub(logits_a, self.max_a).exp_()
-        self.sum_a += weights.sum(dim=0)
+        self.sum_a += torch.sub(logits_a, self.max_a, out=scratch).exp_().sum(dim=0)
         if logits_b is None:
             return
         self.max_b, (self.sum_b, self.w_a, self.w_b) = self._raise_max(
             self.max_b, logits_b.amax(dim=0), [self.sum_b, self.w_a, self.w_b]
         )
-        torch.sub(logits_b, self.max_b, out=weights).exp_()
+        weights = torch.sub(logits_b, self.max_b, out=scratch).exp_()
         self.sum_b += weights.sum(dim=0)
-        self.w_b += (weights * logits_b).sum(dim=0)
-        self.w_a += weights.mul_(logits_a).sum(dim=0)
+        self.w_b += logits_b.mul_(weights).sum(dim=0)
+        self.w_a += logits_a.mul_(weights).sum(dim=0)
 
     def finish(self, target_a: torch.Tensor) -> AffinityStats:
         stats = AffinityStats(lse_a=self.max_a + torch.log(self.sum_a), target_a=target_a)
@@ -191,11 +260,6 @@ class _OnlineColumnSoftmax:
             stats.p_dot_a = self.w_a / self.sum_b
             stats.p_dot_b = self.w_b / self.sum_b
         return stats
-
-
-def _row_dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """sum_j first_ij second_ij for each row i, as batched GEMVs (no [chunk, N] temporary)."""
-    return torch.bmm(first.unsqueeze(1), second.unsqueeze(2)).reshape(-1)
 
 
 def _torch_forward(
@@ -208,39 +272,43 @@ def _torch_forward(
     square: bool,
     label_offset: int,
 ) -> tuple[AffinityStats, AffinityStats | None]:
-    """Row statistics (and column statistics when square) over row chunks of [chunk, N]."""
+    """Row statistics (and column statistics when square) over row chunks of [chunk, N].
+
+    Per chunk: A (and B) into their blocks, exp(A - rowmax) into the scratch block for the
+    row log-sum-exp, exp(B - rowmax) for the teacher-weighted sums, then the column update
+    reuses all three. Nothing of size [chunk, N] is allocated inside the loop.
+    """
     dtype = _compute_dtype(rows, cols, teacher_rows, teacher_cols)
-    cols_c = cols.to(dtype)
     teacher = teacher_rows is not None
+    num_rows, device = rows.shape[0], rows.device
+    cols_c = cols.to(dtype)
+    a = scale.to(dtype)
     if teacher:
-        teacher_cols_c = teacher_cols.to(dtype)
-    a, b = scale.to(dtype), teacher_scale.to(dtype) if teacher else None
-    num_rows = rows.shape[0]
-    row_parts: dict[str, list[torch.Tensor]] = {"lse_a": [], "target_a": []}
-    if teacher:
-        row_parts.update(lse_b=[], p_dot_a=[], p_dot_b=[])
-    columns = _OnlineColumnSoftmax() if square else None
+        teacher_cols_c, b = teacher_cols.to(dtype), teacher_scale.to(dtype)
     step = _chunk_rows(cols.shape[0])
+    work = _Workspace(min(step, num_rows), cols.shape[0], 3 if teacher else 2, dtype, device)
+    fields = ("lse_a", "target_a") + (("lse_b", "p_dot_a", "p_dot_b") if teacher else ())
+    row_stats = AffinityStats(
+        **{name: torch.empty(num_rows, dtype=dtype, device=device) for name in fields}
+    )
+    columns = _OnlineColumnSoftmax() if square else None
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)
-        # The scale goes on the [chunk, d] operand, not on the [chunk, N] product.
-        logits_a = (rows[start:stop].to(dtype) * a) @ cols_c.T
-        local, label = _labels_in_chunk(start, stop, label_offset, rows.device)
-        row_parts["lse_a"].append(torch.logsumexp(logits_a, dim=1))
-        row_parts["target_a"].append(logits_a[local, label])
+        scratch = work.block(2 if teacher else 1, stop - start)
+        logits_a = work.logits(0, "rows", rows, start, stop, a, cols_c)
+        row_max, row_sum = _exp_rows(logits_a, scratch)
+        torch.add(row_max, row_sum.log_(), out=row_stats.lse_a[start:stop])
+        local, label = _labels_in_chunk(start, stop, label_offset, device)
+        row_stats.target_a[start:stop] = logits_a[local, label]
         logits_b = None
         if teacher:
-            logits_b = (teacher_rows[start:stop].to(dtype) * b) @ teacher_cols_c.T
-            probs = torch.softmax(logits_b, dim=1)
-            row_parts["p_dot_a"].append(_row_dot(probs, logits_a))
-            row_parts["p_dot_b"].append(_row_dot(probs, logits_b))
-            # lse(B_i) = B_ij - log P_ij at any j; the row max keeps it exact (P_ij >= 1/N).
-            top, arg = probs.max(dim=1)
-            row_parts["lse_b"].append(logits_b[local, arg] - torch.log(top))
-            del probs
+            logits_b = work.logits(1, "teacher_rows", teacher_rows, start, stop, b, teacher_cols_c)
+            row_max, row_sum = _exp_rows(logits_b, scratch)
+            torch.div(_row_dot(scratch, logits_a), row_sum, out=row_stats.p_dot_a[start:stop])
+            torch.div(_row_dot(scratch, logits_b), row_sum, out=row_stats.p_dot_b[start:stop])
+            torch.add(row_max, row_sum.log_(), out=row_stats.lse_b[start:stop])
         if columns is not None:
-            columns.update(logits_a, logits_b)
-    row_stats = AffinityStats(**{k: torch.cat(v) for k, v in row_parts.items()})
+            columns.update(logits_a, logits_b, scratch)
     col_stats = columns.finish(row_stats.target_a) if square else None
     return row_stats, col_stats
 
@@ -262,36 +330,41 @@ def _torch_backward(
     dA = Q cq - P cp + Q' cq' - P' cp' - onehot c1 with coeffs = (cq, cp, cq', cp', c1);
     drows = a dA cols, dcols = a dA^T rows, dscale = sum(dA * rows cols^T)
     = sum_i rows_i . (dA cols)_i, which needs no [chunk, N] product. The row softmaxes are
-    recomputed by the fused torch.softmax, the column ones from the saved log-sum-exps.
+    renormalised from a fresh row max, the column ones taken from the saved log-sum-exps.
+    Blocks: the logits, dA, and (with a teacher) the teacher's row softmax.
     """
     dtype = _compute_dtype(rows, cols, teacher_rows, teacher_cols)
-    cols_c = cols.to(dtype)
     teacher = teacher_rows is not None
+    device = rows.device
+    cols_c = cols.to(dtype)
     if teacher:
-        teacher_cols_c = teacher_cols.to(dtype)
-        b = teacher_scale.to(dtype)
+        teacher_cols_c, b = teacher_cols.to(dtype), teacher_scale.to(dtype)
     # Python floats let every scaled add below be one fused pass (alpha=...).
     row_q, row_p, col_q, col_p, onehot = coeffs.double().tolist()
     a = scale.to(dtype)
-    grad_rows = torch.empty(rows.shape, dtype=dtype, device=rows.device)
-    grad_cols = torch.zeros(cols.shape, dtype=dtype, device=rows.device)
-    grad_scale = torch.zeros((), dtype=dtype, device=rows.device)
+    grad_rows = torch.empty(rows.shape, dtype=dtype, device=device)
+    grad_cols = torch.zeros(cols.shape, dtype=dtype, device=device)
+    grad_scale = torch.zeros((), dtype=dtype, device=device)
     step = _chunk_rows(cols.shape[0])
+    work = _Workspace(min(step, rows.shape[0]), cols.shape[0], 3 if teacher else 2, dtype, device)
     for start in range(0, rows.shape[0], step):
         stop = min(start + step, rows.shape[0])
-        rows_chunk = rows[start:stop].to(dtype)
-        logits = (rows_chunk * a) @ cols_c.T
-        grad = torch.softmax(logits, dim=1).mul_(row_q)
+        grad = work.block(1, stop - start)
+        logits = work.logits(0, "scaled_rows", rows, start, stop, a, cols_c)
+        _, row_sum = _exp_rows(logits, grad)
+        grad.mul_(row_sum.reciprocal_().mul_(row_q)[:, None])
         if col_stats is not None:
             grad.add_(logits.sub_(col_stats.lse_a[None, :]).exp_(), alpha=col_q)
         if teacher:
-            torch.matmul(teacher_rows[start:stop].to(dtype) * b, teacher_cols_c.T, out=logits)
-            grad.add_(torch.softmax(logits, dim=1), alpha=-row_p)
+            logits = work.logits(0, "teacher_rows", teacher_rows, start, stop, b, teacher_cols_c)
+            probs = work.block(2, stop - start)
+            _, row_sum = _exp_rows(logits, probs)
+            grad.sub_(probs.mul_(row_sum.reciprocal_().mul_(row_p)[:, None]))
             if col_stats is not None:
                 grad.add_(logits.sub_(col_stats.lse_b[None, :]).exp_(), alpha=-col_p)
-        del logits
-        local, label = _labels_in_chunk(start, stop, label_offset, rows.device)
+        local, label = _labels_in_chunk(start, stop, label_offset, device)
         grad[local, label] -= onehot
+        rows_chunk = work.rows("rows", rows, start, stop)
         torch.matmul(grad, cols_c, out=grad_rows[start:stop])
         grad_cols.addmm_(grad.T, rows_chunk)
         grad_scale += torch.dot(grad_rows[start:stop].flatten(), rows_chunk.flatten())
@@ -366,7 +439,10 @@ class _AffinityLoss(torch.autograd.Function):
         row_stats, col_stats = _forward_stats(
             rows, cols, scale, teacher_rows, teacher_cols, teacher_scale, square, label_offset
         )
-        zero = torch.zeros((), dtype=torch.float32, device=rows.device)
+        # A float64 loss for float64 features (computed in float64 on the PyTorch path and
+        # in fp32 by the kernels); fp32 for every other dtype.
+        dtype = _compute_dtype(rows, cols, teacher_rows, teacher_cols)
+        zero = torch.zeros((), dtype=dtype, device=rows.device)
         distill, contrastive = zero, zero.clone()
         row_distill, row_infonce = _direction_losses(row_stats, kind)
         if square:
@@ -383,7 +459,7 @@ class _AffinityLoss(torch.autograd.Function):
         ctx.save_for_backward(rows, cols, scale, teacher_rows, teacher_cols, teacher_scale)
         ctx.stats = (row_stats, col_stats)
         ctx.config = (compute_distill, compute_contrastive, square, label_offset)
-        return distill.float(), contrastive.float()
+        return distill.to(dtype), contrastive.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_distill: torch.Tensor, grad_contrastive: torch.Tensor):
@@ -392,16 +468,18 @@ class _AffinityLoss(torch.autograd.Function):
         compute_distill, compute_contrastive, square, label_offset = ctx.config
         # dL/dA per direction is g_d (Q - P) + g_c (Q - onehot), divided by the rows averaged
         # over; the square loss averages two directions, hence 2n.
-        g_d = grad_distill.float() if compute_distill else torch.zeros_like(grad_distill).float()
-        g_c = grad_contrastive.float() if compute_contrastive else g_d.new_zeros(())
+        dtype = _compute_dtype(*saved[:2], *saved[3:5])
+        g_d = grad_distill.to(dtype) if compute_distill else grad_distill.new_zeros((), dtype=dtype)
+        g_c = grad_contrastive.to(dtype) if compute_contrastive else g_d.new_zeros(())
         num = rows.shape[0] * (2 if square else 1)
         row_q, row_p = (g_d + g_c) / num, g_d / num
         col_q, col_p = (row_q, row_p) if square else (row_q * 0, row_p * 0)
         onehot = g_c * (2 if square else 1) / num
         coeffs = torch.stack([row_q, row_p, col_q, col_p, onehot])
-        grad_rows, grad_cols, grad_scale = _backward_grads(
-            saved, row_stats, col_stats, coeffs, label_offset
-        )
+        with torch.autocast(rows.device.type, enabled=False):  # as in the forward
+            grad_rows, grad_cols, grad_scale = _backward_grads(
+                saved, row_stats, col_stats, coeffs, label_offset
+            )
         return (
             grad_rows.to(rows.dtype) if ctx.needs_input_grad[0] else None,
             grad_cols.to(cols.dtype) if ctx.needs_input_grad[1] else None,
@@ -430,10 +508,13 @@ def _affinity_loss(
             f"label_offset={label_offset} puts labels of {rows.shape[0]} rows outside the "
             f"{cols.shape[0]} columns of {named_student[1][0]} {tuple(cols.shape)}"
         )
-    return _AffinityLoss.apply(
-        rows, cols, scale, teacher_rows, teacher_cols, teacher_scale,
-        kind, compute_distill, compute_contrastive, square, label_offset,
-    )  # fmt: skip
+    # The losses are fp32 sums over N columns: under autocast the matmuls would run (and the
+    # values round) in bf16/fp16. Inputs keep their dtype; the math runs in fp32 regardless.
+    with torch.autocast(rows.device.type, enabled=False):
+        return _AffinityLoss.apply(
+            rows, cols, scale, teacher_rows, teacher_cols, teacher_scale,
+            kind, compute_distill, compute_contrastive, square, label_offset,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API
@@ -451,12 +532,14 @@ def affinity_loss_square(
     compute_distill: bool = True,
     compute_contrastive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One device, n rows = n columns: ``(distill, contrastive)``, each a 0-d fp32 tensor.
+    """One device, n rows = n columns: ``(distill, contrastive)``, 0-d fp32 tensors.
 
     distill = (mean_i rowloss(A, B) + mean_j colloss(A, B)) / 2 with rowloss the soft
     cross-entropy -sum_j softmax(B)_ij log softmax(A)_ij (or KL(teacher || student));
     contrastive = (CE(A, diag) + CE(A^T, diag)) / 2. Terms not requested are 0-d zeros.
     ``logit_scale`` is the multiplicative scale a (already exponentiated), as in open_clip.
+    Float64 features give float64 losses: computed in float64 on the PyTorch (CPU) path, in
+    fp32 by the Triton kernels.
     """
     return _affinity_loss(
         [("image_features", image_features), ("text_features", text_features),
@@ -509,7 +592,10 @@ def affinity_mimicking_loss(
     contrastive_weight: float = 0.0,
     kind: str = "soft_ce",
 ) -> torch.Tensor:
-    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d fp32 tensor."""
+    """TinyCLIP's loss on one device: (1 - w) L_dist + w L_clip as a 0-d tensor (fp32, or
+    float64 for float64 features), with w = ``contrastive_weight`` in [0, 1] (the meaning
+    ``AffinityMimickingLoss`` and the engine's ``loss.contrastive_weight`` give it too)."""
+    check_contrastive_weight(contrastive_weight)
     distill, contrastive = affinity_loss_square(
         image_features, text_features, logit_scale,
         teacher_image_features, teacher_text_features, teacher_logit_scale,
@@ -518,3 +604,12 @@ def affinity_mimicking_loss(
     if contrastive_weight == 0:
         return distill
     return (1 - contrastive_weight) * distill + contrastive_weight * contrastive
+
+
+def check_contrastive_weight(weight: object) -> float:
+    """``weight`` as a float in [0, 1]; TypeError/ValueError otherwise."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"contrastive_weight must be a float in [0, 1], got {weight!r}")
+    if not 0.0 <= weight <= 1.0:  # NaN fails this too
+        raise ValueError(f"contrastive_weight must lie in [0, 1], got {weight}")
+    return float(weight)

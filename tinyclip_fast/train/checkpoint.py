@@ -23,7 +23,6 @@ from tinyclip_fast.inheritance.student_io import CompactResidualBlock, build_stu
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 
 FORMAT = "tinyclip_fast.training_state/1"
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -47,12 +46,23 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # bad bytes surface as any of a dozen exception types
         raise ValueError(
-            f"corrupt training checkpoint {path} ({type(err).__name__}: {err}); delete it to "
-            "start over, or restore a copy"
-        ) from err
+            f"corrupt training checkpoint {path} ({_load_failure(err)}); restore a copy, or "
+            "start over with --overwrite"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a tinyclip_fast training checkpoint (format {FORMAT})")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """The reason torch.load gave, without its advice to load with weights_only=False (our
+    checkpoints hold plain tensors only; a file that needs pickled code is not one of them)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". ", 1)[0]
+        return f"not a plain-tensor file: {detail.splitlines()[0] if detail else 'unpickling'}"
+    first = text.split(". ", 1)[0].strip()
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def pack_student(model: nn.Module) -> dict[str, Any]:

@@ -6,17 +6,21 @@ features, the fused affinity-mimicking loss, backward (``step.train_step``, exac
 accumulation), grad-norm clip, AdamW, cosine schedule. Automatic-inheritance stages add the
 hard-concrete masks and the sparsity Lagrangian until ``prune_step``, then prune and continue
 on the compact student: its optimizer keeps the AdamW moments of the kept channels and the
-learning rate ramps up again. Hard-concrete masks are drawn from a generator seeded by the
-step (``MaskedCLIP.fix_mask_sample``): every micro-batch, both GradCache passes and every DDP
-rank use one mask sample per step, as one forward over the whole batch would.
+learning rate ramps up again; a line and a metrics record say how far the masks got
+("pruned at step K: expected sparsity X of target S, params A -> B"). Hard-concrete masks
+are drawn from a generator seeded by the step (``MaskedCLIP.fix_mask_sample``): every
+micro-batch, both GradCache passes and every DDP rank use one mask sample per step, as one
+forward over the whole batch would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +30,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from tinyclip_fast.data.datasets import build_dataset
-from tinyclip_fast.data.loader import make_loader
+from tinyclip_fast.data.loader import BadSampleLog, make_loader
 from tinyclip_fast.inheritance.student_io import save_student
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.pruning.sparsity import SparsityController
 from tinyclip_fast.train.attention import check_attention, xformers_attention
 from tinyclip_fast.train.checkpoint import (
-    CHECKPOINT_NAME,
     load_training_state,
     pack_student,
     save_training_state,
@@ -45,27 +49,47 @@ from tinyclip_fast.train.checkpoint import (
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import build_evaluator
 from tinyclip_fast.train.optim import carry_optimizer_state, learning_rate, make_optimizer
+from tinyclip_fast.train.run_folder import (
+    CHECKPOINT_NAME,
+    bad_samples_name,
+    check_run_folder,
+    cut_jsonl,
+    remove_run_files,
+)
 from tinyclip_fast.train.runtime import (
     MetricsLog,
     StopFlag,
     all_rng_states,
+    check_device,
+    gather_objects,
     init_distributed,
     mean_over_ranks,
     resolve_device,
+    resolve_precision,
 )
 from tinyclip_fast.train.step import set_rng_state, train_step
-from tinyclip_fast.train.students import count_parameters, relative_sparsity, stage_student
+from tinyclip_fast.train.students import (
+    count_parameters,
+    relative_sparsity,
+    sparsity_of_teacher,
+    stage_student,
+    teacher_prunable_params,
+)
 from tinyclip_fast.train.teacher import build_teacher
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# An auto stage that pruned at less than this share of its target gets a warning line.
+FAR_BELOW_TARGET = 0.8
 
 
 @dataclass
 class DistillResult:
     """What :func:`distill` returns.
 
-    history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty"]} every
-        log_every steps, and {"step", "stage", "top1"} after every evaluation.
+    history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
+        "bad_samples"]} every log_every steps, {"step", "stage", "top1"} after every
+        evaluation, and {"step", "stage", "event": "pruned", "expected_sparsity",
+        "target_sparsity", "params_before", "params_after"} when an auto stage prunes.
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -88,7 +112,7 @@ class _StageState:
     """What one stage trains and how; everything a checkpoint must restore."""
 
     model: nn.Module  # CLIP, or MaskedCLIP before pruning
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None: a stage pruned at its end, nothing to carry
     controller: SparsityController | None = None
     mask_optimizer: torch.optim.Optimizer | None = None
     multiplier_optimizer: torch.optim.Optimizer | None = None
@@ -104,6 +128,7 @@ class _Distiller:
     def __init__(
         self,
         config: DistillConfig,
+        precision: str,
         teacher: nn.Module,
         dataset: torch.utils.data.Dataset,
         evaluator: Callable[[nn.Module], float] | None,
@@ -113,40 +138,56 @@ class _Distiller:
     ) -> None:
         self.config, self.teacher, self.evaluator = config, teacher, evaluator
         self.device, self.rank, self.world_size = device, rank, world_size
+        self.precision = precision
         self.dataset = dataset
         self.local_batch = config.batch_size // world_size
         self.micro_batch = config.micro_batch_size or self.local_batch
         self.out_dir = Path(config.out_dir)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.progress: tqdm | None = None
         self.cache = None
         if config.teacher.cache is not None:
             from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
-            size = len(dataset) if hasattr(dataset, "__len__") else None
-            # Refuses a cache built for another dataset size or by another teacher.
-            self.cache = TeacherEmbeddingCache.load(
-                config.teacher.cache, num_samples=size, teacher=teacher, device=device
-            )
-        weights = config.loss
-        self.total_weight = weights.distill_weight + weights.contrastive_weight
-        self.loss_module = AffinityMimickingLoss(
-            contrastive_weight=weights.contrastive_weight / self.total_weight, kind=weights.kind
+            if isinstance(dataset, IterableDataset):
+                raise ValueError(
+                    "--teacher-cache needs map-style data (csv, demo, in-memory tensors): a "
+                    "webdataset stream has no dataset-wide sample index to look rows up by"
+                )
+            # Refuses a cache built on other samples (or in another order) or by another teacher.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.cache = TeacherEmbeddingCache.load(
+                    config.teacher.cache, teacher=teacher, dataset=dataset, device=device
+                )
+            for warning in caught:
+                self.say(f"warning: {warning.message}")
+        self.loss_fn = AffinityMimickingLoss(
+            contrastive_weight=config.loss.contrastive_weight, kind=config.loss.kind
         )
-        self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.fixed_scale = None
-        if weights.fixed_scale is not None:
-            self.fixed_scale = torch.tensor(float(weights.fixed_scale), device=device)
+        if config.loss.fixed_scale is not None:
+            self.fixed_scale = torch.tensor(float(config.loss.fixed_scale), device=device)
             self.teacher_scale = self.fixed_scale
         elif self.cache is not None:
             self.teacher_scale = torch.tensor(math.exp(self.cache.logit_scale), device=device)
         else:
             self.teacher_scale = teacher.logit_scale.detach().float().exp()
-        self.max_logit_scale = math.log(weights.max_scale)
-        self.log = MetricsLog(self.out_dir, enabled=rank == 0)
-        self.progress: tqdm | None = None
+        self.max_logit_scale = math.log(config.loss.max_scale)
+        self.bad_samples = None
+        if config.data.skip_bad_samples:
+            self.bad_samples = BadSampleLog(
+                self.out_dir / bad_samples_name(rank),
+                config.data.max_bad_fraction,
+                announce=self.say,
+            )
+        self.log: MetricsLog | None = None
         self.history: list[dict[str, Any]] = []
         self.stage_params: list[int] = []
+        self.checkpoint_step: int | None = None  # the step of the last checkpoint written
+        self._teacher_prunable: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision (and the xformers attention route) of every forward pass."""
@@ -161,9 +202,6 @@ class _Distiller:
         if self.config.attention == "xformers":
             stack.enter_context(xformers_attention())
         return stack
-
-    def loss_fn(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.total_weight * self.loss_module(*args)
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(I_t, T_t, b) of a local batch: cached rows, or the frozen teacher in micro-batches."""
@@ -190,7 +228,7 @@ class _Distiller:
         state = _StageState(model, make_optimizer(model, self.config))
         if isinstance(model, MaskedCLIP):
             target = relative_sparsity(stage, model, self.teacher)
-            state.controller = SparsityController(target, warmup_steps=stage.sparsity_warmup).to(
+            state.controller = SparsityController(target, warmup_steps=stage.target_warmup).to(
                 self.device
             )
             state.mask_optimizer, state.multiplier_optimizer = state.controller.build_optimizers(
@@ -207,40 +245,45 @@ class _Distiller:
             model = DistributedDataParallel(model, device_ids=ids)
         return model
 
-    def save(
-        self,
-        stage_index: int,
-        stage_step: int,
-        step: int,
-        st: _StageState | None,
-        student: nn.Module,
-    ) -> None:
-        """Resumable state; ``st`` None means 'stage ``stage_index`` starts from ``student``'."""
+    def save(self, stage_index: int, stage_step: int, step: int, st: _StageState) -> None:
+        """Resumable state at ``stage_step`` of stage ``stage_index``; at the stage's last step
+        it is the finished stage (without optimizer state when it pruned at its end)."""
         rng = all_rng_states(self.device, self.world_size)
+        bad = None
+        if self.bad_samples is not None:
+            bad = gather_objects(self.bad_samples.state_dict(), self.world_size)
+        self.checkpoint_step = step
         if self.rank != 0:
             return
         state = {
             "stage": stage_index,
             "stage_step": stage_step,
             "step": step,
-            "student": pack_student(student),
+            "student": pack_student(st.model),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "history": self.history,
             "stage_params": self.stage_params,
             "config": json.dumps(self.config.to_dict()),
         }
-        if st is not None:
+        if bad is not None:
+            state["bad_samples"] = bad
+        if st.optimizer is not None:
             state["optimizer"] = st.optimizer.state_dict()
-            if st.masked:
-                state["controller"] = st.controller.state_dict()
-                state["mask_optimizer"] = st.mask_optimizer.state_dict()
-                state["multiplier_optimizer"] = st.multiplier_optimizer.state_dict()
+        if st.masked:
+            state["controller"] = st.controller.state_dict()
+            state["mask_optimizer"] = st.mask_optimizer.state_dict()
+            state["multiplier_optimizer"] = st.multiplier_optimizer.state_dict()
         save_training_state(self.checkpoint_path, state)
 
     def say(self, message: str) -> None:
-        if self.rank == 0:
+        """One line on rank 0 (above the progress bar when there is one)."""
+        if self.rank != 0:
+            return
+        if self.progress is not None:
             self.progress.write(message)
+        else:
+            print(message, flush=True)
 
     def evaluate(self, model: nn.Module, stage_index: int, step: int) -> float:
         """Zero-shot top-1 into the history (rank 0); returns the seconds it took."""
@@ -263,7 +306,6 @@ class _Distiller:
         step = resume["step"] if resume else 0
         student = first_student
         if resume:
-            _check_resumable(json.loads(resume["config"]), config.to_dict())
             # Rebuilding the student draws random inits: restore the RNG only afterwards.
             student = unpack_student(resume["student"])
             self.history, self.stage_params = resume["history"], resume["stage_params"]
@@ -274,6 +316,12 @@ class _Distiller:
                 )
             set_rng_state(rng[self.rank], self.device)
             self.scaler.load_state_dict(resume["scaler"])
+            self.checkpoint_step = step
+            if self.bad_samples is not None:
+                cut_jsonl(self.bad_samples.path, step)
+                if resume.get("bad_samples"):
+                    self.bad_samples.load_state_dict(resume["bad_samples"][self.rank])
+        self.log = MetricsLog(self.out_dir, self.rank == 0, resume_step=step if resume else None)
         loader = make_loader(
             self.dataset,
             self.local_batch,
@@ -282,6 +330,12 @@ class _Distiller:
             rank=self.rank,
             world_size=self.world_size,
             num_workers=config.num_workers,
+            bad_samples=self.bad_samples,
+        )
+        self.say(
+            f"distilling on {self.device} in {self.precision}: {len(config.stages)} stage(s), "
+            f"{config.total_steps} steps, batch {config.batch_size}; run folder {self.out_dir}"
+            + (f" (resumed at step {step})" if resume else "")
         )
         self.progress = tqdm(
             total=config.total_steps,
@@ -296,18 +350,25 @@ class _Distiller:
                 for stage_index in range(first_stage, len(config.stages)):
                     stage = config.stages[stage_index]
                     resumed = resume if resume and stage_index == first_stage else None
-                    student, step, interrupted = self.run_stage(
+                    st, step, interrupted = self.run_stage(
                         stage_index, stage, student, step, loader, stop, resumed
                     )
+                    student = st.model
                     if interrupted:
                         result.interrupted = True
                         break
-                    self.stage_params.append(count_parameters(student))
+                    self.stage_params[stage_index:] = [count_parameters(student)]
                     self.evaluate(student, stage_index, step)
-                    self.save(stage_index + 1, 0, step, None, student)
+                    self.save(stage_index, stage.steps, step, st)
         finally:
             self.progress.close()
+            self.progress = None
             self.log.close()
+        if self.bad_samples is not None and self.bad_samples.bad:
+            self.say(
+                f"skipped {self.bad_samples.bad} bad samples of {self.bad_samples.read} read "
+                f"(rank 0's are in {self.bad_samples.path})"
+            )
         if not result.interrupted and self.rank == 0:
             save_student(student, self.out_dir / "student")
         result.student = student.eval()
@@ -323,8 +384,8 @@ class _Distiller:
         loader: Iterator[dict[str, torch.Tensor]],
         stop: StopFlag,
         resume: dict[str, Any] | None,
-    ) -> tuple[nn.Module, int, bool]:
-        """Train one stage; returns (its final student, global step, interrupted)."""
+    ) -> tuple[_StageState, int, bool]:
+        """Train one stage; returns (its final state, global step, interrupted)."""
         config = self.config
         stage_step = resume["stage_step"] if resume else 0
         if stage_step > 0:
@@ -335,23 +396,25 @@ class _Distiller:
             model = stage_student(stage, self.teacher, student, config.seed)
         st = self.new_stage_state(stage, model)
         if stage_step > 0:
-            st.optimizer.load_state_dict(resume["optimizer"])
-            if st.masked:
-                st.controller.load_state_dict(resume["controller"])
-                st.mask_optimizer.load_state_dict(resume["mask_optimizer"])
-                st.multiplier_optimizer.load_state_dict(resume["multiplier_optimizer"])
-        prune_step = stage.prune_step or stage.steps
+            self.restore_stage(st, stage, stage_index, stage_step, resume)
+        elif config.optim.warmup_steps >= stage.steps:
+            self.say(
+                f"warning: --warmup-steps {config.optim.warmup_steps} >= stage {stage_index}'s "
+                f"{stage.steps} steps: the rate never reaches --lr {config.optim.lr:g}"
+            )
+        prune_step = stage.mask_steps
         pruned_at = prune_step if stage.kind == "auto" else None
+        schedule = self.schedule_config(stage, pruned_at)
         wrapped = self.wrap(st.model)
         tick, images_seen = time.perf_counter(), 0
 
         while stage_step < stage.steps:
             if st.masked and stage_step == prune_step:
-                pruned = self.new_stage_state(stage, st.model.prune())
+                pruned = self.new_stage_state(stage, self.prune(st.model, stage, stage_index, step))
                 carry_optimizer_state(st.model, st.optimizer, pruned.model, pruned.optimizer)
                 st = pruned
                 wrapped = self.wrap(st.model)
-            lr = learning_rate(stage_step, stage.steps, config, pruned_at)
+            lr = learning_rate(stage_step, stage.steps, schedule, pruned_at)
             for group in st.optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
@@ -375,12 +438,7 @@ class _Distiller:
                 self.scaler.scale(penalty).backward()
             loss_value = mean_over_ranks(loss, self.world_size)
             if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {step + 1} (stage {stage_index}); stopped "
-                    f"before updating the weights. The last good checkpoint "
-                    f"{self.checkpoint_path} is intact: lower --lr, use bf16 instead of fp16, "
-                    "or check the data; then --resume"
-                )
+                raise FloatingPointError(self.non_finite_message(loss_value, step + 1, stage_index))
             optimizers = [st.optimizer] + (
                 [st.mask_optimizer, st.multiplier_optimizer] if st.masked else []
             )
@@ -413,8 +471,9 @@ class _Distiller:
                 if sparsity is not None:
                     record["sparsity"] = float(sparsity.detach())
                     record["penalty"] = float(penalty.detach())
-                self.history.append(record)
-                self.log.write(record)
+                if self.bad_samples is not None:
+                    record["bad_samples"] = self.bad_samples.bad
+                self.record(record)
                 self.progress.set_postfix(
                     loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.0f}"
                 )
@@ -423,29 +482,145 @@ class _Distiller:
             if config.eval.every and step % config.eval.every == 0:
                 tick += self.evaluate(st.model, stage_index, step)  # images/s of training only
             if stop.agreed(self.world_size, self.device):
-                self.save(stage_index, stage_step, step, st, st.model)
+                self.save(stage_index, stage_step, step, st)
                 self.say(
                     f"stopped by signal at step {step}; checkpoint saved to "
                     f"{self.checkpoint_path}; continue with --resume"
                 )
-                return st.model, step, True
+                return st, step, True
             if config.save_every and step % config.save_every == 0 and stage_step < stage.steps:
                 start = time.perf_counter()
-                self.save(stage_index, stage_step, step, st, st.model)
+                self.save(stage_index, stage_step, step, st)
                 tick += time.perf_counter() - start
 
-        if st.masked:  # prune_step == steps: prune at the end of the stage
-            st.model = st.model.prune()
-        return st.model, step, False
+        if st.masked:  # prune_step == steps: prune at the end of the stage, nothing to carry
+            st = _StageState(self.prune(st.model, stage, stage_index, step), optimizer=None)
+        return st, step, False
+
+    def restore_stage(
+        self,
+        st: _StageState,
+        stage: StageConfig,
+        stage_index: int,
+        stage_step: int,
+        resume: dict[str, Any],
+    ) -> None:
+        """Load a checkpoint's optimizer and mask states into ``st`` (a resumed stage)."""
+        saved_steps = json.loads(resume["config"])["stages"][stage_index]["steps"]
+        if "optimizer" not in resume:
+            if stage_step < stage.steps:
+                raise ValueError(
+                    f"cannot extend stage {stage_index} past its step {stage_step}: it pruned "
+                    "its student at its last step, so no optimizer state was kept; add a stage "
+                    "that trains its student on (a [[stages]] entry with steps only)"
+                )
+            return
+        st.optimizer.load_state_dict(resume["optimizer"])
+        if st.masked:
+            st.controller.load_state_dict(resume["controller"])
+            st.mask_optimizer.load_state_dict(resume["mask_optimizer"])
+            st.multiplier_optimizer.load_state_dict(resume["multiplier_optimizer"])
+        if stage.steps != saved_steps:
+            self.say(
+                f"extending stage {stage_index} from {saved_steps} to {stage.steps} steps (at "
+                f"its step {stage_step}): its cosine schedule now ends at step {stage.steps}"
+            )
+
+    def schedule_config(self, stage: StageConfig, pruned_at: int | None) -> DistillConfig:
+        """The config the learning-rate schedule reads: the re-warm-up after pruning takes at
+        most a quarter of the stage's steps left after pruning."""
+        if pruned_at is None or pruned_at >= stage.steps:
+            return self.config
+        optim = self.config.optim
+        warmup = min(optim.prune_warmup_steps, max(1, (stage.steps - pruned_at) // 4))
+        return dataclasses.replace(
+            self.config, optim=dataclasses.replace(optim, prune_warmup_steps=warmup)
+        )
+
+    def prune(
+        self, masked: MaskedCLIP, stage: StageConfig, stage_index: int, step: int
+    ) -> nn.Module:
+        """The compact student of ``masked``; says (and records) how far the masks got."""
+        if self._teacher_prunable is None:
+            self._teacher_prunable = teacher_prunable_params(self.teacher)
+        expected = sparsity_of_teacher(masked, self._teacher_prunable)
+        before = count_parameters(masked.model)
+        pruned = masked.prune()
+        after = count_parameters(pruned)
+        self.record(
+            {
+                "step": step,
+                "stage": stage_index,
+                "event": "pruned",
+                "expected_sparsity": expected,
+                "target_sparsity": stage.sparsity,
+                "params_before": before,
+                "params_after": after,
+            }
+        )
+        self.say(
+            f"stage {stage_index}: pruned at step {step}: expected sparsity {expected:.1%} of "
+            f"target {stage.sparsity:.1%}, params {before:,} -> {after:,}"
+        )
+        if expected < FAR_BELOW_TARGET * stage.sparsity:
+            self.say(
+                f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
+                f"had {stage.mask_steps} steps at --mask-lr {self.config.optim.mask_lr:g} and "
+                f"--lagrangian-lr {self.config.optim.lagrangian_lr:g}; raise these or "
+                "--prune-step"
+            )
+        return pruned
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self.log.write(record)
+
+    def non_finite_message(self, value: float, step: int, stage_index: int) -> str:
+        advice = "lower --lr, use bf16 instead of fp16, or check the data"
+        head = (
+            f"loss is {value} at step {step} (stage {stage_index}); stopped before updating "
+            "the weights."
+        )
+        if self.checkpoint_step is None:
+            every = self.config.save_every
+            first = f"the first was due at step {every}" if every else "--save-every is 0"
+            return (
+                f"{head} No checkpoint was written yet ({first}): {advice}, then start again "
+                "with --overwrite"
+            )
+        return (
+            f"{head} The checkpoint of step {self.checkpoint_step} ({self.checkpoint_path}) is "
+            f"intact: {advice}, then continue with --resume"
+        )
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    for key in ("stages", "batch_size", "seed"):
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], resume: dict) -> None:
+    """Refuse a resume that cannot continue the checkpoint's run: the same stages, batch and
+    seed, except that the last stage may get more steps (extending a run)."""
+    for key in ("batch_size", "seed"):
         if json.loads(json.dumps(current[key])) != saved[key]:
             raise ValueError(
                 f"cannot resume: {key} differs from the checkpoint's ({saved[key]!r} there, "
                 f"{current[key]!r} now); an exact resume needs the same {key}"
             )
+    before, now = saved["stages"], json.loads(json.dumps(current["stages"]))
+    last = len(before) - 1
+    same_but_steps = len(now) == len(before) and all(
+        a == b if i < last else {**a, "steps": 0} == {**b, "steps": 0}
+        for i, (a, b) in enumerate(zip(before, now, strict=True))
+    )
+    if not same_but_steps:
+        raise ValueError(
+            "cannot resume: stages differ from the checkpoint's; a resume continues the same "
+            "stages, and only the last stage's steps may change (to extend a finished run). "
+            f"The checkpoint's stages: {before}"
+        )
+    done = resume["stage_step"] if resume["stage"] == last else 0
+    if now[last]["steps"] < done:
+        raise ValueError(
+            f"cannot resume: the last stage is at its step {done}, past the {now[last]['steps']} "
+            "steps given now"
+        )
 
 
 def dataset_defaults(teacher: nn.Module, seed: int) -> dict[str, Any]:
@@ -476,24 +651,37 @@ def distill(
     from config.data, the evaluator from config.eval. ``student`` replaces stage 0's
     construction: trained as given (manual/scratch), or masked then pruned (auto).
     ``evaluator(model) -> top1`` runs every config.eval.every steps and after each stage.
-    Loss per step: distill_weight * L_dist + contrastive_weight * L_clip (SPEC 2).
-    Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir;
-    ``config.resume`` continues a run there exactly (same data order, same RNG).
+    Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight (SPEC 2).
+    Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir, which
+    must not hold another run's files unless ``config.overwrite`` (they are replaced);
+    ``config.resume`` continues the run there exactly (same data order, same RNG), its
+    metrics cut back to the checkpoint's step; the last stage may be given more steps.
+    Precision None: bf16 autocast on CUDA, fp32 on the CPU.
     """
     config.validate()
-    if config.loss.distill_weight + config.loss.contrastive_weight <= 0:
-        raise ValueError("loss.distill_weight + loss.contrastive_weight must be > 0")
+    if train_dataset is None:
+        config.data.require()
+    check_device(device or config.device)
     rank, world_size, created_group = init_distributed(device or config.device)
     try:
         device = resolve_device(device or config.device)
+        precision = resolve_precision(config.precision, device)
         check_attention(config.attention, device)
         if config.batch_size % world_size:
             raise ValueError(
                 f"batch_size {config.batch_size} is not divisible by the world size {world_size}"
             )
+        out_dir = Path(config.out_dir)
         resume = None
         if config.resume:
-            resume = load_training_state(Path(config.out_dir) / CHECKPOINT_NAME)
+            resume = load_training_state(out_dir / CHECKPOINT_NAME)
+            _check_resumable(json.loads(resume["config"]), config.to_dict(), resume)
+        else:
+            found = check_run_folder(out_dir, config.overwrite)
+            if rank == 0:
+                remove_run_files(found)
+            if config.overwrite and world_size > 1:
+                dist.barrier()  # no rank writes before rank 0 has cleared the folder
         torch.manual_seed(config.seed + rank)
         eval_preprocess = preprocess
         if teacher is None:
@@ -510,7 +698,9 @@ def distill(
             evaluator = build_evaluator(
                 config.eval, tokenizer=tokenizer, preprocess=eval_preprocess, device=device
             )
-        runner = _Distiller(config, teacher, train_dataset, evaluator, device, rank, world_size)
+        runner = _Distiller(
+            config, precision, teacher, train_dataset, evaluator, device, rank, world_size
+        )
         return runner.run(student, resume)
     finally:
         if created_group:

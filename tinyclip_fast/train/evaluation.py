@@ -22,6 +22,18 @@ def register_evaluator(kind: str, builder: EvaluatorBuilder) -> None:
     _EVALUATORS[kind] = builder
 
 
+def eval_kinds() -> list[str]:
+    """The built-in and registered ``eval.kind`` values."""
+    return ["folder", "csv", *sorted(_EVALUATORS)]
+
+
+def check_eval_kind(kind: str) -> None:
+    if kind not in eval_kinds():
+        raise ValueError(
+            f"unknown eval kind {kind!r} (--eval KIND[:PATH]); kinds: {', '.join(eval_kinds())}"
+        )
+
+
 def build_evaluator(
     config: EvalConfig, *, tokenizer: Callable, preprocess: Callable, device: torch.device
 ) -> Callable[[nn.Module], float]:
@@ -29,23 +41,30 @@ def build_evaluator(
     kind."""
     from tinyclip_fast.data import zero_shot
 
+    check_eval_kind(config.kind)
     if config.kind in _EVALUATORS:
         return _EVALUATORS[config.kind](config, device)
     if config.path is None:
-        raise ValueError("eval.path is required for eval.kind 'folder' and 'csv'")
+        example = "DIR" if config.kind == "folder" else "FILE"
+        raise ValueError(f"eval kind {config.kind!r} needs a path: --eval {config.kind}:{example}")
     if tokenizer is None or preprocess is None:
         raise ValueError("zero-shot evaluation needs the teacher's tokenizer and preprocess")
     if config.kind == "folder":
         images, names = zero_shot.load_image_folder(config.path, preprocess)
-    elif config.kind == "csv":
-        images, names = zero_shot.load_labelled_csv(config.path, preprocess), None
     else:
-        kinds = ["folder", "csv", *sorted(_EVALUATORS)]
-        raise ValueError(f"eval.kind must be one of {kinds}, got {config.kind!r}")
+        images, names = zero_shot.load_labelled_csv(config.path, preprocess), None
     if config.class_names is not None:
         names = zero_shot.load_names(config.class_names)
     if names is None:
-        raise ValueError("eval.kind 'csv' needs eval.class_names (a file, one name per line)")
+        raise ValueError("eval kind 'csv' needs class names: --eval-class-names FILE")
+    outside = next(
+        (i for i, label in enumerate(images.labels) if not 0 <= label < len(names)), None
+    )
+    if outside is not None:
+        raise ValueError(
+            f"evaluation set {config.path}: row {outside} has label {images.labels[outside]}, "
+            f"outside the {len(names)} class names (labels count from 0)"
+        )
     templates = (
         zero_shot.load_names(config.templates)
         if config.templates is not None

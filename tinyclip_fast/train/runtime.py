@@ -1,4 +1,5 @@
-"""Run plumbing: the process group, the device, stop signals, the metrics log, RNG states."""
+"""Run plumbing: the process group, the device and precision, stop signals, the metrics log,
+RNG states."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tinyclip_fast.train.run_folder import METRICS_NAME, TENSORBOARD_DIR, cut_jsonl
 from tinyclip_fast.train.step import rng_state
 
 
@@ -30,11 +32,44 @@ def init_distributed(device: str | torch.device | None) -> tuple[int, int, bool]
     return 0, 1, False
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """ValueError, in one line, for a device name torch does not know or cannot use here."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        raise ValueError(
+            f"device {str(device)!r}: no CUDA GPU is visible (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}{hint}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"device {str(device)!r}: only {count} CUDA device(s) are visible")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    check_device(device)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The configured precision, else bf16 on CUDA (fp16 where bf16 is unsupported) and fp32
+    on other devices (CPU autocast to bf16 is several times slower on most x86 CPUs)."""
+    if precision is not None:
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
 
 
 class StopFlag:
@@ -70,43 +105,59 @@ class StopFlag:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only."""
+    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only.
 
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
+    ``resume_step``: the step of the checkpoint a run resumes from; records after it (logged
+    before a crash, a kill or a NaN stop) are cut away, so every step appears once. The files
+    open with the first record: a run that fails before it leaves nothing to overwrite.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
+        self.out_dir, self.enabled, self.resume_step = out_dir, enabled, resume_step
         self.file = self.tensorboard = None
-        if not enabled:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if enabled and resume_step is not None:
+            cut_jsonl(out_dir / METRICS_NAME, resume_step)
+
+    def _open(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.out_dir / METRICS_NAME, "a", encoding="utf-8")  # noqa: SIM115
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+        purge = None if self.resume_step is None else self.resume_step + 1
+        self.tensorboard = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.file is None:
+        if not self.enabled:
             return
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key not in ("step", "stage"):
+                if key not in ("step", "stage") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         for handle in (self.file, self.tensorboard):
             if handle is not None:
                 handle.close()
+        self.file = self.tensorboard = None
 
 
 def all_rng_states(device: torch.device, world_size: int) -> list[list[torch.Tensor]]:
     """Every rank's RNG state (each rank draws its own dropout samples)."""
-    mine = rng_state(device)
+    return gather_objects([t.cpu() for t in rng_state(device)], world_size)
+
+
+def gather_objects(mine: Any, world_size: int) -> list[Any]:
+    """Every rank's ``mine`` (picklable), in rank order."""
     if world_size == 1:
         return [mine]
     states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, [t.cpu() for t in mine])
+    dist.all_gather_object(states, mine)
     return states
 
 

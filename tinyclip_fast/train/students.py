@@ -40,9 +40,20 @@ def stage_student(
     return manual_inherit(source, model_cfg, layer_selection=stage.layer_selection)
 
 
+def teacher_prunable_params(teacher: nn.Module) -> int:
+    """The ORIGINAL teacher's prunable parameters: what every stage's sparsity refers to."""
+    return MaskedCLIP(teacher).full_prunable_params()
+
+
+def sparsity_of_teacher(masked: MaskedCLIP, teacher_prunable: int) -> float:
+    """The masks' expected sparsity as a fraction of the original teacher's prunable
+    parameters (the scale of ``StageConfig.sparsity``)."""
+    return 1.0 - float(masked.expected_remaining_params().detach()) / teacher_prunable
+
+
 def relative_sparsity(stage: StageConfig, masked: MaskedCLIP, teacher: nn.Module) -> float:
     """The target for this model such that ``stage.sparsity`` of the ORIGINAL is removed."""
-    full_teacher = MaskedCLIP(teacher).full_prunable_params()
+    full_teacher = teacher_prunable_params(teacher)
     full_here = masked.full_prunable_params()
     target = 1.0 - (1.0 - stage.sparsity) * full_teacher / full_here
     if target <= 0.0:

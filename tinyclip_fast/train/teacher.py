@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
 from torch import nn
 
 from tinyclip_fast.train.config import TeacherConfig
@@ -34,6 +33,8 @@ def build_teacher(config: TeacherConfig) -> tuple[nn.Module, Callable, Callable,
     """
     if config.model in _TEACHERS:
         return _TEACHERS[config.model](config.pretrained)
+    import open_clip  # seconds to import: only when an open_clip teacher is asked for
+
     name = config.model
     if name.endswith(".json"):
         path = Path(name)

@@ -4,12 +4,19 @@ As in MobileCLIP's dataset reinforcement: one pass of the frozen teacher over a 
 dataset writes the L2-normalised features I_t [N, d], T_t [N, d] and its logit scale to a
 safetensors file; training looks rows up by the samples' ``index``. Valid only without
 random augmentation (the cached features are those of the un-augmented samples).
+
+A cache is tied to the exact data it was built on: next to the teacher's fingerprint it
+stores a 64-bit hash of every sample's identity in index order (``datasets.sample_key``: the
+CSV path and caption, the content of in-memory tensors), and ``load(..., dataset=)`` refuses
+a dataset whose samples differ anywhere, the same rows in another order included, naming the
+first one that differs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +27,10 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from tinyclip_fast.atomic_io import atomic_write
+from tinyclip_fast.data.datasets import check_sample_fingerprints, sample_fingerprints
 from tinyclip_fast.data.loader import collate
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
@@ -41,7 +49,8 @@ class TeacherEmbeddingCache:
     """Cached teacher features: ``lookup(indices) -> (image_emb, text_emb)``, each [n, d].
 
     ``logit_scale`` is the teacher's ``logit_scale`` parameter (log space, as in open_clip):
-    the teacher's affinity scale is ``exp(logit_scale)``.
+    the teacher's affinity scale is ``exp(logit_scale)``. ``sample_fingerprints`` int64 [N]
+    identifies the samples the rows belong to (None: not known).
     """
 
     def __init__(
@@ -50,15 +59,24 @@ class TeacherEmbeddingCache:
         text_emb: torch.Tensor,
         logit_scale: float,
         metadata: dict[str, str] | None = None,
+        sample_fingerprints: torch.Tensor | None = None,
     ) -> None:
         if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
             raise ValueError(
                 f"image_emb and text_emb must both be [N, d], got {tuple(image_emb.shape)} and "
                 f"{tuple(text_emb.shape)}"
             )
+        if sample_fingerprints is not None and tuple(sample_fingerprints.shape) != (
+            image_emb.shape[0],
+        ):
+            raise ValueError(
+                f"sample_fingerprints must have shape ({image_emb.shape[0]},), got "
+                f"{tuple(sample_fingerprints.shape)}"
+            )
         self.image_emb, self.text_emb = image_emb, text_emb
         self._logit_scale = float(logit_scale)
         self.metadata = dict(metadata or {})
+        self.sample_fingerprints = sample_fingerprints
 
     @property
     def logit_scale(self) -> float:
@@ -76,7 +94,11 @@ class TeacherEmbeddingCache:
     def to(self, device: str | torch.device) -> TeacherEmbeddingCache:
         """A copy whose lookups return tensors on ``device``."""
         return TeacherEmbeddingCache(
-            self.image_emb.to(device), self.text_emb.to(device), self._logit_scale, self.metadata
+            self.image_emb.to(device),
+            self.text_emb.to(device),
+            self._logit_scale,
+            self.metadata,
+            self.sample_fingerprints,
         )
 
     def lookup(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +127,8 @@ class TeacherEmbeddingCache:
         """Run ``teacher`` once over ``dataset`` (in index order) and write the cache to ``path``.
 
         The file is written to a temporary name and renamed, so a crash never leaves a
-        half-written cache behind.
+        half-written cache behind. The samples' fingerprints go with it (when the dataset
+        names its samples, see the module docstring).
         """
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
@@ -146,6 +169,7 @@ class TeacherEmbeddingCache:
             torch.cat(text_parts),
             float(teacher.logit_scale.detach().float().reshape(-1)[0]),
             metadata,
+            sample_fingerprints(dataset),
         )
         cache.save(path)
         return cache
@@ -157,6 +181,8 @@ class TeacherEmbeddingCache:
             "text_emb": self.text_emb.contiguous().cpu(),
             "logit_scale": torch.tensor([self._logit_scale], dtype=torch.float64),
         }
+        if self.sample_fingerprints is not None:
+            tensors["sample_fingerprints"] = self.sample_fingerprints.contiguous().cpu()
         contents = {**self.metadata, "format_version": FORMAT_VERSION}
         metadata = {"tinyclip_cache": json.dumps(contents)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -168,9 +194,16 @@ class TeacherEmbeddingCache:
         *,
         num_samples: int | None = None,
         teacher: nn.Module | None = None,
+        dataset: Dataset | None = None,
         device: str | torch.device = "cpu",
     ) -> TeacherEmbeddingCache:
-        """Read a cache; with ``num_samples``/``teacher`` given, refuse one built for others."""
+        """Read a cache; refuse one built for other data or another teacher.
+
+        ``dataset``: the data it will serve; its size and every sample's identity must match
+        (ValueError naming the first sample that differs). ``num_samples`` checks the size
+        only; ``teacher`` the teacher's fingerprint. A dataset or cache without sample
+        identities cannot be checked: a warning says so.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -183,6 +216,7 @@ class TeacherEmbeddingCache:
             metadata = json.loads(header["tinyclip_cache"])
             image_emb, text_emb = tensors["image_emb"], tensors["text_emb"]
             logit_scale = float(tensors["logit_scale"][0])
+            fingerprints = tensors.get("sample_fingerprints")
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
             raise ValueError(
                 f"teacher cache {path} is corrupt or not a tinyclip_fast cache ({err!r}); "
@@ -200,6 +234,8 @@ class TeacherEmbeddingCache:
                 f"teacher cache {path} is inconsistent: image {tuple(image_emb.shape)}, text "
                 f"{tuple(text_emb.shape)}, header num_samples {metadata.get('num_samples')}"
             )
+        if dataset is not None and num_samples is None and hasattr(dataset, "__len__"):
+            num_samples = len(dataset)
         if num_samples is not None and image_emb.shape[0] != num_samples:
             raise ValueError(
                 f"teacher cache {path} holds {image_emb.shape[0]} samples but the dataset has "
@@ -213,4 +249,16 @@ class TeacherEmbeddingCache:
                 f"{metadata.get('teacher_fingerprint')} != {teacher_fingerprint(teacher)}): "
                 "rebuild it"
             )
-        return cls(image_emb, text_emb, logit_scale, metadata)
+        if dataset is not None:
+            checked = fingerprints is not None and (
+                check_sample_fingerprints(fingerprints.cpu(), dataset, f"teacher cache {path}")
+                is not None
+            )
+            if not checked:
+                lacking = f"cache {path}" if fingerprints is None else type(dataset).__name__
+                warnings.warn(
+                    f"teacher cache {path}: cannot check that it was built on this data "
+                    f"({lacking} has no sample identities); only its size matches",
+                    stacklevel=2,
+                )
+        return cls(image_emb, text_emb, logit_scale, metadata, fingerprints)

@@ -1,0 +1,259 @@
+"""DataCompDR: shards written in Apple's layout are read back, their stored augmentations
+replayed (checked against an independent torchvision replay), their embeddings and
+captions matched, and a distillation step runs from them without a teacher."""
+
+import io
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+import webdataset as wds
+from PIL import Image
+from support import STUDENT_CFG, WordTokenizer, encode_image, random_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.autoaugment import _apply_op
+
+from tinyclip_fast.data.augment import OPENAI_MEAN, OPENAI_STD
+from tinyclip_fast.data.datacompdr import (
+    DataCompDRDataset,
+    build_datacompdr_dataset,
+    datacompdr_recipe,
+    decompress_params,
+)
+from tinyclip_fast.data.loader import make_loader
+from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, TeacherInfo, teacher_targets
+from tinyclip_fast.losses import AffinityMimickingLoss
+from tinyclip_fast.ops.backend import force_backend
+
+# MobileCLIP's RandAugment op ids (training/dr/transforms.py, RandAugment.op_names).
+MOBILECLIP_OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+DIMS = (8, 6)  # two teachers, as DataCompDR's 768 + 768
+K, SYNTHETIC = 4, 3
+TEACHERS = [TeacherInfo("t0", 8, None, 0.0), TeacherInfo("t1", 6, None, 0.0)]
+
+
+def unit_rows(rows, generator):
+    parts = torch.randn(rows, sum(DIMS), generator=generator).split(DIMS, dim=-1)
+    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
+
+def compressed_params(image, generator):
+    """K augmentations in DataCompDR's compressed form: [[t, l, h, w], [[op id, mag], ...]]."""
+    draws = []
+    for k in range(K):
+        drawn = datacompdr_recipe(224).sample(image.height, image.width, generator)
+        ops = [[MOBILECLIP_OPS.index(name), mag] for name, mag in drawn["rand_augment"]]
+        draws.append([drawn["crop"], None if k == 1 else ops])  # k = 1: RandAugment skipped
+    return draws
+
+
+def write_datacompdr_shards(folder):
+    """Two shards: float32 npz embeddings with real captions, then bf16 pth.gz without."""
+    generator = torch.Generator().manual_seed(0)
+    stored = {}
+    for shard in range(2):
+        with wds.TarWriter(str(folder / f"{shard:08d}.tar")) as sink:
+            for i in range(3):
+                uid = f"{shard}{i:031x}"
+                image = random_image(100 + 3 * shard + i)
+                jpeg = encode_image(image, "JPEG")
+                params = compressed_params(Image.open(io.BytesIO(jpeg)), generator)
+                synthetic = [f"synthetic {j} of {uid[-3:]}" for j in range(SYNTHETIC)]
+                image_emb = unit_rows(K, generator)
+                text_emb = unit_rows(1 + SYNTHETIC, generator)  # real caption first
+                sample = {
+                    "__key__": uid,
+                    "url.txt": f"https://example.com/{uid}.jpg",
+                    "json": json.dumps({"uid": uid, "sha256": "0" * 64}),
+                    "jpg": jpeg,
+                    "syn.json": json.dumps({"syn_text": synthetic}),
+                    # The Hugging Face copy stores param_aug as a JSON string: accept both.
+                    "paug.json": json.dumps(
+                        {"param_aug": json.dumps(params) if i == 2 else params}
+                    ),
+                }
+                if shard == 0:
+                    sample["txt"] = f"real caption {uid[-3:]}"
+                    embeddings = {"image_emb": image_emb.numpy(), "text_emb": text_emb.numpy()}
+                    sample["npz"] = embeddings
+                else:
+                    image_emb, text_emb = image_emb.bfloat16(), text_emb.bfloat16()
+                    sample["pth.gz"] = {"image_emb": image_emb, "text_emb": text_emb}
+                sink.write(sample)
+                real = [sample["txt"]] if "txt" in sample else []
+                rows = text_emb if real else text_emb[1:]
+                stored[uid] = (jpeg, params, real + synthetic, image_emb, rows)
+    return stored
+
+
+def independent_replay(jpeg, compressed, size):
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    (top, left, height, width), ops = compressed
+    image = TF.resized_crop(
+        image, top, left, height, width, [size, size], InterpolationMode.BICUBIC, antialias=True
+    )
+    for op_id, magnitude in ops or ():
+        image = _apply_op(
+            image, MOBILECLIP_OPS[op_id], magnitude, InterpolationMode.NEAREST, fill=None
+        )
+    return TF.normalize(TF.to_tensor(image), OPENAI_MEAN, OPENAI_STD)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("datacompdr")
+    return folder, write_datacompdr_shards(folder)
+
+
+def test_datacompdr_shards_read_back_with_replayed_augmentations(shards):
+    folder, stored = shards
+    tokenizer = WordTokenizer()
+    dataset = DataCompDRDataset(
+        f"{folder}/{{00000000..00000001}}.tar",
+        tokenizer=tokenizer,
+        recipe=datacompdr_recipe(24),
+        teachers=TEACHERS,
+        shuffle=False,
+    )
+    for epoch in range(3):
+        dataset.set_stream(seed=0, epoch=epoch, rank=0, world_size=1)
+        samples = list(dataset)
+        assert len(samples) == 6
+        for sample, uid in zip(samples, stored, strict=True):
+            jpeg, params, captions, image_emb, text_rows = stored[uid]
+            aug, caption = sample["aug_index"], sample["caption_index"]
+            assert torch.equal(sample["image"], independent_replay(jpeg, params[aug], 24))
+            assert torch.equal(sample["text"], tokenizer([captions[caption]])[0])
+            assert torch.equal(sample[TEACHER_IMAGE], image_emb[aug])
+            assert torch.equal(sample[TEACHER_TEXT], text_rows[caption])
+            assert sample[TEACHER_IMAGE].dtype == image_emb.dtype  # float32 npz, bf16 pth.gz
+
+
+def test_a_distillation_step_from_datacompdr_shards(shards):
+    folder, _ = shards
+    cfg = {
+        "kind": "datacompdr",
+        "path": f"{folder}/{{00000000..00000001}}.tar",
+        "teacher_dims": list(DIMS),
+        "teacher_scale": 100.0,
+    }
+    dataset = build_datacompdr_dataset(
+        cfg, open_clip.transform.image_transform(32, True), WordTokenizer()
+    )
+    assert dataset.recipe.size == (32, 32) and dataset.recipe.scale == (0.08, 1.0)
+    torch.manual_seed(0)
+    student = open_clip.model.CLIP(**STUDENT_CFG)
+    batch = next(make_loader(dataset, 4, seed=0))
+    targets = teacher_targets(batch, dataset.teachers)
+    assert [t.image.shape[1] for t in targets] == list(DIMS)
+    assert all(t.scale.item() == pytest.approx(100.0) for t in targets)
+    with force_backend("torch"):
+        image, text, scale = student(batch["image"], batch["text"])
+        loss = AffinityMimickingLoss()(image, text, scale, *targets[0][:3])
+        loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_decompress_params():
+    assert decompress_params([[1, 2, 30, 40], [[5, -12.5], [0, 0.0]]]) == {
+        "crop": [1, 2, 30, 40],
+        "rand_augment": [["Rotate", -12.5], ["Identity", 0.0]],
+    }
+    assert decompress_params([[0, 0, 4, 4], None])["rand_augment"] == []
+    with pytest.raises(ValueError, match="op id 14 outside"):
+        decompress_params([[0, 0, 4, 4], [[14, 1.0]]])
+    with pytest.raises(ValueError, match="top, left, height, width"):
+        decompress_params([[0, 0, 4], None])
+
+
+def write_one(path, **fields):
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "abc", **fields})
+
+
+def test_bad_datacompdr_samples_are_clear_errors(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    image = random_image(0)
+    good = {
+        "jpg": encode_image(image, "JPEG"),
+        "syn.json": json.dumps({"syn_text": ["s"] * SYNTHETIC}),
+        "paug.json": json.dumps({"param_aug": compressed_params(image, generator)}),
+        "npz": {
+            "image_emb": unit_rows(K, generator).numpy(),
+            "text_emb": unit_rows(1 + SYNTHETIC, generator).numpy(),
+        },
+    }
+    cases = [
+        ({"jpg": None}, "has no image .*merge them in by uid"),
+        ({"paug.json": None}, "has no paug.json"),
+        ({"npz": None}, "has no stored embeddings"),
+        (
+            {
+                "npz": {
+                    "image_emb": good["npz"]["image_emb"][:2],
+                    "text_emb": good["npz"]["text_emb"],
+                }
+            },
+            r"image_emb \(2, 14\) does not hold one row per stored augmentation \(4",
+        ),
+        (
+            {
+                "npz": {
+                    "image_emb": good["npz"]["image_emb"],
+                    "text_emb": good["npz"]["text_emb"][:2],
+                }
+            },
+            "text_emb has 2 rows for 3 synthetic",
+        ),
+        (
+            {
+                "txt": "real",
+                "npz": {
+                    "image_emb": good["npz"]["image_emb"],
+                    "text_emb": good["npz"]["text_emb"][1:],
+                },
+            },
+            "0 real caption embeddings for 1 real",
+        ),
+        ({"pth.gz": b"broken", "npz": None}, "stored embeddings are corrupt"),
+    ]
+    for index, (change, message) in enumerate(cases):
+        fields = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path = tmp_path / f"{index:05d}.tar"
+        write_one(path, **fields)
+        dataset = DataCompDRDataset(str(path), tokenizer=WordTokenizer(), teachers=TEACHERS)
+        with pytest.raises(ValueError, match=message):
+            list(dataset)
+    with pytest.raises(FileNotFoundError, match="DataCompDR shards not found"):
+        DataCompDRDataset(str(tmp_path / "none.tar"), tokenizer=WordTokenizer())
+    with pytest.raises(ValueError, match="crop and RandAugment ops only"):
+        DataCompDRDataset(
+            str(tmp_path / "00000.tar"),
+            tokenizer=WordTokenizer(),
+            recipe=datacompdr_recipe(24).__class__(size=24),
+        )
+    with pytest.raises(TypeError, match="length unknown"):
+        len(DataCompDRDataset(str(tmp_path / "00000.tar"), tokenizer=WordTokenizer()))
+    assert np.isclose(np.linalg.norm(good["npz"]["image_emb"][0, :8]), 1.0)

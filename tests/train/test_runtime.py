@@ -1,0 +1,42 @@
+"""Run plumbing: metrics cut back on resume, device and precision."""
+
+import json
+
+import pytest
+import torch
+
+from tinyclip_fast.train.run_folder import cut_jsonl
+from tinyclip_fast.train.runtime import MetricsLog, check_device, resolve_precision
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    # Case 3: steps logged after the checkpoint appeared twice after a resume.
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
+    lines.insert(3, json.dumps({"step": 3, "top1": 0.5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')  # killed
+    log = MetricsLog(tmp_path, enabled=True, resume_step=4)
+    log.write({"step": 5, "loss": 0.1})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 4, 5]
+    assert records[-1]["loss"] == 0.1
+    cut_jsonl(tmp_path / "missing.jsonl", 3)  # nothing to cut
+
+
+def test_device_and_precision():
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        check_device("gpu")
+    check_device("cpu")
+    if not torch.cuda.is_available():
+        # Case 14: an 18-line torch traceback.
+        with pytest.raises(ValueError, match="no CUDA GPU is visible.*--device cpu"):
+            check_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    # Case 8: bf16 autocast was the default on the CPU too (4x slower than fp32 there).
+    assert resolve_precision(None, torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        assert resolve_precision(None, torch.device("cuda")) == expected
