@@ -1,9 +1,10 @@
 """The masked phase's speed: a masked training step against the pruned model's, and the masked
 matmul against its peers.
 
-    python bench/bench_masked_matmul.py --cpu                  # CPU tables (2 threads)
+    python bench/bench_masked_matmul.py --cpu [--threads N]    # CPU tables (default 2 threads)
+    python bench/bench_masked_matmul.py --cpu --only step      # one table alone (step|layer)
     python bench/bench_masked_matmul.py [--quick] [--out DIR]  # CUDA tables
-    python bench/bench_masked_matmul.py --dry-run              # the plan only (no CUDA needed)
+    python bench/bench_masked_matmul.py --dry-run [--quick]    # the plan and a CPU smoke run
 
 Step table (the goal: masked step <= 1.15x the pruned step): ``MaskedCLIP`` in train mode with
 one fixed mask sample (``fix_mask_sample``), forward + backward of both towers and a
@@ -28,7 +29,12 @@ gradient (x, W, b, both masks where the method has them):
     folded_triton   the compact-form Triton kernels (weight read through index vectors and
                     scaled in the prologue, mask gradients in the weight-gradient epilogue);
     pruned          F.linear on the already compacted weight: the floor.
-Results: bench/results/masked_step_<cpu|gpu>.md and masked_matmul_<cpu|gpu>.md (card/CPU, versions).
+ours = folded (what MaskedCLIP runs): the ratio columns ours/dense, tinyclip/ours and
+ours/compacted are TARGETS' masked-matmul goals (bench/gpu_summary.py reads them). --quick
+(the GPU check): batch 128, 12,800 tokens, layer table at kept 100% and 50% only.
+Results: bench/results/masked_step_<cpu|gpu>.md and masked_matmul_<cpu|gpu>.md (card/CPU,
+versions), rewritten after every measurement. --dry-run writes nothing: it prints the plan
+and runs every step and layer method once on tiny shapes on the CPU.
 """
 
 from __future__ import annotations
@@ -76,10 +82,18 @@ GPU_MODEL = {
     },
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
 }
-CPU_STEP = {"batch": 64, "warmup": 2, "repeats": 5}
+CPU_STEP = {"batch": 64, "warmup": 2, "repeats": 9}
 GPU_STEP = {"batch": 256, "quick_batch": 128}
 CPU_LAYER = {"tokens": 2048, "hidden": 256, "mlp": 1024, "dtype": torch.float32}
 GPU_LAYER = {"tokens": 51_200, "quick_tokens": 12_800, "hidden": 768, "mlp": 3072}
+QUICK_LAYER_KEPT = (1.0, 0.5)  # what gpu_summary's goals read
+# The dry run's smoke shapes (CPU, fp32): a 2-layer ViT and text tower, one small linear.
+TINY_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_LAYER = {"tokens": 16, "hidden": 8, "mlp": 32, "dtype": torch.float32}
 
 
 # ---------------------------------------------------------------------------- step table
@@ -145,18 +159,24 @@ def _train_step(model, image, text, autocast) -> None:
     loss.backward()
 
 
-def _cpu_median(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict:
-    """Median seconds of each function, interleaved so load drift hits all alike."""
+def _cpu_median(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median wall seconds and median process CPU seconds of each function, interleaved (the
+    order reversed every other round) so load drift hits all alike. On a shared machine the
+    CPU time of a one-thread run counts this process's work without the time other jobs held
+    the core."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for round_ in range(repeats):
+        for name in list(fns)[:: 1 if round_ % 2 == 0 else -1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    median = lambda times: {name: statistics.median(t) for name, t in times.items()}
+    return median(wall), median(cpu)
 
 
 def _gpu_median(fns: dict[str, Callable[[], None]], quick: bool) -> dict:
@@ -169,13 +189,16 @@ def _gpu_median(fns: dict[str, Callable[[], None]], quick: bool) -> dict:
     }
 
 
-def step_table(device: str, quick: bool) -> list[tuple]:
-    """Rows (kept, kept params, masked s, pruned s)."""
+def step_table(
+    device: str, quick: bool, smoke: bool = False, on_row: Callable[[list], None] | None = None
+) -> list[tuple]:
+    """Rows (kept, kept params, masked s, pruned s, masked CPU s, pruned CPU s; CPU seconds
+    None on CUDA); ``smoke``: tiny model, one call each."""
     import contextlib
 
     cpu = device == "cpu"
-    config = CPU_MODEL if cpu else GPU_MODEL
-    batch = CPU_STEP["batch"] if cpu else GPU_STEP["quick_batch" if quick else "batch"]
+    config = TINY_MODEL if smoke else CPU_MODEL if cpu else GPU_MODEL
+    batch = 4 if smoke else _step_batch(device, quick)
     image, text = _step_inputs(config, batch, device)
     if cpu:
         autocast = contextlib.nullcontext
@@ -191,12 +214,17 @@ def step_table(device: str, quick: bool) -> list[tuple]:
             "masked": lambda m=masked: _train_step(m, image, text, autocast),
             "pruned": lambda m=pruned: _train_step(m, image, text, autocast),
         }
-        if cpu:
-            t = _cpu_median(fns, CPU_STEP["warmup"], CPU_STEP["repeats"])
+        c = {"masked": None, "pruned": None}
+        if smoke:
+            t, c = _cpu_median(fns, warmup=0, repeats=1)
+        elif cpu:
+            t, c = _cpu_median(fns, CPU_STEP["warmup"], CPU_STEP["repeats"])
         else:
             t = _gpu_median(fns, quick)
         share = _kept_params(masked, pruned)
-        rows.append((kept, share, t["masked"], t["pruned"]))
+        rows.append((kept, share, t["masked"], t["pruned"], c["masked"], c["pruned"]))
+        if on_row is not None:
+            on_row(rows)
         print(
             f"kept {kept:.0%} (params {share:.0%}): masked {t['masked'] * 1e3:.1f} ms, "
             f"pruned {t['pruned'] * 1e3:.1f} ms, ratio {t['masked'] / t['pruned']:.3f}",
@@ -335,11 +363,12 @@ def _check_folded(p: dict) -> float:
     return float((ours - ref).norm() / ref.norm())
 
 
-def layer_table(device: str, quick: bool) -> tuple[list[tuple], int]:
-    """Rows (layer, kept, {method: seconds}, rel err) and the token count."""
+def layer_table(
+    device: str, quick: bool, smoke: bool = False, on_row: Callable[[list], None] | None = None
+) -> list[tuple]:
+    """Rows (layer, kept, {method: seconds}, rel err); ``smoke``: tiny shapes, one call each."""
     cpu = device == "cpu"
-    spec = CPU_LAYER if cpu else GPU_LAYER
-    tokens = spec["tokens"] if cpu or not quick else spec["quick_tokens"]
+    spec = TINY_LAYER if smoke else CPU_LAYER if cpu else GPU_LAYER
     dtype = spec["dtype"] if cpu else torch.bfloat16
     methods = CPU_LAYER_METHODS if cpu else LAYER_METHODS
     hidden, mlp = spec["hidden"], spec["mlp"]
@@ -348,20 +377,38 @@ def layer_table(device: str, quick: bool) -> tuple[list[tuple], int]:
         (f"fc1 {hidden}->{mlp}", hidden, mlp, "out"),
         (f"fc2 {mlp}->{hidden}", mlp, hidden, "in"),
     ):
-        for kept in KEPT_FRACTIONS:
-            p = make_layer(tokens, k_in, n_out, kept, side, device, dtype)
+        for kept in QUICK_LAYER_KEPT if quick and not cpu else KEPT_FRACTIONS:
+            p = make_layer(
+                _layer_tokens(device, quick, smoke), k_in, n_out, kept, side, device, dtype
+            )
             fns = {method: layer_step(method, p) for method in methods}
-            if cpu:
-                t = _cpu_median(fns, warmup=2, repeats=7)
+            if smoke:
+                t = _cpu_median(fns, warmup=0, repeats=1)[0]
+            elif cpu:
+                t = _cpu_median(fns, warmup=2, repeats=7)[0]
             else:
                 t = _gpu_median(fns, quick)
             err = _check_folded(p)
             rows.append((name, kept, t, err))
+            if on_row is not None:
+                on_row(rows)
             print(
                 name, f"kept {kept:.0%}", {k: f"{v * 1e3:.3f} ms" for k, v in t.items()}, flush=True
             )
             del p, fns
-    return rows, tokens
+    return rows
+
+
+def _step_batch(device: str, quick: bool) -> int:
+    return CPU_STEP["batch"] if device == "cpu" else GPU_STEP["quick_batch" if quick else "batch"]
+
+
+def _layer_tokens(device: str, quick: bool, smoke: bool = False) -> int:
+    if smoke:
+        return TINY_LAYER["tokens"]
+    if device == "cpu":
+        return CPU_LAYER["tokens"]
+    return GPU_LAYER["quick_tokens" if quick else "tokens"]
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -373,9 +420,11 @@ def _machine(device: str) -> str:
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device == "cpu":
         cpu = platform.processor() or platform.machine()
+        load = os.getloadavg()[0]
         return (
             f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
-            f"(a machine shared with other jobs); {versions}"
+            f"(a machine shared with other jobs, load average {load:.1f} when written); "
+            f"{versions}"
         )
     return f"Card: {torch.cuda.get_device_name()}; {versions}, CUDA {torch.version.cuda}"
 
@@ -383,10 +432,11 @@ def _machine(device: str) -> str:
 def step_markdown(rows, device: str, quick: bool) -> str:
     cpu = device == "cpu"
     config = CPU_MODEL if cpu else GPU_MODEL
-    batch = CPU_STEP["batch"] if cpu else GPU_STEP["quick_batch" if quick else "batch"]
+    batch = _step_batch(device, quick)
     v, t = config["vision_cfg"], config["text_cfg"]
     how = (
-        f"median of {CPU_STEP['repeats']} interleaved steps after {CPU_STEP['warmup']} warm-up"
+        f"median of {CPU_STEP['repeats']} interleaved steps after {CPU_STEP['warmup']} warm-up "
+        "(wall time, and the process's CPU time)"
         if cpu
         else "triton.testing.do_bench median, bf16 autocast, fp32 weights"
     )
@@ -403,14 +453,21 @@ def step_markdown(rows, device: str, quick: bool) -> str:
         f"into gathered weights and runs {matmul} on them (masked_matmul tables: cuBLAS on the "
         "folded weight against the Triton kernels).",
         "",
-        "| kept | params kept | masked ms | pruned ms | masked / pruned |",
-        "|---|---|---|---|---|",
+        "| kept | params kept | masked ms | pruned ms | masked / pruned |"
+        + (" masked CPU ms | pruned CPU ms | masked / pruned (CPU time) |" if cpu else ""),
+        "|---|---|---|---|---|" + ("---|---|---|" if cpu else ""),
     ]
-    for kept, share, masked, pruned in rows:
-        lines.append(
+    for kept, share, masked, pruned, masked_cpu, pruned_cpu in rows:
+        line = (
             f"| {kept:.0%} | {share:.0%} | {masked * 1e3:.1f} | {pruned * 1e3:.1f} | "
             f"{masked / pruned:.3f} |"
         )
+        if cpu:
+            line += (
+                f" {masked_cpu * 1e3:.1f} | {pruned_cpu * 1e3:.1f} | "
+                f"{masked_cpu / pruned_cpu:.3f} |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -425,17 +482,21 @@ def layer_markdown(rows, tokens: int, device: str) -> str:
         f"{_machine(device)}. Median ms. Kept = fraction of the MLP-side mask's channels that "
         "are non-zero (random positions); the hidden-side mask is soft without zeros. "
         "folded* run on the compact activations (as MaskedCLIP does); pruned = F.linear on "
-        "the already compacted weight (the floor). rel err: folded against the "
-        "TinyCLIP-style product.",
+        "the already compacted weight (the floor). ours = folded, what MaskedCLIP runs "
+        "(ours/compacted = folded / pruned). rel err: folded against the TinyCLIP-style "
+        "product.",
         "",
-        f"| layer | kept | {head} | folded / pruned | "
-        + ("folded_triton / pruned | " if not cpu else "")
+        f"| layer | kept | {head} | ours/dense | tinyclip/ours | ours/compacted | "
+        + ("folded_triton/compacted | " if not cpu else "")
         + "rel err |",
-        "|" + "---|" * (len(methods) + 4 + (0 if cpu else 1)),
+        "|" + "---|" * (len(methods) + 6 + (0 if cpu else 1)),
     ]
     for name, kept, t, err in rows:
         cells = " | ".join(f"{t[m] * 1e3:.3f}" for m in methods)
-        ratios = f"{t['folded'] / t['pruned']:.2f}x | "
+        ours = t["folded"]
+        ratios = (
+            f"{ours / t['dense']:.2f}x | {t['tinyclip'] / ours:.2f}x | {ours / t['pruned']:.2f}x | "
+        )
         if not cpu:
             ratios += f"{t['folded_triton'] / t['pruned']:.2f}x | "
         lines.append(f"| {name} | {kept:.0%} | {cells} | {ratios}{err:.1e} |")
@@ -446,43 +507,57 @@ def plan(quick: bool) -> str:
     """What each mode measures, for --dry-run."""
     v, t = GPU_MODEL["vision_cfg"], GPU_MODEL["text_cfg"]
     cv, ct = CPU_MODEL["vision_cfg"], CPU_MODEL["text_cfg"]
-    gpu_batch = GPU_STEP["quick_batch" if quick else "batch"]
-    tokens = GPU_LAYER["quick_tokens" if quick else "tokens"]
     kept = ", ".join(f"{k:.0%}" for k in KEPT_FRACTIONS)
+    layer_kept = ", ".join(f"{k:.0%}" for k in (QUICK_LAYER_KEPT if quick else KEPT_FRACTIONS))
     return "\n".join(
         [
-            "bench_masked_matmul plan",
+            f"bench_masked_matmul plan{' (--quick)' if quick else ''}",
             f"  kept fractions: {kept}; fixed mask sample seed {MASK_SEED}",
             "  step table (MaskedCLIP train step vs the pruned CLIP of the same structure):",
             f"    CUDA: ViT {v['width']}x{v['layers']} + text {t['width']}x{t['layers']}, batch "
-            f"{gpu_batch}, bf16 autocast, do_bench median -> OUT/masked_step_<gpu>.md",
+            f"{_step_batch('cuda', quick)}, bf16 autocast, do_bench median "
+            "-> OUT/masked_step_<gpu>.md",
             f"    CPU:  ViT {cv['width']}x{cv['layers']} + text {ct['width']}x{ct['layers']}, "
-            f"batch {CPU_STEP['batch']}, fp32, 2 threads, median of {CPU_STEP['repeats']} "
-            "-> OUT/masked_step_cpu.md",
+            f"batch {CPU_STEP['batch']}, fp32, --threads (2), median of {CPU_STEP['repeats']} "
+            "interleaved -> OUT/masked_step_cpu.md",
             "  layer table (one linear, fwd + bwd, every gradient):",
-            f"    CUDA: {tokens:,} tokens, {GPU_LAYER['hidden']} <-> {GPU_LAYER['mlp']}, bf16, "
-            f"methods {', '.join(LAYER_METHODS)} -> OUT/masked_matmul_<gpu>.md",
+            f"    CUDA: {_layer_tokens('cuda', quick):,} tokens, {GPU_LAYER['hidden']} <-> "
+            f"{GPU_LAYER['mlp']}, bf16, kept {layer_kept}, methods {', '.join(LAYER_METHODS)} "
+            "-> OUT/masked_matmul_<gpu>.md",
             f"    CPU:  {CPU_LAYER['tokens']:,} tokens, {CPU_LAYER['hidden']} <-> "
-            f"{CPU_LAYER['mlp']}, fp32, methods {', '.join(CPU_LAYER_METHODS)} "
+            f"{CPU_LAYER['mlp']}, fp32, kept {kept}, methods {', '.join(CPU_LAYER_METHODS)} "
             "-> OUT/masked_matmul_cpu.md",
         ]
     )
 
 
+def smoke_run() -> None:
+    """Every step and CPU layer method once on tiny shapes on the CPU (nothing written)."""
+    print("smoke run: tiny models and layers on the CPU, one cold call each (times mean nothing)")
+    step_table("cpu", False, smoke=True)
+    for name, kept, _, err in layer_table("cpu", False, smoke=True):
+        if not err < 1e-4:
+            raise RuntimeError(f"{name} kept {kept:.0%}: folded rel err {err:.1e}")
+    print("smoke run done: every step and layer method ran, folded matches TinyCLIP-style")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="CPU tables (2 threads)")
+    parser.add_argument("--cpu", action="store_true", help="CPU tables")
+    parser.add_argument("--threads", type=int, default=2, help="CPU: torch threads")
+    parser.add_argument("--only", choices=("step", "layer"), help="one table alone")
     parser.add_argument("--quick", action="store_true", help="CUDA: smaller batch and layer")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # before the library loads: compiled kernels only
     if args.dry_run:
         print(plan(args.quick))
+        smoke_run()
         return 0
     if args.cpu:
         device = "cpu"
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     elif torch.cuda.is_available():
         device = "cuda"
     else:
@@ -491,15 +566,17 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         slug = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = step_table(device, args.quick)
     step_path = args.out / f"masked_step_{slug}.md"
-    step_path.write_text(step_markdown(rows, device, args.quick))
-    print(step_path.read_text())
-    layer_rows, tokens = layer_table(device, args.quick)
     layer_path = args.out / f"masked_matmul_{slug}.md"
-    layer_path.write_text(layer_markdown(layer_rows, tokens, device))
-    print(layer_path.read_text())
-    print(f"wrote {step_path} and {layer_path}")
+    tokens = _layer_tokens(device, args.quick)
+    write_step = lambda rows: step_path.write_text(step_markdown(rows, device, args.quick))
+    write_layer = lambda rows: layer_path.write_text(layer_markdown(rows, tokens, device))
+    if args.only != "layer":
+        step_table(device, args.quick, on_row=write_step)
+        print(step_path.read_text())
+    if args.only != "step":
+        layer_table(device, args.quick, on_row=write_layer)
+        print(layer_path.read_text())
     return 0
 
 
