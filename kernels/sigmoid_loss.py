@@ -111,27 +111,7 @@ def _sigmoid_loss_kernel(
         col_start = (pid_n + step * column_programs) * BLOCK_N
         cols = col_start + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < n)[None, :]
-        dots = _dot_tile(
-            x_ptr, y_ptr, block_row, col_start, row_end, n, d_s,
-            stride_xm, stride_xd, stride_ym, stride_yd,
-            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
-        )  # fmt: skip
-        logits = scale * dots + bias
-        small, soft = _softplus_parts(logits)  # s(-|A|), log(1 + exp(-|A|))
-        positive = logits >= 0
-        relu_pos = tl.where(positive, logits, 0.0)
-        relu_neg = relu_pos - logits
-        grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if CONTRASTIVE:
-            label = cols[None, :] == (rows + label_offset)[:, None]
-            loss = tl.where(label, relu_neg, relu_pos) + soft
-            sum_c += tl.sum(tl.sum(tl.where(ok, loss, 0.0), axis=1), axis=0)
-            # s(A) - [positive pair], each branch from the small side of the sigmoid.
-            grad = tl.where(
-                label,
-                tl.where(positive, -small, small - 1.0),
-                tl.where(positive, 1.0 - small, small),
-            ) * weight_c  # fmt: skip
+        # Teacher tiles first: only their mean probabilities stay live beside the student's.
         if KIND > 0:
             p, q = _teacher_probs(
                 xt0_ptr, yt0_ptr, teacher_affine_ptr, 0, block_row, col_start, row_end, n,
@@ -165,6 +145,31 @@ def _sigmoid_loss_kernel(
             if NUM_TEACHERS > 1:
                 p = p * (1.0 / NUM_TEACHERS)
                 q = q * (1.0 / NUM_TEACHERS)
+            if KIND == 2:
+                # The teacher entropy needs no student tile: summed before the student's dot.
+                sum_d += tl.sum(tl.sum(tl.where(ok, _xlogx(p) + _xlogx(q), 0.0), axis=1), axis=0)
+        dots = _dot_tile(
+            x_ptr, y_ptr, block_row, col_start, row_end, n, d_s,
+            stride_xm, stride_xd, stride_ym, stride_yd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+        )  # fmt: skip
+        logits = scale * dots + bias
+        small, soft = _softplus_parts(logits)  # s(-|A|), log(1 + exp(-|A|))
+        positive = logits >= 0
+        relu_pos = tl.where(positive, logits, 0.0)
+        relu_neg = relu_pos - logits
+        grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if CONTRASTIVE:
+            label = cols[None, :] == (rows + label_offset)[:, None]
+            loss = tl.where(label, relu_neg, relu_pos) + soft
+            sum_c += tl.sum(tl.sum(tl.where(ok, loss, 0.0), axis=1), axis=0)
+            # s(A) - [positive pair], each branch from the small side of the sigmoid.
+            grad = tl.where(
+                label,
+                tl.where(positive, -small, small - 1.0),
+                tl.where(positive, 1.0 - small, small),
+            ) * weight_c  # fmt: skip
+        if KIND > 0:
             if KIND == 3:
                 target = p - q
                 u = target * logits
@@ -173,8 +178,6 @@ def _sigmoid_loss_kernel(
                 grad_d = -target * tl.where(u >= 0, small_u, 1.0 - small_u)
             else:
                 loss_d = p * relu_neg + q * relu_pos + soft
-                if KIND == 2:
-                    loss_d += _xlogx(p) + _xlogx(q)
                 grad_d = tl.where(positive, q - small, small - p)
             sum_d += tl.sum(tl.sum(tl.where(ok, loss_d, 0.0), axis=1), axis=0)
             grad += grad_d * weight_d
@@ -207,11 +210,13 @@ def _autotuned(shapes: tuple):
     return triton.autotune(configs, key=key, reset_to_zero=["partial_ptr"])(_sigmoid_loss_kernel)
 
 
-# Candidates that compile without register spills for bf16/fp16 features on sm_90 (ptxas -v
-# of the ahead-of-time compiles, bench/sm90_report.py --families sigmoid_loss). Teacher tiles
-# add two live [BLOCK_M, BLOCK_N] tiles (p, q) beside the student's.
-_CONTRASTIVE_SHAPES = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3))
-_DISTILL_SHAPES = ((64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3))
+# Candidates that compile without register spills for bf16/fp16 features on sm_90 with
+# triton 3.6 and 3.8 (ptxas -v of the ahead-of-time compiles: bench/sm90_report.py
+# --families sigmoid_loss). 8 warps: the
+# [BLOCK, BLOCK_D] 64-bit pointer tiles of the operand loads alone take 64 registers per
+# thread at 4 warps; teacher tiles keep p and q live beside the student's tile.
+_CONTRASTIVE_SHAPES = ((64, 64, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 4))
+_DISTILL_SHAPES = ((64, 64, 32, 8, 4), (64, 64, 32, 8, 3), (64, 64, 64, 8, 2))
 
 if INTERPRETING:
     _contrastive_kernel = _distill_kernel = _sigmoid_loss_kernel

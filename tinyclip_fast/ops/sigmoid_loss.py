@@ -314,7 +314,6 @@ class _SigmoidLoss(torch.autograd.Function):
         else:
             (dx, dy), sum_g, sum_gd = ctx.products
             factor = grad_c if contrastive else grad_d
-        ctx.products = None
         m = rows.shape[0]
         factor = factor.to(sum_g.dtype) / m
         # dS/dX = a G Y etc.: a, 1/m and grad_output in one elementwise pass per gradient.
