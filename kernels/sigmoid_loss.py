@@ -16,8 +16,8 @@ exact for any |A|) and p = mean_k s(B_k), q = mean_k s(-B_k) (each from its smal
   bce          p relu(-A) + q relu(A) + log(1 + e),     g_d = s(A) - p
   kl           bce + p log p + q log q (the teacher's binary entropy removed; same g_d)
   mobileclip   -log s(tA) with t = p - q = 2p - 1,       g_d = -t s(-tA)
-G is stored without the 1/n of the mean and without the scale a (|G| <= |w_c| + |w_d|, so
-fp16 neither overflows in the GEMMs nor flushes the gradient to zero); the caller applies them.
+G is stored without the 1/n of the mean and without the scale a, which the caller applies in
+fp32: |G| <= |w_c| + |w_d| keeps fp16's resolution where G / n would sink into subnormals.
 """
 
 import torch

@@ -143,6 +143,11 @@ def test_non_contiguous_and_mixed_dtypes_torch(small_chunks):
     check(dtype=torch.bfloat16, teacher_dtype=torch.float16, teacher_dims=(40, 12))
 
 
+def test_tiny_shapes_torch():
+    check(m=1, n=1, d_s=1, teacher_dims=(1,), kind="mobileclip")
+    check(m=1, n=3, d_s=3, teacher_dims=(5, 1), label_offset=2, kind="kl")
+
+
 def test_one_large_chunk_torch():
     check(m=300, n=300, d_s=64, teacher_dims=(96, 32), scale=100.0, kind="kl")
 
@@ -195,6 +200,20 @@ def test_no_gradient_work_without_autograd(monkeypatch):
     assert calls == [False, True, False]
     assert loss_off.grad_fn is None and loss_on.grad_fn is not None
     assert rel_err(loss_off, loss_on) < 1e-7 and rel_err(loss_detached, loss_on) < 1e-7
+
+
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE)])
+def test_second_backward_recomputes(backend, device):
+    """The first backward consumes the forward's gradient; retain_graph's next one recomputes."""
+    x, y, tx, ty = (unit(37, 8, torch.float32, device).requires_grad_() for _ in range(4))
+    with force_backend(backend):
+        contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, tx, ty, 5.0, 1.0)
+        (contrastive + distill).backward(retain_graph=True)
+        first = [x.grad.clone(), y.grad.clone()]
+        x.grad = y.grad = None
+        (contrastive + distill).backward()
+    assert rel_err(x.grad, first[0]) < 1e-6 and rel_err(y.grad, first[1]) < 1e-6
+    assert tx.grad is None and ty.grad is None
 
 
 @pytest.mark.parametrize("where", ["student", "teacher"])
@@ -282,6 +301,7 @@ def test_cpu_without_interpreter_never_touches_triton():
         dict(teacher_dims=(8, 33), weights=(0.0, 1.0), grads=(0.0, -2.0), non_contiguous=True),
         dict(dtype=torch.float64, kind="kl", teacher_dims=(12, 40, 9), tol=2e-5),
         dict(dtype=torch.bfloat16, teacher_dtype=torch.float32, scale=1.0, bias=0.0),
+        dict(m=1, n=3, d_s=3, teacher_dims=(5, 1), label_offset=2, kind="kl"),
     ],
 )
 def test_triton(case):

@@ -314,14 +314,16 @@ class _SigmoidLoss(torch.autograd.Function):
         else:
             (dx, dy), sum_g, sum_gd = ctx.products
             factor = grad_c if contrastive else grad_d
+        # Scaled in place below, so consumed: a second backward (retain_graph) recomputes.
+        ctx.products = None
         m = rows.shape[0]
         factor = factor.to(sum_g.dtype) / m
-        # dS/dX = a G Y etc.: a, 1/m and grad_output in one elementwise pass per gradient.
+        # dS/dX = a G Y etc.: a, 1/m and grad_output in one in-place pass per gradient.
         feature_factor = factor * scale.detach().to(sum_g.dtype)
         needs = ctx.needs_input_grad
         return (
-            (dx * feature_factor).to(rows.dtype) if needs[0] else None,
-            (dy * feature_factor).to(cols.dtype) if needs[1] else None,
+            dx.mul_(feature_factor).to(rows.dtype) if needs[0] else None,
+            dy.mul_(feature_factor).to(cols.dtype) if needs[1] else None,
             (sum_gd * factor).to(scale.dtype) if needs[2] else None,
             (sum_g * factor).to(bias.dtype) if needs[3] else None,
             *([None] * 6),
