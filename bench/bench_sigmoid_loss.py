@@ -21,7 +21,7 @@ GPU:  python bench/bench_sigmoid_loss.py [--quick] [--out bench/results] [--dry-
       (1 + K) / 2 = 2.5 goal. Writes <out>/sigmoid_loss_<gpu>.md. --dry-run prints the plan.
 CPU:  python bench/bench_sigmoid_loss.py --cpu [--out bench/results]
       fp32, forward + backward at n = 1,024 .. 8,192, ours and open_clip alternating in one
-      process (fastest of 3 calls);
+      process (fastest of 15 / 7 / 3 calls);
       steady-state peak RSS growth (VmHWM after several consecutive calls in a fresh process,
       minus the RSS before them) at n = 8,192; the ensemble cost ratios. Writes
       <out>/sigmoid_loss_cpu.md. Run with OMP_WAIT_POLICY=PASSIVE on a shared machine.
@@ -280,7 +280,12 @@ def cpu_peak_rss_growth(impl: str, teachers: int, n: int = 8192) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_seconds(impls: tuple[str, ...], n: int, teachers: int, runs: int = 3) -> dict:
+def cpu_runs(n: int) -> int:
+    """Calls per implementation: more where a call is short and load from others dominates."""
+    return 3 if n >= 8192 else 7 if n >= 4096 else 15
+
+
+def cpu_seconds(impls: tuple[str, ...], n: int, teachers: int, runs: int) -> dict:
     """Fastest of ``runs`` forward + backward calls per implementation, after a warm-up.
 
     The implementations alternate call by call, so load from other jobs on a shared machine
@@ -335,7 +340,8 @@ def run_cpu(out_dir: Path) -> None:
         "",
         f"torch {torch.__version__}, open_clip {open_clip.__version__}; d = {DIM}, fp32, "
         "forward + backward of SigLIP (+ bce distillation from K teachers, d_t = 512); time = "
-        "fastest of 3 calls after a warm-up, ours and open_clip alternating call by call in the "
+        "fastest of 15 / 7 / 3 calls (n = 1024 / 4096 / 8192) after a warm-up, ours and "
+        "open_clip alternating call by call in the "
         "same process (the machine is shared: the minimum is the least disturbed run); memory = "
         f"steady-state peak RSS growth over {RSS_CALLS} consecutive forward + backward calls "
         "in a fresh process (n = 8192 only; gradients included).",
@@ -346,7 +352,7 @@ def run_cpu(out_dir: Path) -> None:
     ours_times = {}
     for workload, teachers in CPU_WORKLOADS.items():
         for n in CPU_SIZES:
-            seconds = cpu_seconds(IMPLS[:2], n, teachers)
+            seconds = cpu_seconds(IMPLS[:2], n, teachers, cpu_runs(n))
             ours, ref = seconds[IMPLS[0]], seconds[IMPLS[1]]
             ours_times[workload, n] = ours
             memory = ["-", "-"]

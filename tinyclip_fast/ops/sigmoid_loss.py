@@ -181,7 +181,7 @@ def _torch_tiles(
     zero = torch.zeros((), dtype=dtype, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     dx = torch.empty(m, rows.shape[1], dtype=dtype, device=device) if grad else None
-    dy = torch.zeros(n, cols.shape[1], dtype=dtype, device=device) if grad else None
+    dy = torch.empty(n, cols.shape[1], dtype=dtype, device=device) if grad else None
     for start in range(0, m, step):
         stop = min(start + step, m)
         size = stop - start
@@ -233,7 +233,10 @@ def _torch_tiles(
         if contrastive:
             g[local, label] -= w_c
         torch.matmul(g, cols_c, out=dx[start:stop])
-        dy.addmm_(g.T, x)
+        if start == 0:
+            torch.matmul(g.T, x, out=dy)
+        else:
+            dy.addmm_(g.T, x)
         sums[2] += g.sum()
         sums[3] += torch.dot(dx[start:stop].reshape(-1), x.reshape(-1))
     return sums, ((dx, dy) if grad else None)
@@ -243,6 +246,15 @@ def _torch_tiles(
 
 
 def _tiles(rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad):
+    # The dtypes are chosen here (fp32 math, products in the features' dtype): autocast
+    # must not recast the GEMMs of either path.
+    with torch.autocast(rows.device.type, enabled=False):
+        return _run_tiles(
+            rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad
+        )
+
+
+def _run_tiles(rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad):
     if use_triton(rows):
         from tinyclip_fast.kernels.sigmoid_loss import sigmoid_loss_tiles
 
