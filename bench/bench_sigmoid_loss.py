@@ -285,27 +285,25 @@ def cpu_runs(n: int) -> int:
     return 3 if n >= 8192 else 7 if n >= 4096 else 15
 
 
-def cpu_seconds(impls: tuple[str, ...], n: int, teachers: int, runs: int) -> dict:
-    """Fastest of ``runs`` forward + backward calls per implementation, after a warm-up.
+def cpu_seconds(cases: dict[str, tuple[str, int]], n: int, runs: int) -> dict[str, float]:
+    """Fastest of ``runs`` forward + backward calls per case {label: (impl, teachers)}.
 
-    The implementations alternate call by call, so load from other jobs on a shared machine
-    falls on both alike; the minimum is the run least disturbed by it.
+    The cases alternate call by call after a warm-up call each, so load from other jobs on
+    a shared machine falls on all alike; the minimum is the run least disturbed by it.
     """
     calls = {}
-    for impl in impls:
-        fn = loss_fn(impl)
-        student, teacher = make_inputs(n, teachers, "cpu", torch.float32)
-        calls[impl] = (fn, student, teacher)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for label, (impl, teachers) in cases.items():
+        calls[label] = (loss_fn(impl), *make_inputs(n, teachers, "cpu", torch.float32))
+    times: dict[str, list[float]] = {label: [] for label in cases}
     for index in range(runs + 1):
-        for impl, (fn, student, teacher) in calls.items():
+        for label, (fn, student, teacher) in calls.items():
             for leaf in student:
                 leaf.grad = None
             start = time.perf_counter()
             fn(*student, teacher).backward()
             if index:
-                times[impl].append(time.perf_counter() - start)
-    return {impl: min(t) for impl, t in times.items()}
+                times[label].append(time.perf_counter() - start)
+    return {label: min(t) for label, t in times.items()}
 
 
 @pytest.mark.parametrize("n", CPU_SIZES)
@@ -341,20 +339,19 @@ def run_cpu(out_dir: Path) -> None:
         f"torch {torch.__version__}, open_clip {open_clip.__version__}; d = {DIM}, fp32, "
         "forward + backward of SigLIP (+ bce distillation from K teachers, d_t = 512); time = "
         "fastest of 15 / 7 / 3 calls (n = 1024 / 4096 / 8192) after a warm-up, ours and "
-        "open_clip alternating call by call in the "
-        "same process (the machine is shared: the minimum is the least disturbed run); memory = "
+        "open_clip alternating call by call in one process (the machine is shared with other "
+        "jobs: the minimum is the least disturbed run); memory = "
         f"steady-state peak RSS growth over {RSS_CALLS} consecutive forward + backward calls "
         "in a fresh process (n = 8192 only; gradients included).",
         "",
         "| workload | n | ours s | open_clip s | speed-up | ours MB | open_clip MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    ours_times = {}
     for workload, teachers in CPU_WORKLOADS.items():
         for n in CPU_SIZES:
-            seconds = cpu_seconds(IMPLS[:2], n, teachers, cpu_runs(n))
+            cases = {impl: (impl, teachers) for impl in IMPLS[:2]}
+            seconds = cpu_seconds(cases, n, cpu_runs(n))
             ours, ref = seconds[IMPLS[0]], seconds[IMPLS[1]]
-            ours_times[workload, n] = ours
             memory = ["-", "-"]
             if n == 8192:
                 memory = [
@@ -366,17 +363,21 @@ def run_cpu(out_dir: Path) -> None:
                 f"| {memory[0]} | {memory[1]} |"
             )
             print(lines[-1], flush=True)
+    ensembles = [k for k in CPU_WORKLOADS.values() if k > 1]
     lines += [
         "",
-        "Ensemble cost (ours): time(distill-K) / time(distill-1) against the (1 + K) / 2 goal.",
+        "Ensemble cost (ours): time(distill-K) / time(distill-1) against the (1 + K) / 2 goal, "
+        "the K = 1, 2, 4 losses alternating call by call (fastest of the same call counts).",
         "",
-        "| n | K = 2 (goal 1.5) | K = 4 (goal 2.5) |",
-        "|---|---|---|",
+        "| n | " + " | ".join(f"K = {k} (goal {(1 + k) / 2})" for k in ensembles) + " |",
+        "|---|" + "---|" * len(ensembles),
     ]
     for n in CPU_SIZES:
-        one = ours_times["distill-1", n]
-        two, four = ours_times["distill-2", n] / one, ours_times["distill-4", n] / one
-        lines.append(f"| {n} | {two:.2f} | {four:.2f} |")
+        cases = {str(k): (IMPLS[0], k) for k in (1, *ensembles)}
+        seconds = cpu_seconds(cases, n, cpu_runs(n))
+        ratios = " | ".join(f"{seconds[str(k)] / seconds['1']:.2f}" for k in ensembles)
+        lines.append(f"| {n} | {ratios} |")
+        print(lines[-1], flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sigmoid_loss_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
