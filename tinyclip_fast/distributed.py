@@ -66,3 +66,22 @@ def gather_teacher_features(
         all_image = torch.cat(_gather_without_grad(image_features.detach(), world_size), dim=0)
         all_text = torch.cat(_gather_without_grad(text_features.detach(), world_size), dim=0)
     return all_image, all_text
+
+
+def gather_rows(tensor: torch.Tensor, world_size: int, *, with_grad: bool) -> torch.Tensor:
+    """Every rank's [n, d] tensor stacked rank-major into [world_size * n, d].
+
+    ``with_grad``: differentiable, the backward sums every rank's gradient of this rank's
+    slice (what open_clip's SigLipLoss exchanges achieve); otherwise detached.
+    """
+    if world_size == 1:
+        return tensor if with_grad else tensor.detach()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"world_size={world_size} but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first (torchrun does this)"
+        )
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    with torch.no_grad():
+        return torch.cat(_gather_without_grad(tensor.detach(), world_size), dim=0)
