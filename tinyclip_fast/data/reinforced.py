@@ -523,7 +523,8 @@ def source_from_cfg(data_cfg: dict[str, Any]) -> ShardedSource:
     kind = data_cfg.get("source")
     if kind is None and isinstance(path, (str, Path)) and Path(path).is_dir():
         tars = sorted(Path(path).glob("*.tar"))
-        if tars and not any(Path(path).glob(f"*.{ext}") for ext in WDS_IMAGE_EXTENSIONS):
+        images = (p for p in Path(path).rglob("*") if p.suffix[1:].lower() in WDS_IMAGE_EXTENSIONS)
+        if tars and next(images, None) is None:
             kind, path = "webdataset", [str(t) for t in tars]
     resolved = source_kind(kind, path)
     options: dict[str, Any] = {"cache_dir": data_cfg.get("cache_dir")}

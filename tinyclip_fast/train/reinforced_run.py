@@ -105,7 +105,7 @@ class StoredTeacher:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(I_t, T_t, b): the first teacher's unit rows (fp32) and its scale (or the fixed)."""
-        image_t, text_t, scale, _ = teacher_targets(batch, self.teachers[:1], self.device)[0]
+        image_t, text_t, scale, _ = teacher_targets(batch, self.teachers, self.device)[0]
         return image_t, text_t, scale if self.fixed_scale is None else self.fixed_scale
 
 
