@@ -57,7 +57,7 @@ examples:
   # Apple's DataCompDR shards (images merged in): their stored ViT-L/14 embeddings are the
   # teacher targets; --teacher only gives the student its weights
   tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --preset ViT-40M-32-Text-19M \
-      --data datacompdr:'DataCompDR-12M/{00000000..00001023}.tar' --data-size 12800000
+      --data datacompdr:'DataCompDR-12M/{00000000..00001023}.tar'
   # print the resolved configuration (a template for --config) and exit
   tinyclip-distill --preset ViT-8M-16-Text-3M --print-config
 
