@@ -534,8 +534,6 @@ def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
     from tinyclip_fast.train.teacher import build_teacher
     from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
-    if config.teacher.cache is None:
-        raise ValueError("--build-teacher-cache needs --teacher-cache FILE (where to write it)")
     device = resolve_device(config.device)
     teacher, tokenizer, _, eval_preprocess = build_teacher(config.teacher)
     data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
