@@ -462,3 +462,22 @@ def test_distill_from_datacompdr_shards(files, capsys):
     argv = base_args(files, "--data", data, "--overwrite")
     assert run_main(argv) == 2
     assert "embeddings are 14-d, the teachers [768, 768] sum to 1536" in capsys.readouterr().err
+
+
+def test_under_torchrun_every_rank_builds_its_own_cache_shards(files):
+    write_image_shards(files / "shards", num_shards=3, per_shard=2, synthetic=0)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", "2", "-m", "tinyclip_fast"]
+    argv = base_args(files, "--build-teacher-cache", "--cache-dir", files / "cache", data=False)
+    argv += ["--data", f"webdataset:{files / 'shards'}/{{00000..00002}}.tar"]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [*torchrun, *map(str, argv)], capture_output=True, text=True, env=environment, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    # Rank 0 built shards 0 and 2, rank 1 shard 1; rank 0 alone reports.
+    assert done.stdout.count("reinforced cache (") == 1
+    assert "rank 0 of 2 built 2 shard files (4 images" in done.stdout
+    built = sorted(p.name for p in (files / "cache").iterdir())
+    assert built == [f"0000{i}.reinforced.safetensors" for i in range(3)]
