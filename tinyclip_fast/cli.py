@@ -21,6 +21,7 @@ from typing import Any
 
 from tinyclip_fast.train.config import (
     ATTENTIONS,
+    CACHE_DTYPE_NAMES,
     LOSS_KINDS,
     PRECISIONS,
     DistillConfig,
@@ -46,6 +47,17 @@ examples:
   # 8 GPUs: local loss + gather with grad; batch 32768 in micro-batches of 256
   torchrun --nproc_per_node 8 -m tinyclip_fast --config run.toml \\
       --batch-size 32768 --micro-batch-size 256
+  # reinforced data: the teacher once over 5 recorded augmentations of every image and every
+  # caption (one cache file beside each shard; rerun to continue; torchrun splits the shards),
+  # then train without a teacher forward, replaying the stored augmentations
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --build-teacher-cache \
+      --data webdataset:'shards/{00000..00999}.tar' --cache-augmentations 5 --cache-dtype fp16
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --sparsity 0.5 --steps 10000 \
+      --data reinforced:'shards/{00000..00999}.tar'
+  # Apple's DataCompDR shards (images merged in): their stored ViT-L/14 embeddings are the
+  # teacher targets; --teacher only gives the student its weights
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --preset ViT-40M-32-Text-19M \
+      --data datacompdr:'DataCompDR-12M/{00000000..00001023}.tar'
   # print the resolved configuration (a template for --config) and exit
   tinyclip-distill --preset ViT-8M-16-Text-3M --print-config
 
@@ -64,6 +76,19 @@ rules:
   cache        --teacher-cache holds one teacher's embeddings of one dataset, in order: a
                cache built on other samples, the same rows reordered or by another teacher
                is refused, naming the first sample that differs.
+  reinforced   --build-teacher-cache without --teacher-cache writes <shard>.reinforced.
+               safetensors per shard (webdataset tar; CSV rows and folder images in shards of
+               --set data.options.shard_size=10000) beside the data or in --cache-dir: the
+               teacher's embeddings of K augmentations drawn by its training transform (their
+               parameters recorded) and of every caption (.txt, synthetic .syn.json). Finished
+               shards are skipped, so a rerun continues; each torchrun rank builds its own.
+               --data reinforced:PATH (the data the cache was built over; a folder of .tar
+               shards for all of them) trains from it: per sample one stored augmentation,
+               replayed, and one caption (--set reinforced.caption_mode=all|real|synthetic),
+               chosen from (seed, epoch, sample), with the stored embeddings as teacher
+               targets: the teacher never runs (it is loaded for weight inheritance and to
+               check the cache is its). A cache built with another teacher, preprocess,
+               augmentation recipe, K, dtype, seed or format is refused, naming what differs.
   CSV          --csv-separator defaults to the extension's: .csv comma, else tab (.tsv).
 exit status: 0 done, 1 the loss became NaN/inf, 2 bad input, 130 stopped by SIGINT/SIGTERM
 (after a checkpoint).
@@ -143,7 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--build-teacher-cache",
         action="store_true",
-        help="run the teacher once over the training data, write --teacher-cache, exit",
+        help="run the teacher once over the training data and exit: with --teacher-cache "
+        "FILE, one embedding per sample of map-style data (no augmentation); without, the "
+        "reinforced cache of --data webdataset:|csv:|folder: (K augmentations per image, every "
+        "caption; see 'reinforced' below)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="reinforced cache files' folder, for building and for --data reinforced: "
+        "(default: beside the shards / CSV / image folder)",
+    )
+    g.add_argument(
+        "--cache-augmentations",
+        type=int,
+        metavar="K",
+        help="reinforced cache: augmentations stored per image",
+    )
+    g.add_argument(
+        "--cache-dtype",
+        choices=CACHE_DTYPE_NAMES,
+        help="reinforced cache: dtype of the stored embeddings",
     )
 
     g = p.add_argument_group("student (single-stage shortcuts; multi-stage: config file)")
@@ -197,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="KIND[:PATH]",
         help="csv:FILE (CSV/TSV, open_clip columns filepath/title), "
-        "webdataset:'a-{000..099}.tar', demo[:SOURCE], or synthetic (random pairs: "
-        "throughput checks only)",
+        "webdataset:'a-{000..099}.tar', reinforced:PATH (a reinforced cache over those shards, "
+        "CSV or folder:DIR), datacompdr:'shards/{00000..01000}.tar' (Apple's DataCompDR, "
+        "images merged in), demo[:SOURCE], or synthetic (random pairs: throughput checks only)",
     )
     g.add_argument(
         "--data-size",
@@ -342,6 +388,9 @@ _FLAT = {  # flag -> config path
     "teacher": "teacher.model",
     "pretrained": "teacher.pretrained",
     "teacher_cache": "teacher.cache",
+    "cache_dir": "reinforced.cache_dir",
+    "cache_augmentations": "reinforced.augmentations",
+    "cache_dtype": "reinforced.dtype",
     "data_size": "data.size",
     "skip_bad_samples": "data.skip_bad_samples",
     "max_bad_fraction": "data.max_bad_fraction",
@@ -474,7 +523,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     _edit_stage(config, args)
     for assignment in args.set:
         apply_override(config, assignment)
-    config.validate()
+    config.validate(student=not args.build_teacher_cache)
     return config
 
 
@@ -485,8 +534,6 @@ def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
     from tinyclip_fast.train.teacher import build_teacher
     from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
-    if config.teacher.cache is None:
-        raise ValueError("--build-teacher-cache needs --teacher-cache FILE (where to write it)")
     device = resolve_device(config.device)
     teacher, tokenizer, _, eval_preprocess = build_teacher(config.teacher)
     data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
@@ -500,6 +547,21 @@ def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
     )
     if rank == 0:
         print(f"wrote {len(cache)} teacher embeddings (dim {cache.dim}) to {config.teacher.cache}")
+
+
+def _build_reinforced_cache(config: DistillConfig) -> None:
+    from tinyclip_fast.train.reinforced_run import build_cache_for_run
+
+    report, rank, world_size = build_cache_for_run(config)
+    if rank == 0:
+        where = config.reinforced.cache_dir or "beside the data"
+        print(
+            f"reinforced cache ({where}): rank 0 of {world_size} built {len(report.built)} "
+            f"shard files ({report.images} images, {report.images_per_s:.1f} images/s), "
+            f"{len(report.skipped)} were already built; train with --data "
+            f"reinforced:{config.data.path}",
+            flush=True,
+        )
 
 
 def _line(message: str, rank: int, label: str = "error") -> None:
@@ -549,16 +611,23 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     from tinyclip_fast.data.loader import BadSampleError
     from tinyclip_fast.demo.plugins import register_demo
     from tinyclip_fast.train.evaluation import check_eval_kind
+    from tinyclip_fast.train.reinforced_run import register_reinforced_kinds
     from tinyclip_fast.train.runtime import check_device
 
     register_demo()
+    register_reinforced_kinds()
+    reinforced_build = args.build_teacher_cache and config.teacher.cache is None
     try:
-        check_kind(config.data.kind)
+        if not reinforced_build:  # that reads source kinds (folder) that do not train
+            check_kind(config.data.kind)
         if config.eval.every:
             check_eval_kind(config.eval.kind)
         check_device(config.device)
         from tinyclip_fast.train.engine import distill  # open_clip: seconds to import
 
+        if reinforced_build:
+            _build_reinforced_cache(config)
+            return 0
         if args.build_teacher_cache:
             _build_teacher_cache(config, rank)
             return 0

@@ -20,6 +20,8 @@ from typing import Any
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "xformers")
 LOSS_KINDS = ("soft_ce", "kl")
+CACHE_DTYPE_NAMES = ("fp16", "bf16", "fp32")
+CAPTION_MODE_NAMES = ("all", "real", "synthetic")
 SYNTHETIC_SIZE = 10_000
 DEFAULT_SPARSITY_WARMUP = 1000  # the authors' ramp of the sparsity target
 
@@ -127,9 +129,12 @@ class DataConfig:
     """
 
     # "csv" (CSV/TSV, open_clip format), "webdataset", "synthetic" (random pairs), "demo" (the
-    # built-in demo data), or a kind registered with data.datasets.register_dataset
+    # built-in demo data), "reinforced" (a reinforced teacher cache over webdataset/csv/folder
+    # data), "datacompdr" (Apple's DataCompDR shards), or a kind registered with
+    # data.datasets.register_dataset; "folder" (an image folder) only to build a cache from
     kind: str | None = None
-    path: str | None = None  # csv/tsv file; webdataset shards "a-{000..009}.tar"; demo source
+    path: str | None = None  # csv/tsv file; webdataset shards "a-{000..009}.tar"; demo source;
+    # reinforced: the data the cache was built over; datacompdr: its shards
     size: int | None = None  # synthetic: number of samples (10,000); webdataset: per epoch
     options: dict[str, Any] = field(default_factory=dict)  # csv_img_key, csv_caption_key,
     # csv_separator, caption_key, image_size, vocab_size, ... (see data.build_dataset)
@@ -158,6 +163,35 @@ class DataConfig:
             out["skip_bad_samples"] = True
         out.update(self.options)
         return out
+
+
+@dataclass
+class ReinforcedConfig:
+    """The reinforced teacher cache (data/reinforced.py): built by ``--build-teacher-cache``
+    over webdataset/csv/folder data, read by the data kind ``reinforced`` (and the
+    ``caption_mode`` by ``datacompdr``)."""
+
+    cache_dir: str | None = None  # cache files' folder; None: beside the shards / CSV / folder
+    augmentations: int = 5  # K stored augmentations per image (build)
+    dtype: str = "fp16"  # stored embedding dtype: fp16, bf16 or fp32 (build)
+    caption_mode: str = "all"  # training picks among "all", "real" or "synthetic" captions
+
+    def data_options(self) -> dict[str, Any]:
+        """The ``data_cfg`` keys the reinforced data kinds read."""
+        return {"cache_dir": self.cache_dir, "caption_mode": self.caption_mode}
+
+    def validate(self) -> None:
+        if self.augmentations <= 0:
+            raise ValueError(f"reinforced.augmentations must be > 0, got {self.augmentations}")
+        if self.dtype not in CACHE_DTYPE_NAMES:
+            raise ValueError(
+                f"reinforced.dtype must be one of {CACHE_DTYPE_NAMES}, got {self.dtype!r}"
+            )
+        if self.caption_mode not in CAPTION_MODE_NAMES:
+            raise ValueError(
+                f"reinforced.caption_mode must be one of {CAPTION_MODE_NAMES}, got "
+                f"{self.caption_mode!r}"
+            )
 
 
 @dataclass
@@ -211,6 +245,7 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     data: DataConfig = field(default_factory=DataConfig)
+    reinforced: ReinforcedConfig = field(default_factory=ReinforcedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,11 +266,12 @@ class DistillConfig:
     num_workers: int = 0
     progress: bool = True  # tqdm bar
 
-    def validate(self) -> None:
-        """ValueError naming the first invalid field or stage."""
+    def validate(self, student: bool = True) -> None:
+        """ValueError naming the first invalid field or stage; ``student=False`` accepts a
+        config that names no student (building a teacher cache trains none)."""
         if not self.stages:
             raise ValueError("stages is empty: give at least one stage")
-        if self.stages[0].kind == "continue":
+        if student and self.stages[0].kind == "continue":
             from tinyclip_fast.inheritance.presets import PRESETS
 
             raise ValueError(
@@ -274,6 +310,7 @@ class DistillConfig:
         if self.data.size is not None and self.data.size <= 0:
             raise ValueError(f"data.size must be > 0, got {self.data.size}")
         _check_range("data.max_bad_fraction", self.data.max_bad_fraction, 0.0, 1.0)
+        self.reinforced.validate()
         if self.resume and self.overwrite:
             raise ValueError(
                 "resume and overwrite exclude each other: continue the run or replace it"

@@ -1,7 +1,8 @@
 """The distillation loop: stages -> student -> steps -> checkpoints, nanoGPT-style.
 
 :func:`distill` runs every stage of ``config.stages`` against the ORIGINAL teacher (SPEC 4).
-A step: teacher features (online under no_grad, or read from the embedding cache), student
+A step: teacher features (online under no_grad, read from the embedding cache, or carried
+by a reinforced batch: train/reinforced_run.py, no teacher forward at all), student
 features, the fused affinity-mimicking loss, backward (``step.train_step``, exact GradCache
 accumulation), grad-norm clip, AdamW, cosine schedule. Automatic-inheritance stages add the
 hard-concrete masks and the sparsity Lagrangian until ``prune_step``, then prune and continue
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from tinyclip_fast.data.datasets import build_dataset
 from tinyclip_fast.data.loader import BadSampleLog, make_loader
+from tinyclip_fast.data.reinforced import ReinforcedStream
 from tinyclip_fast.inheritance.student_io import save_student
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
@@ -49,6 +51,11 @@ from tinyclip_fast.train.checkpoint import (
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import build_evaluator
 from tinyclip_fast.train.optim import carry_optimizer_state, learning_rate, make_optimizer
+from tinyclip_fast.train.reinforced_run import (
+    StoredTeacher,
+    is_reinforced_batch,
+    register_reinforced_kinds,
+)
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
     bad_samples_name,
@@ -176,6 +183,11 @@ class _Distiller:
         else:
             self.teacher_scale = teacher.logit_scale.detach().float().exp()
         self.max_logit_scale = math.log(config.loss.max_scale)
+        self.stored_teacher = None
+        if isinstance(dataset, ReinforcedStream) and self.cache is None:
+            self.stored_teacher = StoredTeacher(
+                dataset, teacher, device, self.fixed_scale, self.say
+            )
         self.bad_samples = None
         if config.data.skip_bad_samples:
             self.bad_samples = BadSampleLog(
@@ -204,7 +216,10 @@ class _Distiller:
         return stack
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(I_t, T_t, b) of a local batch: cached rows, or the frozen teacher in micro-batches."""
+        """(I_t, T_t, b) of a local batch: cached rows, the batch's stored embeddings, or the
+        frozen teacher in micro-batches."""
+        if self.stored_teacher is not None and is_reinforced_batch(batch):
+            return self.stored_teacher(batch)
         if self.cache is not None:
             image_t, text_t = self.cache.lookup(batch["index"])
             return image_t, text_t, self.teacher_scale
@@ -692,7 +707,12 @@ def distill(
             eval_preprocess = eval_preprocess or eval_tf
         teacher = teacher.to(device).eval().requires_grad_(False)
         if train_dataset is None:
-            data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
+            register_reinforced_kinds()
+            data_cfg = {
+                **dataset_defaults(teacher, config.seed),
+                **config.reinforced.data_options(),
+                **config.data.as_dict(),
+            }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
         if evaluator is None and config.eval.every > 0:
             evaluator = build_evaluator(
