@@ -368,8 +368,7 @@ def check_ensemble(
     """An ensemble of len(d_ts) teachers (their own dims and scales) against the reference."""
     x, y = (F.normalize(torch.randn(k, d_s, dtype=torch.float64), dim=1) for k in (m, n))
     teachers = [
-        [F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1) for k in (m, n)]
-        for d in d_ts
+        [F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1) for k in (m, n)] for d in d_ts
     ]
     x, y = (t.to(dtype).to(device).requires_grad_() for t in (x, y))
     teachers = [[t.to(dtype).to(device).requires_grad_() for t in pair] for pair in teachers]
@@ -486,10 +485,24 @@ def test_bad_ensembles(case):
     "case",
     [
         dict(square=True, m=37, n=37, kind="kl", d_ts=(40, 16)),
-        dict(square=True, m=37, n=37, dtype=torch.bfloat16, d_ts=(40, 16, 24, 8),
-             teacher_scales=(1.0, 100.0, 20.0, 50.0), scale=100.0),  # fmt: skip
-        dict(square=True, m=37, n=37, dtype=torch.float16, kind="kl", d_ts=(40, 16, 24, 8),
-             teacher_scales=(1.0, 100.0, 20.0, 50.0)),  # fmt: skip
+        dict(
+            square=True,
+            m=37,
+            n=37,
+            dtype=torch.bfloat16,
+            d_ts=(40, 16, 24, 8),
+            teacher_scales=(1.0, 100.0, 20.0, 50.0),
+            scale=100.0,
+        ),  # fmt: skip
+        dict(
+            square=True,
+            m=37,
+            n=37,
+            dtype=torch.float16,
+            kind="kl",
+            d_ts=(40, 16, 24, 8),
+            teacher_scales=(1.0, 100.0, 20.0, 50.0),
+        ),  # fmt: skip
         dict(square=False, m=21, n=53, label_offset=17, kind="kl", d_ts=(40, 16)),
     ],
 )

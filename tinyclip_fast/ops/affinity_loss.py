@@ -651,18 +651,18 @@ def _affinity_loss(
 
 # ----------------------------------------------------------------------------- public API
 
-# One teacher's features, or a list of K <= 4 teachers' features (an ensemble).
-TeacherFeatures = torch.Tensor | Sequence[torch.Tensor] | None
-TeacherScale = Scale | Sequence[Scale] | None
+# One teacher's features and scale, or lists of K <= 4 teachers' (an ensemble).
+TeacherFeatures = torch.Tensor | Sequence[torch.Tensor]
+TeacherScale = Scale | Sequence[Scale]
 
 
 def affinity_loss_square(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: Scale,
-    teacher_image_features: TeacherFeatures = None,
-    teacher_text_features: TeacherFeatures = None,
-    teacher_logit_scale: TeacherScale = None,
+    teacher_image_features: TeacherFeatures | None = None,
+    teacher_text_features: TeacherFeatures | None = None,
+    teacher_logit_scale: TeacherScale | None = None,
     *,
     kind: str = "soft_ce",
     compute_distill: bool = True,
@@ -692,9 +692,9 @@ def affinity_loss_rows(
     row_features: torch.Tensor,
     col_features: torch.Tensor,
     logit_scale: Scale,
-    teacher_row_features: TeacherFeatures = None,
-    teacher_col_features: TeacherFeatures = None,
-    teacher_logit_scale: TeacherScale = None,
+    teacher_row_features: TeacherFeatures | None = None,
+    teacher_col_features: TeacherFeatures | None = None,
+    teacher_logit_scale: TeacherScale | None = None,
     *,
     kind: str = "soft_ce",
     compute_distill: bool = True,
@@ -722,9 +722,9 @@ def affinity_mimicking_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: Scale,
-    teacher_image_features: torch.Tensor | Sequence[torch.Tensor],
-    teacher_text_features: torch.Tensor | Sequence[torch.Tensor],
-    teacher_logit_scale: Scale | Sequence[Scale],
+    teacher_image_features: TeacherFeatures,
+    teacher_text_features: TeacherFeatures,
+    teacher_logit_scale: TeacherScale,
     *,
     contrastive_weight: float = 0.0,
     kind: str = "soft_ce",
