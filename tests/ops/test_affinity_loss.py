@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from support import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, ensemble_reference, rel_err
 
 import tinyclip_fast.ops.affinity_loss as affinity_module
 from tinyclip_fast.ops.affinity_loss import (
@@ -339,27 +339,6 @@ def test_column_underflow_falls_back_to_exact_pass(monkeypatch):
 # ----------------------------------------------------------------------------- ensembles
 
 
-def reference_ensemble(x, y, scale, teachers, kind, square, label_offset=0):
-    """Float64 (distill, contrastive) with the target P = mean_k softmax(B_k) per direction."""
-    A = scale * x @ y.T
-    logits = [b * xt @ yt.T for xt, yt, b in teachers]
-    labels = torch.arange(x.shape[0]) + label_offset
-
-    def direction(A, logits):
-        log_q = A.log_softmax(dim=1)
-        p = torch.stack([B.softmax(dim=1) for B in logits]).mean(dim=0)
-        distill = -(p * log_q).sum(dim=1)
-        if kind == "kl":
-            distill = distill + torch.special.xlogy(p, p).sum(dim=1)
-        return distill.mean(), -log_q[torch.arange(A.shape[0]), labels].mean()
-
-    row = direction(A, logits)
-    if not square:
-        return row
-    col = direction(A.T, [B.T for B in logits])
-    return (row[0] + col[0]) / 2, (row[1] + col[1]) / 2
-
-
 def check_ensemble(
     *, square, m, n, d_s=24, d_ts=(40, 16), dtype=torch.float32, scale=10.0,
     teacher_scales=(5.0, 30.0), kind="soft_ce", label_offset=0, grads=(1.3, -0.7),
@@ -393,7 +372,7 @@ def check_ensemble(
         (xt.detach().double().cpu(), yt.detach().double().cpu(), float(b))
         for (xt, yt), b in zip(teachers, teacher_scales, strict=True)
     ]
-    ref = reference_ensemble(*ref_in, ref_scale, ref_teachers, kind, square, label_offset)
+    ref = ensemble_reference(*ref_in, ref_scale, ref_teachers, kind, square, label_offset)
     (ref[0] * grads[0] + ref[1] * grads[1]).backward()
     tol = tol or TOLERANCE[dtype]
     assert rel_err(out[0], ref[0]) < tol
