@@ -28,6 +28,27 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / denom)
 
 
+def ensemble_reference(x, y, scale, teachers, kind="soft_ce", square=True, label_offset=0):
+    """Float64 (distill, contrastive) with the target P = mean_k softmax(B_k) per direction."""
+    A = scale * x @ y.T
+    logits = [b * xt @ yt.T for xt, yt, b in teachers]
+    labels = torch.arange(x.shape[0]) + label_offset
+
+    def direction(A, logits):
+        log_q = A.log_softmax(dim=1)
+        p = torch.stack([B.softmax(dim=1) for B in logits]).mean(dim=0)
+        distill = -(p * log_q).sum(dim=1)
+        if kind == "kl":
+            distill = distill + torch.special.xlogy(p, p).sum(dim=1)
+        return distill.mean(), -log_q[torch.arange(A.shape[0]), labels].mean()
+
+    row = direction(A, logits)
+    if not square:
+        return row
+    col = direction(A.T, [B.T for B in logits])
+    return (row[0] + col[0]) / 2, (row[1] + col[1]) / 2
+
+
 TEXT = {"context_length": 16, "vocab_size": 1000}
 TEACHER = {
     "embed_dim": 32,
