@@ -160,19 +160,29 @@ def _ddp_worker(rank, world_size, init_file, tmp_path, config):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["manual", "auto"])
+@pytest.mark.parametrize(
+    "kind", ["manual", "auto", pytest.param("sigmoid", marks=pytest.mark.slow)]
+)
 def test_two_process_ddp_equals_one_process(tmp_path, kind):
     # auto: a manual stage, then masks sampled in training (one sample per step, the same on
     # every rank), pruned at step 3 of 4, the optimizer state carried over. (Masking the
     # teacher itself would start at the loss minimum, where gradients are rounding noise.)
+    # sigmoid: the student's logit bias learned, every rank's rows against the gathered texts.
     stages = [StageConfig(steps=3, student_config=STUDENT_CFG)]
     optim = OptimConfig(lr=1e-3, warmup_steps=2)
     if kind == "auto":
         stages.append(StageConfig(steps=4, sparsity=0.9, prune_step=3, sparsity_warmup=2))
         optim = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=2.0, prune_warmup_steps=2)
-    single = run(make_config(tmp_path / "single", copy.deepcopy(stages), optim=optim))
+    loss = LossConfig(family="sigmoid", contrastive_weight=0.3) if kind == "sigmoid" else None
+    extra = {"loss": loss} if loss else {}
+    single_config = make_config(tmp_path / "single", copy.deepcopy(stages), optim=optim, **extra)
+    single_config.teacher.logit_bias = -3.0 if loss else None
+    single = run(single_config)
     # Each rank: 8 of the 16 rows, in micro-batches of 4 (DDP no_sync + GradCache together).
-    config = make_config(tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4, optim=optim)
+    config = make_config(
+        tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4, optim=optim, **extra
+    )
+    config.teacher.logit_bias = single_config.teacher.logit_bias
     mp.spawn(_ddp_worker, args=(2, tmp_path / "pg", tmp_path, config), nprocs=2, join=True)
     ranks = [copy.deepcopy(single.student) for _ in range(2)]
     for r, model in enumerate(ranks):
