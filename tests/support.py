@@ -54,7 +54,8 @@ def sigmoid_reference(x, y, scale, bias, teachers, contrastive_weight=0.0):
     teachers (xt, yt, b, c_t) of s(b xt yt^T + c_t), L_d the per-pair binary cross-entropy of
     s(A) against p, L_c SigLIP's -log s(z A) (z = +1 on the diagonal, else -1); both / n."""
     x, y = x.double(), y.double()
-    A = float(scale) * x @ y.T + float(bias)
+    f64 = torch.float64
+    A = torch.as_tensor(scale, dtype=f64) * x @ y.T + torch.as_tensor(bias, dtype=f64)
     p = torch.stack(
         [
             torch.sigmoid(float(b) * xt.double() @ yt.double().T + float(c))

@@ -393,7 +393,9 @@ def _ensemble_step(tmp_path, family, teachers, biases):
         outputs = [t(batch["image"], batch["text"]) for t in teachers]
     if family == "sigmoid":
         targets = [(i, t, s, c) for (i, t, s), c in zip(outputs, biases, strict=True)]
-        expected = sigmoid_reference(image, text, scale, bias[0], targets, contrastive_weight=0.3)
+        expected = sigmoid_reference(
+            image, text, scale, bias[0].detach(), targets, contrastive_weight=0.3
+        )
     else:
         double = [tuple(v.double() for v in out) for out in outputs]
         distill, contrastive = ensemble_reference(
@@ -462,3 +464,15 @@ def test_sigmoid_and_ensemble_bad_inputs(tmp_path):
     config.teacher.logit_bias = -10.0
     with pytest.raises(ValueError, match="logit_bias is for --loss sigmoid"):
         config.validate()
+
+
+def test_sigmoid_auto_stage_prunes_a_student_with_a_bias(tmp_path):
+    stages = [StageConfig(steps=4, sparsity=0.5, prune_step=3, sparsity_warmup=2)]
+    optim = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=2.0)
+    config = make_config(tmp_path, stages, optim=optim, loss=_sigmoid_loss(init_logit_bias=-3.0))
+    config.teacher.logit_bias = -3.0
+    result = run(config)
+    assert all(math.isfinite(v) for v in losses(result.history))
+    assert [h["step"] for h in result.history if h.get("event") == "pruned"] == [3]
+    bias = float(result.student.logit_bias.detach())
+    assert math.isfinite(bias) and bias != -3.0
