@@ -32,6 +32,50 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / denom)
 
 
+def ensemble_reference(x, y, scale, teachers, kind="soft_ce", square=True, label_offset=0):
+    """Float64 (distill, contrastive) with the target P = mean_k softmax(B_k) per direction."""
+    A = scale * x @ y.T
+    logits = [b * xt @ yt.T for xt, yt, b in teachers]
+    labels = torch.arange(x.shape[0]) + label_offset
+
+    def direction(A, logits):
+        log_q = A.log_softmax(dim=1)
+        p = torch.stack([B.softmax(dim=1) for B in logits]).mean(dim=0)
+        distill = -(p * log_q).sum(dim=1)
+        if kind == "kl":
+            distill = distill + torch.special.xlogy(p, p).sum(dim=1)
+        return distill.mean(), -log_q[torch.arange(A.shape[0]), labels].mean()
+
+    row = direction(A, logits)
+    if not square:
+        return row
+    col = direction(A.T, [B.T for B in logits])
+    return (row[0] + col[0]) / 2, (row[1] + col[1]) / 2
+
+
+def sigmoid_reference(x, y, scale, bias, teachers, contrastive_weight=0.0):
+    """Float64 (1 - w) L_d + w L_c of the sigmoid family: A = a x y^T + c, p the mean over
+    teachers (xt, yt, b, c_t) of s(b xt yt^T + c_t), L_d the per-pair binary cross-entropy of
+    s(A) against p, L_c SigLIP's -log s(z A) (z = +1 on the diagonal, else -1); both / n."""
+    x, y = x.double(), y.double()
+    f64 = torch.float64
+    A = torch.as_tensor(scale, dtype=f64) * x @ y.T + torch.as_tensor(bias, dtype=f64)
+    p = torch.stack(
+        [
+            torch.sigmoid(float(b) * xt.double() @ yt.double().T + float(c))
+            for xt, yt, b, c in teachers
+        ]
+    ).mean(dim=0)
+    n = x.shape[0]
+    distill = -(
+        p * torch.nn.functional.logsigmoid(A) + (1 - p) * torch.nn.functional.logsigmoid(-A)
+    )
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    contrastive = -torch.nn.functional.logsigmoid(z * A)
+    w = contrastive_weight
+    return (1 - w) * distill.sum() / n + w * contrastive.sum() / n
+
+
 TEXT = {"context_length": 16, "vocab_size": 1000}
 TEACHER = {
     "embed_dim": 32,

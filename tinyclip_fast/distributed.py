@@ -7,6 +7,8 @@ gradient, and only when the full [N, N] problem is scored (not in local-loss mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -57,9 +59,22 @@ def gather_features(
 
 
 def gather_teacher_features(
-    image_features: torch.Tensor, text_features: torch.Tensor, world_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather teacher features; the teacher never receives gradients."""
+    image_features: torch.Tensor | Sequence[torch.Tensor],
+    text_features: torch.Tensor | Sequence[torch.Tensor],
+    world_size: int,
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
+    """All-gather teacher features; the teacher never receives gradients. An ensemble (lists
+    of equal length, one entry per teacher) is gathered teacher by teacher; lists that do not
+    pair up are returned as they are, for the loss to refuse with a clear error."""
+    listed = [isinstance(t, (list, tuple)) for t in (image_features, text_features)]
+    if any(listed):
+        if not all(listed) or len(image_features) != len(text_features):
+            return image_features, text_features
+        pairs = [
+            gather_teacher_features(image, text, world_size)
+            for image, text in zip(image_features, text_features, strict=True)
+        ]
+        return [image for image, _ in pairs], [text for _, text in pairs]
     if world_size == 1:
         return image_features.detach(), text_features.detach()
     with torch.no_grad():

@@ -17,6 +17,8 @@ from tinyclip_fast.distributed import (
     gather_teacher_features,
 )
 from tinyclip_fast.ops.affinity_loss import (
+    TeacherFeatures,
+    TeacherScale,
     affinity_loss_rows,
     affinity_loss_square,
     check_contrastive_weight,
@@ -65,12 +67,13 @@ class ClipLoss(nn.Module):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
-        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | float] | None,
+        teacher: tuple[TeacherFeatures, TeacherFeatures, TeacherScale] | None,
         *,
         compute_contrastive: bool,
         kind: str = "soft_ce",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distill, contrastive) under this module's multi-device mode."""
+        """(distill, contrastive) under this module's multi-device mode; teacher lists are
+        an ensemble, each teacher gathered like a single one."""
         compute_distill = teacher is not None
         teacher_image, teacher_text, teacher_scale = teacher if teacher else (None, None, None)
         flags = dict(
@@ -152,16 +155,17 @@ class ClipLoss(nn.Module):
 
 class DistillClipLoss(ClipLoss):
     """open_clip's distillation loss: returns (contrastive, distill), distill being the
-    symmetric soft cross-entropy between teacher and student affinities."""
+    symmetric soft cross-entropy between teacher and student affinities. Lists of teacher
+    features and scales distil from an ensemble (K <= 4, targets averaged after softmax)."""
 
     def forward(
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
-        dist_image_features: torch.Tensor,
-        dist_text_features: torch.Tensor,
-        dist_logit_scale: torch.Tensor | float,
+        dist_image_features: TeacherFeatures,
+        dist_text_features: TeacherFeatures,
+        dist_logit_scale: TeacherScale,
         output_dict: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         distill, contrastive = self._losses(
@@ -180,7 +184,9 @@ class AffinityMimickingLoss(ClipLoss):
     """TinyCLIP's loss: (1 - w) * L_dist + w * L_clip; w = 0 is pure affinity mimicking.
 
     Under torch.distributed it runs in local-loss + gather-with-grad mode (the only mode
-    that scales), reading rank and world size from the default process group.
+    that scales), reading rank and world size from the default process group. Lists of
+    teacher features and scales distil from an ensemble (K <= 4, targets averaged after
+    softmax).
     """
 
     def __init__(
@@ -203,9 +209,9 @@ class AffinityMimickingLoss(ClipLoss):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
-        teacher_image_features: torch.Tensor,
-        teacher_text_features: torch.Tensor,
-        teacher_logit_scale: torch.Tensor | float,
+        teacher_image_features: TeacherFeatures,
+        teacher_text_features: TeacherFeatures,
+        teacher_logit_scale: TeacherScale,
     ) -> torch.Tensor:
         # Read at call time: the loss may be built before the process group is initialised.
         self.rank, self.world_size = distributed_world()

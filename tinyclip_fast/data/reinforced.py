@@ -99,7 +99,7 @@ def teacher_targets(
     device: str | torch.device | None = None,
 ) -> list[TeacherTargets]:
     """Per teacher, (I_t, T_t, scale, bias) from a reinforced batch: the engine's replacement
-    for a teacher forward (``_Distiller.teacher_features`` returns ``targets[0][:3]``).
+    for a teacher forward (the engine's ``StoredTeacher``).
 
     The stored embeddings are split by the teachers' dims, cast to float32 on ``device`` and
     re-normalised (they were unit vectors before rounding to the cache dtype), so

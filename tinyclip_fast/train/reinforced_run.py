@@ -35,7 +35,7 @@ from tinyclip_fast.data.reinforced import (
     source_from_cfg,
     teacher_targets,
 )
-from tinyclip_fast.train.config import DistillConfig
+from tinyclip_fast.train.config import MAX_TEACHERS, DistillConfig
 from tinyclip_fast.train.reinforced_cache import (
     BuildReport,
     CacheTeacher,
@@ -62,12 +62,12 @@ def is_reinforced_batch(batch: dict[str, torch.Tensor]) -> bool:
 
 
 class StoredTeacher:
-    """The teacher of a reinforced dataset: (I_t, T_t, b) read from the batch.
+    """The teachers of a reinforced dataset: their (I_t, T_t) read from the batch.
 
-    The run distils from the first teacher of the cache (an ensemble cache holds several;
-    ``announce`` says so once). A cache of ours (``ReinforcedDataset``) must have been built
-    by ``teacher``: refused naming both otherwise. DataCompDR's teachers (ViT-L/14s) are not
-    the run's; its ``teacher`` only gives the student its weights.
+    An ensemble cache (or DataCompDR's two ViT-L/14s) serves the loss as an ensemble of all
+    its teachers (at most four). A cache of ours (``ReinforcedDataset``) must have been built
+    by ``teacher`` (its first teacher): refused naming both otherwise. DataCompDR's teachers
+    are not the run's; its ``teacher`` only gives the student its weights.
     """
 
     def __init__(
@@ -75,10 +75,9 @@ class StoredTeacher:
         dataset: ReinforcedStream,
         teacher: nn.Module,
         device: torch.device,
-        fixed_scale: torch.Tensor | None,
         announce: Callable[[str], None],
     ) -> None:
-        self.teachers, self.device, self.fixed_scale = dataset.teachers, device, fixed_scale
+        self.teachers, self.device = dataset.teachers, device
         if isinstance(dataset, ReinforcedDataset):
             source = dataset.source
             path = source.cache_path(source.shards[0])
@@ -88,11 +87,18 @@ class StoredTeacher:
                 {"teachers": [t.to_dict() for t in self.teachers[:1]]},
                 expected_header(teachers=[run_teacher]),
             )
+        if len(self.teachers) > MAX_TEACHERS:
+            raise ValueError(
+                f"the data holds {len(self.teachers)} teachers' embeddings; the fused losses "
+                f"take at most {MAX_TEACHERS}"
+            )
+        self.logit_scales = [t.logit_scale for t in self.teachers]
+        self.biases = [t.logit_bias for t in self.teachers]
         if len(self.teachers) > 1:
             names = ", ".join(t.name for t in self.teachers)
             announce(
-                f"the data holds {len(self.teachers)} teachers' embeddings ({names}); this run "
-                f"distils from the first, {self.teachers[0].name}"
+                f"the data holds {len(self.teachers)} teachers' embeddings ({names}): this run "
+                "distils from their ensemble"
             )
         announce(
             "teacher targets from stored embeddings: no teacher forward in any step"
@@ -103,10 +109,10 @@ class StoredTeacher:
             )
         )
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(I_t, T_t, b): the first teacher's unit rows (fp32) and its scale (or the fixed)."""
-        image_t, text_t, scale, _ = teacher_targets(batch, self.teachers, self.device)[0]
-        return image_t, text_t, scale if self.fixed_scale is None else self.fixed_scale
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Every stored teacher's unit rows (fp32): ([I_t per teacher], [T_t per teacher])."""
+        targets = teacher_targets(batch, self.teachers, self.device)
+        return [t.image for t in targets], [t.text for t in targets]
 
 
 def build_cache_for_run(config: DistillConfig) -> tuple[BuildReport, int, int]:
