@@ -1,8 +1,15 @@
-"""Images/s of one full distillation step in the mask-learning phase (SPEC 3b), three ways.
+"""Images/s of one full distillation step in the mask-learning phase (SPEC 3b), four ways.
 
 - tinyclip_fast: ``train.step.train_step`` on a MaskedCLIP student (masks inside the matmuls),
   the fused affinity loss, fused AdamW; teacher run online under no_grad.
 - tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
+- tinyclip_fast+reinforced: the same step with the teacher targets a reinforced batch carries
+  (fp16 embeddings, as the loader hands them over, moved to the device and turned into
+  targets by ``teacher_targets``, as the engine's ``StoredTeacher`` does): no teacher
+  forward, with augmentation (the replay itself is loader work, see
+  bench_reinforced_cache.py). It and a second tinyclip_fast step are timed in turns (A B A
+  B ...), so the online-vs-cache ratio holds on a shared machine; the table beside it gives
+  the cache's bytes per sample.
 - tinyclip_fast (xformers attention): on CUDA with xformers installed, the first variant with
   the engine's ``--attention xformers`` instead of torch SDPA (which of the two is faster).
 - tinyclip_way: the same student written the TinyCLIP way: open_clip's modules at full size,
@@ -28,6 +35,8 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
+import os
 import platform
 import statistics
 import time
@@ -40,6 +49,8 @@ import torch.nn.functional as F
 from open_clip.loss import DistillClipLoss
 from torch import nn
 
+from tinyclip_fast.data.augment import AugmentRecipe
+from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, TeacherInfo, teacher_targets
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
@@ -56,6 +67,10 @@ TINY = {
     "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 3},
 }
 VARIANTS = ("tinyclip_fast", "tinyclip_fast+cache", "tinyclip_way")
+# Online teacher vs reinforced cache, timed in turns after the baseline (a GPU check that
+# runs out of time keeps the baseline).
+PAIRED = ("tinyclip_fast", "tinyclip_fast+reinforced")
+PAIRED_ONLINE = "tinyclip_fast (in turns with +reinforced)"
 
 
 class TinyClipWayMasks(nn.Module):
@@ -178,12 +193,22 @@ def make_step(
             t_img, t_txt, t_scale = teacher(images, texts)
         cache = TeacherEmbeddingCache(t_img.float(), t_txt.float(), float(t_scale.log()))
         indices = torch.randperm(images.shape[0], device=device)
+    stored = None
+    if variant.endswith("+reinforced"):
+        with torch.no_grad(), autocast():
+            t_img, t_txt, _ = teacher(images, texts)
+        stored = {TEACHER_IMAGE: t_img.half().cpu(), TEACHER_TEXT: t_txt.half().cpu()}
+        log_scale = float(teacher.logit_scale)
+        teachers = [TeacherInfo("teacher", t_img.shape[1], None, log_scale)]
     steps = [0]
 
     def step() -> torch.Tensor:
         if cache is not None:
             t_img, t_txt = cache.lookup(indices)
             t_scale = torch.tensor(cache.logit_scale, device=device).exp()
+        elif stored is not None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in stored.items()}
+            t_img, t_txt, t_scale, _ = teacher_targets(batch, teachers, device)[0]
         else:
             with torch.no_grad(), autocast():
                 t_img, t_txt, t_scale = teacher(images, texts)
@@ -222,6 +247,26 @@ def images_per_second(
     return batch / statistics.median(times)
 
 
+def images_per_second_in_turns(
+    steps: dict[str, Callable[[], torch.Tensor]], batch: int, warmup: int, iters: int
+) -> dict[str, float]:
+    """batch / median step time of each of ``steps``, timed in turns (A B A B ...): on a
+    shared machine a change of load hits all of them alike."""
+    device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            device_sync()
+            start = time.perf_counter()
+            step()
+            device_sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
+
+
 def run(
     model_cfg,
     batch: int,
@@ -251,6 +296,15 @@ def run(
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
+    online, reinforced = (make_step(v, teacher, images, texts, dtype) for v in PAIRED)
+    rates = images_per_second_in_turns(
+        {"online": online, "reinforced": reinforced}, batch, warmup, iters
+    )
+    results[PAIRED_ONLINE], results[PAIRED[1]] = rates["online"], rates["reinforced"]
+    on_result(results)
+    del online, reinforced
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if device == "cuda" and importlib.util.find_spec("xformers") is not None:
         # The engine's --attention xformers against the default torch SDPA, same step.
         step = make_step("tinyclip_fast", teacher, images, texts, dtype)
@@ -268,6 +322,40 @@ def table(results: dict[str, float]) -> str:
     for variant, rate in results.items():
         ratio = f"{rate / reference:.2f}x" if reference else "-"
         lines.append(f"| {variant} | {rate:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def teacher_table(results: dict[str, float]) -> str:
+    """The online teacher against the reinforced cache, same step otherwise, timed in turns."""
+    online = results.get(PAIRED_ONLINE)
+    lines = ["| teacher targets (steps timed in turns) | images/s | vs online |", "|---|---|---|"]
+    for label, variant in (
+        ("online teacher forward (no_grad)", PAIRED_ONLINE),
+        ("reinforced cache (stored fp16 embeddings)", PAIRED[1]),
+    ):
+        if variant in results:
+            rate = results[variant]
+            ratio = f"{rate / online:.2f}x" if online else "-"
+            lines.append(f"| {label} | {rate:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def cache_bytes_table(image_size: int) -> str:
+    """Bytes per sample of the reinforced cache (bench_reinforced_cache's layouts), the params
+    JSON measured on open_clip's training transform at ``image_size`` over 200..640 px images."""
+    from bench_reinforced_cache import cache_cost_rows
+
+    recipe, generator = AugmentRecipe(size=image_size), torch.Generator().manual_seed(0)
+    sizes = torch.randint(200, 641, (64, 2), generator=generator).tolist()
+    drawn = [recipe.sample(h, w, generator) for h, w in sizes]
+    per_aug = len(json.dumps(drawn)) / len(drawn)
+    lines = [
+        f"| cache layout (params JSON {per_aug:.0f} B per augmentation) | bytes/sample "
+        "| per 1M samples |",
+        "|---|---|---|",
+    ]
+    for name, size in cache_cost_rows(per_aug):
+        lines.append(f"| {name} | {size:,.0f} | {size * 1e6 / 2**30:.1f} GiB |")
     return "\n".join(lines)
 
 
@@ -297,11 +385,15 @@ def main() -> None:
     batch = args.batch or (1024 if cuda else 64)
     if args.dry_run:
         models = "ViT-B-32 -> masked ViT-B-32, bf16" if cuda else "tiny models, fp32"
-        print(f"plan: {', '.join(VARIANTS)} (+ xformers attention on CUDA when installed)")
+        print(
+            f"plan: {', '.join(VARIANTS)}, then {' and '.join(PAIRED)} timed in turns "
+            "(+ xformers attention on CUDA when installed)"
+        )
         print(f"  {models}, batch {batch}, {warmup} warm-up + {iters} timed steps each")
         print(f"  -> {args.out}/distill_step_{'<gpu>' if cuda else 'cpu'}.md")
         print("smoke run: one step of each variant, tiny models, CPU (nothing written)")
-        print(table(run(TINY, 8, "cpu", None, warmup=0, iters=1)))
+        results = run(TINY, 8, "cpu", None, warmup=0, iters=1)
+        print(f"{table(results)}\n\n{teacher_table(results)}\n\n{cache_bytes_table(224)}")
         return
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -310,16 +402,21 @@ def main() -> None:
         title = f"# Distillation step, teacher ViT-B-32 -> masked ViT-B-32, batch {batch}, bf16"
     else:
         model, device, dtype = TINY, "cpu", None
-        where = f"CPU ({torch.get_num_threads()} threads)"
+        load = os.getloadavg()[0]  # a shared machine's load moves the sequential rows most
+        where = f"CPU ({torch.get_num_threads()} threads, load average {load:.1f} at the start)"
         title = f"# Distillation step on the CPU, tiny models, batch {batch}, fp32"
     args.out.mkdir(parents=True, exist_ok=True)
     name = where.replace(" ", "_").replace("/", "_") if cuda else "cpu"
     path = args.out / f"distill_step_{name}.md"
 
+    image_size = 224 if cuda else TINY["vision_cfg"]["image_size"]
+    cost = cache_bytes_table(image_size)
+
     def write(results: dict[str, float]) -> None:
         text = (
             f"{title}\n\n{where}; {versions()}; images/s = batch / median step time of "
-            f"{iters} steps after {warmup}\n\n{table(results)}\n"
+            f"{iters} steps after {warmup}\n\n{table(results)}\n\n{teacher_table(results)}"
+            f"\n\n{cost}\n"
         )
         path.write_text(text)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check for a CUDA machine without network (the lent H100/H200): one call
 # of at most 9 minutes (540 s) on a cold machine. Steps, each with its own time budget and
-# a timestamp: install, versions, kernel correctness on CUDA, the loss benchmark, the
-# masked matmul, the distillation step, then a one-screen summary of every measured ratio
+# a timestamp: install, versions, kernel correctness on CUDA, the loss benchmarks (softmax
+# and sigmoid), the masked matmul, the distillation step, then a one-screen summary of every measured ratio
 # against its goal in shared TARGETS.md. Each benchmark writes its table to bench/results/
 # the moment it is done (and again after every measurement); after every step the new
 # tables are copied to $OUT when set, so a timeout loses nothing already measured.
@@ -46,6 +46,7 @@ START=$SECONDS
 STATUS=0
 TESTS_AFFINITY="tests/kernels/test_init.py tests/ops/test_affinity_loss.py tests/test_losses.py"
 TESTS_MASKED="tests/ops/test_masked_linear.py tests/pruning/test_masked_clip.py"
+TESTS_SIGMOID="tests/ops/test_sigmoid_loss.py tests/test_sigmoid_losses.py"
 PYTEST="$PY -m pytest -q -rfE -p no:cacheprovider -p autotune_first"
 
 stamp() {
@@ -105,7 +106,7 @@ plan install 30 \
 name=\${wheel%%==*}; version=\${wheel##*==}; pattern=\"\$(echo \"\$name\" | tr - _)-\$version-\"; \
 if compgen -G '.whl/*.whl' >/dev/null; then ls .whl | grep -qi \"^\$pattern\" \
 || { echo \"missing in .whl/: \$wheel\"; exit 1; }; fi; echo \"wheel: \$wheel\"; done"
-plan versions 20 \
+plan versions 15 \
     "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c \
 \"import torch, triton, numpy, open_clip; print('torch', torch.__version__, 'CUDA', \
 torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'open_clip', \
@@ -114,15 +115,19 @@ open_clip.__version__, torch.cuda.get_device_name())\"" \
 'triton', triton.__version__, 'numpy', numpy.__version__, 'open_clip', open_clip.__version__)\""
 # Correctness first: the kernels compile for CUDA (conftest leaves the interpreter off when
 # a GPU exists), one autotune configuration each (bench/autotune_first.py).
-plan kernel-tests-affinity 110 "PYTHONPATH=bench $PYTEST $TESTS_AFFINITY" \
+plan kernel-tests-affinity 95 "PYTHONPATH=bench $PYTEST $TESTS_AFFINITY" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_AFFINITY | tail -1"
-plan kernel-tests-masked 80 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
+plan kernel-tests-masked 70 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_MASKED | tail -1"
-plan loss-bench 125 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
+plan kernel-tests-sigmoid 35 "PYTHONPATH=bench $PYTEST $TESTS_SIGMOID" \
+    "PYTHONPATH=bench $PYTEST --collect-only $TESTS_SIGMOID | tail -1"
+plan loss-bench 100 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run"
-plan masked-bench 80 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
+plan sigmoid-bench 45 "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS" \
+    "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS --dry-run"
+plan masked-bench 70 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
     "$PY bench/bench_masked_matmul.py --quick --out $RESULTS --dry-run"
-plan distill-bench 80 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
+plan distill-bench 65 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
     "$PY bench/bench_distill_step.py --quick --out $RESULTS --dry-run"
 plan summary 15 \
     "$PY bench/gpu_summary.py --results $RESULTS $([[ -n "${OUT:-}" ]] && echo "--out $OUT/summary.txt")" \

@@ -178,9 +178,53 @@ def masked_matmul_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
                 )  # fmt: skip
 
 
+def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
+    """The sigmoid-loss kernel as each autotuner launches it, gradient written (GRAD on):
+    SigLIP alone, and four teachers (the heaviest ensemble) with the contrastive term for
+    each distillation target."""
+    import tinyclip_fast.kernels.sigmoid_loss as kernels
+
+    module = "tinyclip_fast.kernels.sigmoid_loss"
+    fn = kernels._sigmoid_loss_kernel
+    scalars = {"affine_ptr": "*fp32", "teacher_affine_ptr": "*fp32", "partial_ptr": "*fp32"}
+    units = [f"stride_{p}d" for p in ("x", "y")] + [
+        f"stride_t{k}{p}d" for k in range(kernels.MAX_TEACHERS) for p in ("x", "y")
+    ]
+    forms = (
+        ("siglip", kernels._CONTRASTIVE_SHAPES, 0, 1),
+        *(
+            (f"4 teachers {kind}", kernels._DISTILL_SHAPES, code, 4)
+            for kind, code in kernels.KINDS.items()
+        ),
+    )
+    for dtype in dtypes:
+        pointers = {
+            name: scalars.get(name, f"*{dtype}") for name in fn.arg_names if name.endswith("_ptr")
+        }
+        for form, shapes, kind, teachers in forms:
+            if dtype == "fp32":
+                shapes = {
+                    id(kernels._DISTILL_SHAPES): kernels._DISTILL_FP32_SHAPES,
+                    id(kernels._CONTRASTIVE_SHAPES): kernels._CONTRASTIVE_FP32_SHAPES,
+                }[id(shapes)]
+            for bm, bn, bd, warps, stages in shapes:
+                consts = dict(
+                    NUM_TEACHERS=teachers, CONTRASTIVE=True, KIND=kind, GRAD=True, UPCAST=False,
+                    FP32_DOT=dtype == "fp32", TEACHER_FP32_DOT=dtype == "fp32",
+                    DOT_PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                )  # fmt: skip
+                yield Variant(
+                    "sigmoid_loss", module, fn.__name__, dtype,
+                    f"{form} {bm}x{bn}x{bd} w{warps} s{stages}", tuple(pointers.items()),
+                    tuple(consts.items()), warps, stages, unit=tuple(units),
+                    odd=("label_offset", "row_start"),
+                )  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[[tuple[str, ...]], Iterator[Variant]]] = {
     "affinity_loss": affinity_loss_variants,
     "masked_matmul": masked_matmul_variants,
+    "sigmoid_loss": sigmoid_loss_variants,
 }
 
 

@@ -1,19 +1,29 @@
 """Triton kernels of the affinity (distillation + contrastive) loss; raw tensors in and out.
 
-Student logits A = a X Y^T [m, N] and teacher logits B = b Xt Yt^T are only ever formed one
-[BLOCK_M, BLOCK_N] tile at a time, flash-attention style: the forward kernel keeps an online
-softmax per row (exp2, log2(e) folded into the scale, fp32 accumulation) and writes per-row
-statistics. The backward kernel recomputes the tiles from them and writes dL/dA for a chunk
-of rows (<= 512 MB); two cuBLAS GEMMs per chunk then give dX = a dA Y and dY += a dA^T X.
-That keeps every gradient product on the tensor cores at full rate without [BLOCK, d]
-register accumulators or d-wide atomics (d is often 512 or more).
+Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= 4 teachers
+(each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at a time,
+flash-attention style: the forward kernel computes each student tile once and streams the K
+teacher tiles beside it, keeping an online softmax per row and teacher (exp2, log2(e) folded
+into the scale, fp32 accumulation), and writes per-row statistics. The soft cross-entropy
+against the averaged target mean_k softmax(B_k) decomposes per teacher: lse(A_i) -
+mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from the
+statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
+cuBLAS GEMMs per chunk then give dX = a dA Y and dY += a dA^T X. That keeps every gradient
+product on the tensor cores at full rate without [BLOCK, d] register accumulators or d-wide
+atomics (d is often 512 or more). NUM_TEACHERS is a constexpr: one teacher compiles to the
+single-teacher kernel, no per-teacher loop or extra work.
 
 Column statistics of the square problem come out of the same pass over the tiles: each
 tile's column sums are taken relative to the tile's own column max and added with fp64
 atomics relative to a fixed per-column shift c_j = |a| ||Y_j|| max_i ||X_i|| >= max_i A_ij
-(Cauchy-Schwarz), so nothing overflows and fp64 leaves ~700 natural-log units of headroom
-before underflow. Columns that still underflow are recomputed exactly by a second pass
-(the row kernel on the transposed problem, those columns only).
+(Cauchy-Schwarz; one shift per teacher likewise), so nothing overflows and fp64 leaves ~700
+natural-log units of headroom before underflow. Columns that still underflow (for the
+student or any teacher) are recomputed exactly by a second pass (the row kernel on the
+transposed problem, those columns only).
+
+The KL form of an ensemble needs the entropy of the mixture mean_k P_k, which does not
+decompose per teacher: ``mixture_entropy`` computes it exactly by one more pass over the
+teacher tiles once their log-sum-exps are known (one teacher needs no such pass).
 
 Feature dtypes: bf16/fp16 dots on the tensor cores, fp32 ones as 3xTF32; every statistic
 and accumulation is fp32. Float64 features are cast to fp32 here: the kernels compute in
@@ -36,6 +46,11 @@ _UNDERFLOW = 1e-280
 _GRAD_CHUNK_BYTES = 1 << 29
 
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
+
+MAX_TEACHERS = 4
+# Column programs per row block of the entropy pass; each loops over its share of the
+# column tiles, so its partial sums stay O(m) however large N is.
+_COLUMN_PROGRAMS = 64
 
 
 @triton.jit
@@ -81,15 +96,85 @@ def _dot_tile(
 
 
 @triton.jit
-def _affinity_stats_kernel(
-    x_ptr, y_ptr, xt_ptr, yt_ptr, scale_ptr, teacher_scale_ptr,
-    row_out_ptr,  # [5, m] fp32: lse_a, target_a, lse_b, p_dot_a, p_dot_b (natural log units)
-    col_shift_ptr,  # [2, N] fp32: per-column upper bounds of A and B, log2 units
-    col_acc_ptr,  # [4, N] fp64: sum 2^(A-c), sum 2^(B-c'), sum 2^(B-c') A2, sum 2^(B-c') B2
-    m, n, d_s, d_t, label_offset,
+def _teacher_stats_step(
+    xt_ptr, yt_ptr, b2, logits_a, row_start, start, m, n, dim,
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_xtm, stride_xtd, stride_ytm, stride_ytd,
-    TEACHER: tl.constexpr, COLUMNS: tl.constexpr,
+    max_b, sum_b, w_a, w_b, col_shift_ptr, col_acc_ptr,
+    INDEX: tl.constexpr, DOT_B: tl.constexpr, COLUMNS: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Teacher INDEX's tile beside the student's: its online row softmax statistics (max,
+    sum, sum P A and with DOT_B sum P B) and, with COLUMNS, its column sums (shift row
+    1 + INDEX, accumulator rows 1 + 2 INDEX .. 3 + 2 INDEX)."""
+    row_ok = row_start + tl.arange(0, BLOCK_M) < m
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    logits_b = b2 * _dot_tile(
+        xt_ptr, yt_ptr, row_start, start, m, n, dim,
+        stride_xm, stride_xd, stride_ym, stride_yd,
+        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+    )  # fmt: skip
+    row_b = tl.where(col_ok[None, :], logits_b, float("-inf"))
+    new_max_b = tl.maximum(max_b, tl.max(row_b, axis=1))
+    rescale = tl.exp2(max_b - new_max_b)
+    weights = tl.exp2(row_b - new_max_b[:, None])
+    sum_b = sum_b * rescale + tl.sum(weights, axis=1)
+    w_a = w_a * rescale + tl.sum(weights * logits_a, axis=1)
+    if DOT_B:
+        w_b = w_b * rescale + tl.sum(weights * logits_b, axis=1)
+    if COLUMNS:
+        col_b = tl.where(row_ok[:, None], logits_b, float("-inf"))
+        tile_max_b = tl.max(col_b, axis=0)
+        col_weights = tl.exp2(col_b - tile_max_b[None, :])
+        shift_b = tl.load(col_shift_ptr + (1 + INDEX) * n + cols, mask=col_ok, other=0.0)
+        factor_b = tl.exp2((tile_max_b - shift_b).to(tl.float64))
+        acc_ptr = col_acc_ptr + (1 + 2 * INDEX) * n + cols
+        tl.atomic_add(acc_ptr, tl.sum(col_weights, axis=0).to(tl.float64) * factor_b, mask=col_ok)
+        tl.atomic_add(
+            acc_ptr + n,
+            tl.sum(col_weights * logits_a, axis=0).to(tl.float64) * factor_b,
+            mask=col_ok,
+        )
+        if DOT_B:
+            tl.atomic_add(
+                acc_ptr + 2 * n,
+                tl.sum(col_weights * logits_b, axis=0).to(tl.float64) * factor_b,
+                mask=col_ok,
+            )
+    return new_max_b, sum_b, w_a, w_b
+
+
+@triton.jit
+def _store_teacher_rows(
+    row_out_ptr, rows, row_ok, m, max_b, sum_b, w_a,
+    INDEX: tl.constexpr, NUM_TEACHERS: tl.constexpr,
+):  # fmt: skip
+    """lse_b of teacher INDEX into row 2 + INDEX, p_dot_a into row 2 + K + INDEX."""
+    ln2 = 0.6931471805599453
+    tl.store(row_out_ptr + (2 + INDEX) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
+    tl.store(row_out_ptr + (2 + NUM_TEACHERS + INDEX) * m + rows, w_a / sum_b * ln2, mask=row_ok)
+
+
+@triton.jit
+def _affinity_stats_kernel(
+    x_ptr, y_ptr, scale_ptr,
+    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_scale_ptr,  # [K] fp32
+    # [2 + 2K (+ 1 if K = 1), m] fp32, natural log units: lse_a, target_a, lse_b of each
+    # teacher, p_dot_a of each teacher, and for one teacher p_dot_b
+    row_out_ptr,
+    col_shift_ptr,  # [1 + K, N] fp32: per-column upper bounds of A and each B_k, log2 units
+    # [1 + 2K (+ 1 if K = 1), N] fp64: sum 2^(A-c), then per teacher sum 2^(B-c'),
+    # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
+    col_acc_ptr,
+    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -98,16 +183,33 @@ def _affinity_stats_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     label = rows + label_offset
-    a2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    log2e = 1.4426950408889634
+    a2 = tl.load(scale_ptr).to(tl.float32) * log2e
     max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_a = tl.zeros((BLOCK_M,), tl.float32)
     target_a = tl.zeros((BLOCK_M,), tl.float32)
-    if TEACHER:
-        b2 = tl.load(teacher_scale_ptr).to(tl.float32) * 1.4426950408889634
-        max_b = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b = tl.zeros((BLOCK_M,), tl.float32)
-        w_a = tl.zeros((BLOCK_M,), tl.float32)
-        w_b = tl.zeros((BLOCK_M,), tl.float32)
+    # Per teacher: running max, sum, sum 2^B A and (one teacher only) sum 2^B B of each row.
+    if NUM_TEACHERS > 0:
+        b2_0 = tl.load(teacher_scale_ptr).to(tl.float32) * log2e
+        max_b0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_b0 = tl.zeros((BLOCK_M,), tl.float32)
+        w_a0 = tl.zeros((BLOCK_M,), tl.float32)
+        w_b0 = tl.zeros((BLOCK_M,), tl.float32)
+    if NUM_TEACHERS > 1:
+        b2_1 = tl.load(teacher_scale_ptr + 1).to(tl.float32) * log2e
+        max_b1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_b1 = tl.zeros((BLOCK_M,), tl.float32)
+        w_a1 = tl.zeros((BLOCK_M,), tl.float32)
+    if NUM_TEACHERS > 2:
+        b2_2 = tl.load(teacher_scale_ptr + 2).to(tl.float32) * log2e
+        max_b2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_b2 = tl.zeros((BLOCK_M,), tl.float32)
+        w_a2 = tl.zeros((BLOCK_M,), tl.float32)
+    if NUM_TEACHERS > 3:
+        b2_3 = tl.load(teacher_scale_ptr + 3).to(tl.float32) * log2e
+        max_b3 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_b3 = tl.zeros((BLOCK_M,), tl.float32)
+        w_a3 = tl.zeros((BLOCK_M,), tl.float32)
     num_tiles = tl.cdiv(n, BLOCK_N)
     for step in range(0, num_tiles):
         # Programs start on different column tiles so that their column atomics rarely
@@ -115,7 +217,8 @@ def _affinity_stats_kernel(
         start = ((step + pid) % num_tiles) * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n
-        # Logits in log2 units: exp2 of them is exp of the natural logits.
+        # Logits in log2 units: exp2 of them is exp of the natural logits. The student tile
+        # is computed once and stays live while the teachers' tiles stream past it.
         logits_a = a2 * _dot_tile(
             x_ptr, y_ptr, row_start, start, m, n, d_s,
             stride_xm, stride_xd, stride_ym, stride_yd,
@@ -136,62 +239,95 @@ def _affinity_stats_kernel(
             shift_a = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0)
             factor_a = tl.exp2((tile_max_a - shift_a).to(tl.float64))
             tl.atomic_add(col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok)
-        if TEACHER:
-            logits_b = b2 * _dot_tile(
-                xt_ptr, yt_ptr, row_start, start, m, n, d_t,
-                stride_xtm, stride_xtd, stride_ytm, stride_ytd,
-                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+        if NUM_TEACHERS > 0:
+            max_b0, sum_b0, w_a0, w_b0 = _teacher_stats_step(
+                xt0_ptr, yt0_ptr, b2_0, logits_a, row_start, start, m, n, d_t0,
+                stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+                max_b0, sum_b0, w_a0, w_b0, col_shift_ptr, col_acc_ptr,
+                0, NUM_TEACHERS == 1, COLUMNS,
+                UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
             )  # fmt: skip
-            row_b = tl.where(col_ok[None, :], logits_b, float("-inf"))
-            new_max_b = tl.maximum(max_b, tl.max(row_b, axis=1))
-            rescale = tl.exp2(max_b - new_max_b)
-            weights = tl.exp2(row_b - new_max_b[:, None])
-            sum_b = sum_b * rescale + tl.sum(weights, axis=1)
-            w_a = w_a * rescale + tl.sum(weights * logits_a, axis=1)
-            w_b = w_b * rescale + tl.sum(weights * logits_b, axis=1)
-            max_b = new_max_b
-            if COLUMNS:
-                col_b = tl.where(row_ok[:, None], logits_b, float("-inf"))
-                tile_max_b = tl.max(col_b, axis=0)
-                col_weights = tl.exp2(col_b - tile_max_b[None, :])
-                shift_b = tl.load(col_shift_ptr + n + cols, mask=col_ok, other=0.0)
-                factor_b = tl.exp2((tile_max_b - shift_b).to(tl.float64))
-                tl.atomic_add(
-                    col_acc_ptr + n + cols,
-                    tl.sum(col_weights, axis=0).to(tl.float64) * factor_b,
-                    mask=col_ok,
-                )
-                tl.atomic_add(
-                    col_acc_ptr + 2 * n + cols,
-                    tl.sum(col_weights * logits_a, axis=0).to(tl.float64) * factor_b,
-                    mask=col_ok,
-                )
-                tl.atomic_add(
-                    col_acc_ptr + 3 * n + cols,
-                    tl.sum(col_weights * logits_b, axis=0).to(tl.float64) * factor_b,
-                    mask=col_ok,
-                )
+        if NUM_TEACHERS > 1:
+            max_b1, sum_b1, w_a1, _ = _teacher_stats_step(
+                xt1_ptr, yt1_ptr, b2_1, logits_a, row_start, start, m, n, d_t1,
+                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+                max_b1, sum_b1, w_a1, w_a1, col_shift_ptr, col_acc_ptr,
+                1, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+        if NUM_TEACHERS > 2:
+            max_b2, sum_b2, w_a2, _ = _teacher_stats_step(
+                xt2_ptr, yt2_ptr, b2_2, logits_a, row_start, start, m, n, d_t2,
+                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+                max_b2, sum_b2, w_a2, w_a2, col_shift_ptr, col_acc_ptr,
+                2, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+        if NUM_TEACHERS > 3:
+            max_b3, sum_b3, w_a3, _ = _teacher_stats_step(
+                xt3_ptr, yt3_ptr, b2_3, logits_a, row_start, start, m, n, d_t3,
+                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+                max_b3, sum_b3, w_a3, w_a3, col_shift_ptr, col_acc_ptr,
+                3, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
     ln2 = 0.6931471805599453
     tl.store(row_out_ptr + rows, (max_a + tl.log2(sum_a)) * ln2, mask=row_ok)
     tl.store(row_out_ptr + m + rows, target_a * ln2, mask=row_ok)
-    if TEACHER:
-        tl.store(row_out_ptr + 2 * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
-        tl.store(row_out_ptr + 3 * m + rows, w_a / sum_b * ln2, mask=row_ok)
-        tl.store(row_out_ptr + 4 * m + rows, w_b / sum_b * ln2, mask=row_ok)
+    if NUM_TEACHERS > 0:
+        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b0, sum_b0, w_a0, 0, NUM_TEACHERS)
+    if NUM_TEACHERS == 1:
+        tl.store(row_out_ptr + 4 * m + rows, w_b0 / sum_b0 * ln2, mask=row_ok)
+    if NUM_TEACHERS > 1:
+        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b1, sum_b1, w_a1, 1, NUM_TEACHERS)
+    if NUM_TEACHERS > 2:
+        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b2, sum_b2, w_a2, 2, NUM_TEACHERS)
+    if NUM_TEACHERS > 3:
+        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b3, sum_b3, w_a3, 3, NUM_TEACHERS)
+
+
+@triton.jit
+def _teacher_softmax_tiles(
+    xt_ptr, yt_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+    block_row, col_start, row_end, m, n, dim,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    INDEX: tl.constexpr, COLUMNS: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Teacher INDEX's row softmax tile P_k and, with COLUMNS, its column softmax tile P'_k
+    (else P_k again), from the log-sum-exps in row / column 1 + INDEX of the lse buffers."""
+    log2e = 1.4426950408889634
+    rows = block_row + tl.arange(0, BLOCK_M)
+    cols = col_start + tl.arange(0, BLOCK_N)
+    logits_b = _dot_tile(
+        xt_ptr, yt_ptr, block_row, col_start, row_end, n, dim,
+        stride_xm, stride_xd, stride_ym, stride_yd,
+        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+    ) * (tl.load(teacher_scale_ptr + INDEX).to(tl.float32) * log2e)  # fmt: skip
+    lse_b = tl.load(row_lse_ptr + (1 + INDEX) * m + rows, mask=rows < row_end, other=0.0)
+    probs = tl.exp2(logits_b - lse_b[:, None] * log2e)
+    col_probs = probs
+    if COLUMNS:
+        col_lse_b = tl.load(col_lse_ptr + (1 + INDEX) * n + cols, mask=cols < n, other=0.0)
+        col_probs = tl.exp2(logits_b - col_lse_b[None, :] * log2e)
+    return probs, col_probs
 
 
 @triton.jit
 def _affinity_grad_logits_kernel(
-    x_ptr, y_ptr, xt_ptr, yt_ptr, scale_ptr, teacher_scale_ptr,
-    row_lse_ptr,  # [2, m] fp32: lse of A and B per row
-    col_lse_ptr,  # [2, N] fp32: lse of A and B per column (COLUMNS only)
-    coeff_ptr,  # [5] fp32: row Q, row P, column Q, column P, one-hot coefficients
+    x_ptr, y_ptr, scale_ptr,
+    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_scale_ptr,  # [K] fp32
+    row_lse_ptr,  # [1 + K, m] fp32: lse of A and of each B_k per row
+    col_lse_ptr,  # [1 + K, N] fp32: lse of A and of each B_k per column (COLUMNS only)
+    coeff_ptr,  # [5] fp32: row Q, row P_k, column Q, column P_k, one-hot coefficients
     grad_ptr,  # [chunk, N] contiguous, features' dtype: a dL/dA of rows row_start + [0, chunk)
     dscale_ptr,  # [programs] fp32: per-program sum(dA * X Y^T)
-    m, n, d_s, d_t, label_offset, row_start, chunk,
+    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset, row_start, chunk,
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_xtm, stride_xtd, stride_ytm, stride_ytd,
-    TEACHER: tl.constexpr, COLUMNS: tl.constexpr,
+    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -217,17 +353,49 @@ def _affinity_grad_logits_kernel(
     if COLUMNS:
         col_lse_a = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * log2e
         grad += tl.load(coeff_ptr + 2) * tl.exp2(logits_a - col_lse_a[None, :])
-    if TEACHER:
-        logits_b = _dot_tile(
-            xt_ptr, yt_ptr, block_row, col_start, row_end, n, d_t,
-            stride_xtm, stride_xtd, stride_ytm, stride_ytd,
-            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
-        ) * (tl.load(teacher_scale_ptr).to(tl.float32) * log2e)  # fmt: skip
-        lse_b = tl.load(row_lse_ptr + m + rows, mask=row_ok, other=0.0) * log2e
-        grad -= tl.load(coeff_ptr + 1) * tl.exp2(logits_b - lse_b[:, None])
+    # The teachers' coefficients carry the 1 / K of their mean.
+    if NUM_TEACHERS > 0:
+        coeff_p = tl.load(coeff_ptr + 1)
+        coeff_col_p = tl.load(coeff_ptr + 3)
+        probs, col_probs = _teacher_softmax_tiles(
+            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+            block_row, col_start, row_end, m, n, d_t0,
+            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        grad -= coeff_p * probs
         if COLUMNS:
-            col_lse_b = tl.load(col_lse_ptr + n + cols, mask=col_ok, other=0.0) * log2e
-            grad -= tl.load(coeff_ptr + 3) * tl.exp2(logits_b - col_lse_b[None, :])
+            grad -= coeff_col_p * col_probs
+    if NUM_TEACHERS > 1:
+        probs, col_probs = _teacher_softmax_tiles(
+            xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+            block_row, col_start, row_end, m, n, d_t1,
+            stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+            1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        grad -= coeff_p * probs
+        if COLUMNS:
+            grad -= coeff_col_p * col_probs
+    if NUM_TEACHERS > 2:
+        probs, col_probs = _teacher_softmax_tiles(
+            xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+            block_row, col_start, row_end, m, n, d_t2,
+            stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+            2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        grad -= coeff_p * probs
+        if COLUMNS:
+            grad -= coeff_col_p * col_probs
+    if NUM_TEACHERS > 3:
+        probs, col_probs = _teacher_softmax_tiles(
+            xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+            block_row, col_start, row_end, m, n, d_t3,
+            stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+            3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        grad -= coeff_p * probs
+        if COLUMNS:
+            grad -= coeff_col_p * col_probs
     label = rows + label_offset
     grad -= tl.where(cols[None, :] == label[:, None], tl.load(coeff_ptr + 4), 0.0)
     ok = row_ok[:, None] & col_ok[None, :]
@@ -242,47 +410,146 @@ def _affinity_grad_logits_kernel(
     )
 
 
-def _autotuned(kernel, shapes: tuple, reset: list[str]):
+@triton.jit
+def _xlogx(p):
+    """p ln p with 0 ln 0 = 0."""
+    return tl.where(p > 0, p * tl.log2(p) * 0.6931471805599453, 0.0)
+
+
+@triton.jit
+def _mixture_entropy_kernel(
+    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_scale_ptr,  # [K] fp32
+    row_lse_ptr,  # [1 + K, m] fp32: row 0 unused, then lse of each B_k per row
+    col_lse_ptr,  # [1 + K, N] fp32: the same per column (COLUMNS only)
+    partial_ptr,  # [programs, 2] fp32: per-program sum P ln P of the rows and of the columns
+    m, n, d_t0, d_t1, d_t2, d_t3,
+    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    block_row = pid_m * BLOCK_M
+    row_ok = block_row + tl.arange(0, BLOCK_M) < m
+    row_sum = 0.0
+    col_sum = 0.0
+    column_programs = tl.num_programs(1)
+    for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_N) - pid_n, column_programs)):
+        col_start = (pid_n + step * column_programs) * BLOCK_N
+        ok = row_ok[:, None] & (col_start + tl.arange(0, BLOCK_N) < n)[None, :]
+        mix, col_mix = _teacher_softmax_tiles(
+            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+            block_row, col_start, m, m, n, d_t0,
+            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
+            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        if NUM_TEACHERS > 1:
+            probs, col_probs = _teacher_softmax_tiles(
+                xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+                block_row, col_start, m, m, n, d_t1,
+                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+                1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+            mix += probs
+            col_mix += col_probs
+        if NUM_TEACHERS > 2:
+            probs, col_probs = _teacher_softmax_tiles(
+                xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+                block_row, col_start, m, m, n, d_t2,
+                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
+                2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+            mix += probs
+            col_mix += col_probs
+        if NUM_TEACHERS > 3:
+            probs, col_probs = _teacher_softmax_tiles(
+                xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
+                block_row, col_start, m, m, n, d_t3,
+                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+                3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+            mix += probs
+            col_mix += col_probs
+        mix = mix * (1.0 / NUM_TEACHERS)
+        row_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(mix), 0.0), axis=1), axis=0)
+        if COLUMNS:
+            col_mix = col_mix * (1.0 / NUM_TEACHERS)
+            col_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(col_mix), 0.0), axis=1), axis=0)
+    slot = partial_ptr + (pid_m * column_programs + pid_n) * 2
+    tl.store(slot, row_sum)
+    tl.store(slot + 1, col_sum)
+
+
+def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
     """CUDA autotuning over (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) candidates."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
         for bm, bn, bd, w, s in shapes
     ]
-    return triton.autotune(configs, key=["m", "n", "d_s", "d_t"], reset_to_zero=reset)(kernel)
+    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel)
 
 
 # Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
 # static report bench/sm90_report.py, teacher and column terms on; tests/kernels holds it
-# to that for bf16/fp16). The forward keeps many [BLOCK_M, BLOCK_N] tiles alive, hence 8
-# warps. fp32 features take 3xTF32 dots (each operand split in a high and a low part, three
-# MMAs per product), which need about twice the registers of a bf16 tile: larger fp32 tiles
-# spill 28-760 B, so fp32 gets smaller BLOCK_D / BLOCK_N candidates of its own.
+# to that for bf16/fp16/fp32), per dtype class and teacher count class ("one" is K <= 1).
+# The forward keeps many [BLOCK_M, BLOCK_N] tiles alive, hence 8 warps. fp32 features take
+# 3xTF32 dots (each operand split in a high and a low part, three MMAs per product), which
+# need about twice the registers of a bf16 tile: larger fp32 tiles spill 28-760 B, so fp32
+# gets smaller BLOCK_D / BLOCK_N candidates of its own.
 _STATS_SHAPES = {
-    "half": ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
-    "fp32": ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
+    ("half", "one"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
+    ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
+    ("half", "many"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
+    ("fp32", "many"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
 }
 _GRAD_SHAPES = {
-    "half": ((64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
-    "fp32": ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
+    ("half", "one"): (
+        (64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
+    ),
+    ("fp32", "one"): ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
+    ("half", "many"): (
+        (64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
+    ),
+    ("fp32", "many"): ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
+}  # fmt: skip
+# The entropy pass of an ensemble's KL (K >= 2 only).
+_ENTROPY_SHAPES = {
+    "half": ((64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
+    "fp32": ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
 }
+_KEY = ["m", "n", "d_t0", "d_t1", "d_t2", "d_t3"]
 
 
 def _shape_class(features: torch.Tensor) -> str:
     return "fp32" if features.dtype == torch.float32 else "half"
 
 
+def _teacher_class(num_teachers: int) -> str:
+    return "one" if num_teachers <= 1 else "many"
+
+
 if INTERPRETING:
     _STATS_KERNELS = dict.fromkeys(_STATS_SHAPES, _affinity_stats_kernel)
     _GRAD_KERNELS = dict.fromkeys(_GRAD_SHAPES, _affinity_grad_logits_kernel)
+    _ENTROPY_KERNELS = dict.fromkeys(_ENTROPY_SHAPES, _mixture_entropy_kernel)
     _SMALLEST_BLOCK = _INTERPRETER_BLOCKS["BLOCK_M"]
 else:
     _STATS_KERNELS = {
-        kind: _autotuned(_affinity_stats_kernel, shapes, ["col_acc_ptr"])
+        kind: _autotuned(_affinity_stats_kernel, shapes, ["d_s", *_KEY], ["col_acc_ptr"])
         for kind, shapes in _STATS_SHAPES.items()
     }
     _GRAD_KERNELS = {
-        kind: _autotuned(_affinity_grad_logits_kernel, shapes, ["dscale_ptr"])
+        kind: _autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *_KEY], ["dscale_ptr"])
         for kind, shapes in _GRAD_SHAPES.items()
+    }
+    _ENTROPY_KERNELS = {
+        kind: _autotuned(_mixture_entropy_kernel, shapes, _KEY, ["partial_ptr"])
+        for kind, shapes in _ENTROPY_SHAPES.items()
     }
     _SMALLEST_BLOCK = 64
 
@@ -291,12 +558,12 @@ def _block_args() -> dict:
     return dict(_INTERPRETER_BLOCKS) if INTERPRETING else {}
 
 
-def _common_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """All features in one dtype (one tl.dot flavour): their shared fp32/half type, else fp32."""
-    dtypes = {t.dtype for t in tensors if t is not None}
+    dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1 and torch.float64 not in dtypes:
         return list(tensors)
-    return [t.float() if t is not None else None for t in tensors]
+    return [t.float() for t in tensors]
 
 
 def _dot_flags(features: torch.Tensor) -> dict:
@@ -309,26 +576,48 @@ def _dot_flags(features: torch.Tensor) -> dict:
     }
 
 
-def _scalar(scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if scale is None:
-        return torch.ones(1, dtype=torch.float32, device=like.device)
+def _scalar(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.detach().reshape(1).to(device=like.device, dtype=torch.float32)
 
 
-def _strides(*tensors: torch.Tensor | None) -> list[int]:
-    out: list[int] = []
-    for tensor in tensors:
-        out += list(tensor.stride()) if tensor is not None else [0, 0]
-    return out
+def _teacher_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """[K] fp32 scales on the features' device; a [1] placeholder without teachers."""
+    if scales is None:
+        return torch.ones(1, dtype=torch.float32, device=like.device)
+    return scales.detach().reshape(-1).to(device=like.device, dtype=torch.float32).contiguous()
 
 
-def _column_shifts(rows, cols, scale, teacher_rows, teacher_cols, teacher_scale):
-    """[2, N] log2-unit upper bounds |a| ||Y_j|| max_i ||X_i|| of each column's logits."""
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for tensor in tensors for s in tensor.stride()]
+
+
+class _Operands:
+    """The student pair and up to MAX_TEACHERS teacher pairs as one dot flavour, with the
+    kernels' padded teacher arguments: absent teachers repeat the student (never read),
+    dim 0."""
+
+    def __init__(self, rows, cols, teachers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if len(teachers) > MAX_TEACHERS:
+            raise ValueError(f"at most {MAX_TEACHERS} teachers, got {len(teachers)}")
+        flat = _common_dtype(rows, cols, *(t for pair in teachers for t in pair))
+        self.rows, self.cols = flat[:2]
+        self.teachers = [(flat[2 + 2 * k], flat[3 + 2 * k]) for k in range(len(teachers))]
+        self.num_teachers = len(teachers)
+        padded = self.teachers + [(self.rows, self.cols)] * (MAX_TEACHERS - len(teachers))
+        self.pointers = [t for pair in padded for t in pair]
+        self.dims = [pair[0].shape[1] if k < len(teachers) else 0 for k, pair in enumerate(padded)]
+        self.strides = _strides(*self.pointers)
+        self.kernel_class = (_shape_class(self.rows), _teacher_class(len(teachers)))
+
+
+def _column_shifts(rows, cols, scale, teachers, teacher_scales) -> torch.Tensor:
+    """[1 + K, N] log2-unit upper bounds |a| ||Y_j|| max_i ||X_i|| of each column's logits."""
     norms = lambda t: torch.linalg.vector_norm(t, dim=1, dtype=torch.float32)
-    shifts = torch.zeros(2, cols.shape[0], dtype=torch.float32, device=cols.device)
+    shifts = torch.empty(1 + len(teachers), cols.shape[0], dtype=torch.float32, device=cols.device)
     shifts[0] = norms(cols) * norms(rows).max() * scale.abs() * LOG2E
-    if teacher_rows is not None:
-        shifts[1] = norms(teacher_cols) * norms(teacher_rows).max() * teacher_scale.abs() * LOG2E
+    for k, (teacher_rows, teacher_cols) in enumerate(teachers):
+        bound = norms(teacher_cols) * norms(teacher_rows).max() * teacher_scales[k].abs()
+        shifts[1 + k] = bound * LOG2E
     return shifts
 
 
@@ -336,80 +625,120 @@ def affinity_stats_forward(
     rows: torch.Tensor,
     cols: torch.Tensor,
     scale: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_cols: torch.Tensor | None,
-    teacher_scale: torch.Tensor | None,
+    teachers: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher_scales: torch.Tensor | None,
     *,
     column_stats: bool,
     label_offset: int = 0,
 ) -> tuple[tuple, tuple | None]:
     """Per-row (and, if ``column_stats``, per-column) softmax statistics, fp32.
 
-    Returns ``(lse_a, target_a, lse_b, p_dot_a, p_dot_b)`` for the rows and, for the square
-    problem, the same for the columns (target = the diagonal); teacher entries are None
-    without a teacher. lse = log-sum-exp, p_dot_a = sum_j softmax(B)_ij A_ij.
+    ``teachers`` = [(teacher_rows_k, teacher_cols_k)] for K = 0..4, ``teacher_scales`` their
+    [K] scales. Returns ``(lse_a, target_a, lse_b, p_dot_a, p_dot_b)`` for the rows and, for
+    the square problem, the same for the columns (target = the diagonal): lse = log-sum-exp,
+    lse_b and p_dot_a [K, r] per teacher with p_dot_a_k = sum_j softmax(B_k)_ij A_ij, and
+    p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher (None otherwise, and teacher
+    entries None without teachers).
     """
     m, n = rows.shape[0], cols.shape[0]
-    teacher = teacher_rows is not None
-    rows, cols, teacher_rows, teacher_cols = _common_dtype(rows, cols, teacher_rows, teacher_cols)
-    a, b = _scalar(scale, rows), _scalar(teacher_scale, rows)
-    row_out = torch.empty(5, m, dtype=torch.float32, device=rows.device)
+    ops = _Operands(rows, cols, teachers)
+    k = ops.num_teachers
+    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
+    row_out = torch.empty(2 + 2 * k + (k == 1), m, dtype=torch.float32, device=rows.device)
     if column_stats:
-        shifts = _column_shifts(rows, cols, a, teacher_rows, teacher_cols, b)
-        col_acc = torch.zeros(4, n, dtype=torch.float64, device=rows.device)
+        shifts = _column_shifts(ops.rows, ops.cols, a, ops.teachers, b)
+        col_acc = torch.zeros(1 + 2 * k + (k == 1), n, dtype=torch.float64, device=rows.device)
     else:
         shifts = col_acc = row_out  # never read: COLUMNS is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _STATS_KERNELS[_shape_class(rows)][grid](
-        rows, cols, teacher_rows if teacher else rows, teacher_cols if teacher else cols, a, b,
-        row_out, shifts, col_acc,
-        m, n, rows.shape[1], teacher_rows.shape[1] if teacher else 0, label_offset,
-        *_strides(rows, cols, teacher_rows, teacher_cols),
-        TEACHER=teacher, COLUMNS=column_stats, **_dot_flags(rows), **_block_args(),
+    _STATS_KERNELS[ops.kernel_class][grid](
+        ops.rows, ops.cols, a, *ops.pointers, b, row_out, shifts, col_acc,
+        m, n, ops.rows.shape[1], *ops.dims, label_offset,
+        *_strides(ops.rows, ops.cols), *ops.strides,
+        NUM_TEACHERS=k, COLUMNS=column_stats, **_dot_flags(ops.rows), **_block_args(),
     )  # fmt: skip
-    row = _unpack(row_out, teacher)
+    row = _unpack(row_out, k)
     if not column_stats:
         return row, None
-    lse_a = ((shifts[0].double() + torch.log2(col_acc[0])) * LN2).float()
-    col = [lse_a, row[1], None, None, None]
+    log_sum = lambda shift, acc: ((shift.double() + torch.log2(acc)) * LN2).float()
+    col = [log_sum(shifts[0], col_acc[0]), row[1], None, None, None]
     underflow = col_acc[0] < _UNDERFLOW
-    if teacher:
-        col[2] = ((shifts[1].double() + torch.log2(col_acc[1])) * LN2).float()
-        col[3] = (col_acc[2] / col_acc[1] * LN2).float()
-        col[4] = (col_acc[3] / col_acc[1] * LN2).float()
-        underflow |= col_acc[1] < _UNDERFLOW
+    if k > 0:
+        sums = col_acc[1 : 1 + 2 * k : 2]
+        col[2] = log_sum(shifts[1:], sums)
+        col[3] = (col_acc[2 : 2 + 2 * k : 2] / sums * LN2).float()
+        if k == 1:
+            col[4] = (col_acc[3] / col_acc[1] * LN2).float()
+        underflow |= (sums < _UNDERFLOW).any(dim=0)
     bad = underflow.nonzero().squeeze(1)
     if bad.numel() > 0:
-        _exact_column_stats(col, bad, rows, cols, a, teacher_rows, teacher_cols, b)
+        _exact_column_stats(col, bad, ops.rows, ops.cols, a, ops.teachers, b)
     return row, tuple(col)
 
 
-def _unpack(row_out: torch.Tensor, teacher: bool) -> tuple:
-    lse_a, target_a, lse_b, p_dot_a, p_dot_b = row_out.unbind()
-    if not teacher:
+def _unpack(row_out: torch.Tensor, num_teachers: int) -> tuple:
+    """(lse_a, target_a, lse_b [K, m], p_dot_a [K, m], p_dot_b) views of the row output."""
+    k = num_teachers
+    lse_a, target_a = row_out[0], row_out[1]
+    if k == 0:
         return lse_a, target_a, None, None, None
-    return lse_a, target_a, lse_b, p_dot_a, p_dot_b
+    p_dot_b = row_out[4] if k == 1 else None
+    return lse_a, target_a, row_out[2 : 2 + k], row_out[2 + k : 2 + 2 * k], p_dot_b
 
 
-def _exact_column_stats(col, bad, rows, cols, a, teacher_rows, teacher_cols, b) -> None:
+def _exact_column_stats(col, bad, rows, cols, a, teachers, b) -> None:
     """Overwrite the statistics of the columns ``bad`` by the row kernel on the transpose."""
-    teacher = teacher_rows is not None
+    transposed = [(teacher_cols[bad], teacher_rows) for teacher_rows, teacher_cols in teachers]
     exact, _ = affinity_stats_forward(
-        cols[bad], rows, a, teacher_cols[bad] if teacher else None, teacher_rows,
-        b if teacher else None, column_stats=False,
-    )  # fmt: skip
-    for index in (0, 2, 3, 4):
+        cols[bad], rows, a, transposed, b if teachers else None, column_stats=False
+    )
+    col[0][bad] = exact[0]
+    for index in (2, 3):
         if col[index] is not None:
-            col[index][bad] = exact[index]
+            col[index][:, bad] = exact[index]
+    if col[4] is not None:
+        col[4][bad] = exact[4]
+
+
+def mixture_entropy(
+    teachers: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher_scales: torch.Tensor,
+    row_lse_b: torch.Tensor,
+    col_lse_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sum_ij Pbar_ij ln Pbar_ij with Pbar = mean_k softmax_row(B_k) (fp64 0-d), and with
+    ``col_lse_b`` the same for the column softmaxes: an exact pass over the teacher tiles
+    given their [K, m] row (and [K, N] column) log-sum-exps. K >= 2 (one teacher's entropy
+    is lse_b - p_dot_b per row)."""
+    teacher_rows, teacher_cols = teachers[0]
+    m, n = teacher_rows.shape[0], teacher_cols.shape[0]
+    device = teacher_rows.device
+    ops = _Operands(teacher_rows, teacher_cols, teachers)
+    b = _teacher_scales(teacher_scales, teacher_rows)
+    columns = col_lse_b is not None
+    # Row 0 of the lse buffers is the student's in the other kernels; unused here.
+    row_lse = torch.cat([row_lse_b[:1], row_lse_b]).float().contiguous()
+    col_lse = torch.cat([col_lse_b[:1], col_lse_b]).float().contiguous() if columns else row_lse
+    programs = triton.cdiv(m, _SMALLEST_BLOCK) * _COLUMN_PROGRAMS
+    partials = torch.zeros(programs, 2, dtype=torch.float32, device=device)
+    grid = lambda meta: (
+        triton.cdiv(m, meta["BLOCK_M"]),
+        min(triton.cdiv(n, meta["BLOCK_N"]), _COLUMN_PROGRAMS),
+    )
+    _ENTROPY_KERNELS[_shape_class(ops.rows)][grid](
+        *ops.pointers, b, row_lse, col_lse, partials, m, n, *ops.dims, *ops.strides,
+        NUM_TEACHERS=ops.num_teachers, COLUMNS=columns, **_dot_flags(ops.rows), **_block_args(),
+    )  # fmt: skip
+    sums = partials.sum(dim=0, dtype=torch.float64)
+    return sums[0], (sums[1] if columns else None)
 
 
 def affinity_grad_backward(
     rows: torch.Tensor,
     cols: torch.Tensor,
     scale: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_cols: torch.Tensor | None,
-    teacher_scale: torch.Tensor | None,
+    teachers: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher_scales: torch.Tensor | None,
     row_lse_a: torch.Tensor,
     row_lse_b: torch.Tensor | None,
     col_lse_a: torch.Tensor | None,
@@ -420,23 +749,26 @@ def affinity_grad_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/drows, dL/dcols, dL/dscale) for dA = the coefficient mix of Q, P, Q', P'.
 
-    coeffs = (cq, cp, cq', cp', c1): dA = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q, P
-    the row softmaxes of A, B and Q', P' the column ones; drows = a dA cols, dcols = a dA^T
-    rows, dscale = sum(dA * rows cols^T).
+    coeffs = (cq, cp, cq', cp', c1): dA = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q
+    the row softmax of A, P = mean_k softmax_row(B_k) the teachers' mean, Q', P' the column
+    ones; row_lse_b / col_lse_b are [K, m] / [K, N]. drows = a dA cols, dcols = a dA^T rows,
+    dscale = sum(dA * rows cols^T).
     """
     m, n = rows.shape[0], cols.shape[0]
-    teacher = teacher_rows is not None
+    ops = _Operands(rows, cols, teachers)
+    k = ops.num_teachers
     columns = col_lse_a is not None
-    rows, cols, teacher_rows, teacher_cols = _common_dtype(rows, cols, teacher_rows, teacher_cols)
-    a, b = _scalar(scale, rows), _scalar(teacher_scale, rows)
+    rows, cols = ops.rows, ops.cols
+    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
     device = rows.device
-    row_lse = torch.stack([row_lse_a, row_lse_b if teacher else row_lse_a]).float()
-    col_lse = (
-        torch.stack([col_lse_a, col_lse_b if teacher else col_lse_a]).float()
-        if columns
-        else row_lse
-    )
-    coeffs = coeffs.float().contiguous()
+    row_lse = torch.cat([row_lse_a[None], row_lse_b]) if k else row_lse_a[None]
+    row_lse = row_lse.float().contiguous()
+    col_lse = row_lse
+    if columns:
+        col_lse = torch.cat([col_lse_a[None], col_lse_b]) if k else col_lse_a[None]
+        col_lse = col_lse.float().contiguous()
+    # The mean over the teachers goes into their coefficients.
+    coeffs = coeffs.float() * torch.tensor([1, 1 / max(k, 1), 1, 1 / max(k, 1), 1], device=device)
     # dA in the features' dtype (fp32 features keep fp32): the two products below run in
     # cuBLAS at the full tensor-core rate, accumulating in fp32, as in flash attention.
     chunk = _grad_chunk_rows(m, n, rows.element_size())
@@ -451,13 +783,11 @@ def affinity_grad_backward(
             triton.cdiv(size, meta["BLOCK_M"]),
             triton.cdiv(n, meta["BLOCK_N"]),
         )
-        _GRAD_KERNELS[_shape_class(rows)][grid](
-            rows, cols, teacher_rows if teacher else rows, teacher_cols if teacher else cols,
-            a, b, row_lse, col_lse, coeffs, grad, dscale[index],
-            m, n, rows.shape[1], teacher_rows.shape[1] if teacher else 0, label_offset,
-            start, size,
-            *_strides(rows, cols, teacher_rows, teacher_cols),
-            TEACHER=teacher, COLUMNS=columns, **_dot_flags(rows), **_block_args(),
+        _GRAD_KERNELS[ops.kernel_class][grid](
+            rows, cols, a, *ops.pointers, b, row_lse, col_lse, coeffs, grad, dscale[index],
+            m, n, rows.shape[1], *ops.dims, label_offset, start, size,
+            *_strides(rows, cols), *ops.strides,
+            NUM_TEACHERS=k, COLUMNS=columns, **_dot_flags(rows), **_block_args(),
         )  # fmt: skip
         torch.matmul(grad[:size], cols, out=dx[start : start + size])
         part = grad[:size].T @ rows[start : start + size]

@@ -8,9 +8,13 @@ import json
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tinyclip_fast.data.datacompdr import datacompdr_recipe
+from tinyclip_fast.data.reinforced import TeacherInfo
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.train.config import DataConfig, DistillConfig, OptimConfig
 from tinyclip_fast.train.engine import distill
@@ -26,6 +30,50 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return float("inf")
     denom = expected.norm().clamp_min(1e-30)
     return float((actual - expected).norm() / denom)
+
+
+def ensemble_reference(x, y, scale, teachers, kind="soft_ce", square=True, label_offset=0):
+    """Float64 (distill, contrastive) with the target P = mean_k softmax(B_k) per direction."""
+    A = scale * x @ y.T
+    logits = [b * xt @ yt.T for xt, yt, b in teachers]
+    labels = torch.arange(x.shape[0]) + label_offset
+
+    def direction(A, logits):
+        log_q = A.log_softmax(dim=1)
+        p = torch.stack([B.softmax(dim=1) for B in logits]).mean(dim=0)
+        distill = -(p * log_q).sum(dim=1)
+        if kind == "kl":
+            distill = distill + torch.special.xlogy(p, p).sum(dim=1)
+        return distill.mean(), -log_q[torch.arange(A.shape[0]), labels].mean()
+
+    row = direction(A, logits)
+    if not square:
+        return row
+    col = direction(A.T, [B.T for B in logits])
+    return (row[0] + col[0]) / 2, (row[1] + col[1]) / 2
+
+
+def sigmoid_reference(x, y, scale, bias, teachers, contrastive_weight=0.0):
+    """Float64 (1 - w) L_d + w L_c of the sigmoid family: A = a x y^T + c, p the mean over
+    teachers (xt, yt, b, c_t) of s(b xt yt^T + c_t), L_d the per-pair binary cross-entropy of
+    s(A) against p, L_c SigLIP's -log s(z A) (z = +1 on the diagonal, else -1); both / n."""
+    x, y = x.double(), y.double()
+    f64 = torch.float64
+    A = torch.as_tensor(scale, dtype=f64) * x @ y.T + torch.as_tensor(bias, dtype=f64)
+    p = torch.stack(
+        [
+            torch.sigmoid(float(b) * xt.double() @ yt.double().T + float(c))
+            for xt, yt, b, c in teachers
+        ]
+    ).mean(dim=0)
+    n = x.shape[0]
+    distill = -(
+        p * torch.nn.functional.logsigmoid(A) + (1 - p) * torch.nn.functional.logsigmoid(-A)
+    )
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    contrastive = -torch.nn.functional.logsigmoid(z * A)
+    w = contrastive_weight
+    return (1 - w) * distill.sum() / n + w * contrastive.sum() / n
 
 
 TEXT = {"context_length": 16, "vocab_size": 1000}
@@ -166,8 +214,6 @@ def encode_image(image, fmt: str = "PNG") -> bytes:
 def write_image_shards(folder, num_shards: int, per_shard: int, seed: int = 0, synthetic=2):
     """Tar shards ``folder/{00000..}.tar`` of PNG images, a ``txt`` caption each and
     ``synthetic`` captions in ``syn.json``; returns their paths."""
-    import webdataset as wds
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard in range(num_shards):
@@ -186,3 +232,82 @@ def write_image_shards(folder, num_shards: int, per_shard: int, seed: int = 0, s
                 sink.write(sample)
         paths.append(path)
     return paths
+
+
+# ---- DataCompDR: shards in Apple's layout ------------------------------------------------
+
+# MobileCLIP's RandAugment op ids (training/dr/transforms.py, RandAugment.op_names).
+MOBILECLIP_OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+DIMS = (8, 6)  # two teachers, as DataCompDR's 768 + 768
+K, SYNTHETIC = 4, 3
+TEACHERS = [TeacherInfo("t0", 8, None, 0.0), TeacherInfo("t1", 6, None, 0.0)]
+
+
+def unit_rows(rows, generator):
+    """``rows`` embeddings of the two teachers DIMS, each part unit-norm."""
+    parts = torch.randn(rows, sum(DIMS), generator=generator).split(DIMS, dim=-1)
+    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
+
+def compressed_params(image, generator):
+    """K augmentations in DataCompDR's compressed form: [[t, l, h, w], [[op id, mag], ...]]."""
+    draws = []
+    for k in range(K):
+        drawn = datacompdr_recipe(224).sample(image.height, image.width, generator)
+        ops = [[MOBILECLIP_OPS.index(name), mag] for name, mag in drawn["rand_augment"]]
+        draws.append([drawn["crop"], None if k == 1 else ops])  # k = 1: RandAugment skipped
+    return draws
+
+
+def write_datacompdr_shards(folder):
+    """Two shards: float32 npz embeddings with real captions, then bf16 pth.gz without."""
+    generator = torch.Generator().manual_seed(0)
+    stored = {}
+    for shard in range(2):
+        with wds.TarWriter(str(folder / f"{shard:08d}.tar")) as sink:
+            for i in range(3):
+                uid = f"{shard}{i:031x}"
+                image = random_image(100 + 3 * shard + i)
+                jpeg = encode_image(image, "JPEG")
+                params = compressed_params(Image.open(io.BytesIO(jpeg)), generator)
+                synthetic = [f"synthetic {j} of {uid[-3:]}" for j in range(SYNTHETIC)]
+                image_emb = unit_rows(K, generator)
+                text_emb = unit_rows(1 + SYNTHETIC, generator)  # real caption first
+                sample = {
+                    "__key__": uid,
+                    "url.txt": f"https://example.com/{uid}.jpg",
+                    "json": json.dumps({"uid": uid, "sha256": "0" * 64}),
+                    "jpg": jpeg,
+                    "syn.json": json.dumps({"syn_text": synthetic}),
+                    # The Hugging Face copy stores param_aug as a JSON string: accept both.
+                    "paug.json": json.dumps(
+                        {"param_aug": json.dumps(params) if i == 2 else params}
+                    ),
+                }
+                if shard == 0:
+                    sample["txt"] = f"real caption {uid[-3:]}"
+                    embeddings = {"image_emb": image_emb.numpy(), "text_emb": text_emb.numpy()}
+                    sample["npz"] = embeddings
+                else:
+                    image_emb, text_emb = image_emb.bfloat16(), text_emb.bfloat16()
+                    sample["pth.gz"] = {"image_emb": image_emb, "text_emb": text_emb}
+                sink.write(sample)
+                real = [sample["txt"]] if "txt" in sample else []
+                rows = text_emb if real else text_emb[1:]
+                stored[uid] = (jpeg, params, real + synthetic, image_emb, rows)
+    return stored

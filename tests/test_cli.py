@@ -17,8 +17,10 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from support import write_datacompdr_shards, write_image_shards
 
 from tinyclip_fast.cli import build_parser, config_from_args, main
+from tinyclip_fast.data.reinforced import read_header
 from tinyclip_fast.inheritance.student_io import load_student
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.train.checkpoint import load_training_state
@@ -186,6 +188,10 @@ def test_help_shows_defaults_and_every_option():
         ".csv comma, else tab", "(default: 0.0001)", "(default: 2000)", "(default: 0.02)",
         "--mask-lr", "--lagrangian-lr", "--skip-bad-samples", "--overwrite", "--version",
         "fp32 on the CPU", "--teacher-cache", "--micro-batch-size", "examples:", "torchrun",
+        "--cache-dir DIR", "--cache-augmentations K", "(default: 5)", "reinforced:PATH",
+        "datacompdr:'shards/{00000..01000}.tar'", "--cache-dtype {fp16,bf16,fp32}",
+        "--loss {softmax,sigmoid}", "(default: softmax)", "--teacher-logit-bias B|own",
+        "reads the FIRST teacher", "ensembles --teacher repeated", "timm towers",
     ):  # fmt: skip
         assert needle in text, needle
 
@@ -397,3 +403,164 @@ def test_build_teacher_cache_then_distill_from_it(files, capsys):
     assert run_main(base_args(files, "--teacher-cache", cache)) == 0
     records = metrics(files / "run")
     assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+
+
+def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherwise(files, capsys):
+    # A webdataset corpus: cache in --cache-dir, rebuilt as a no-op, trained from.
+    write_image_shards(files / "shards", num_shards=2, per_shard=3, synthetic=2)
+    cache_dir = files / "cache"
+    build = base_args(files, "--build-teacher-cache", student=False, data=False)
+    build += ["--data", f"webdataset:{files / 'shards'}/{{00000..00001}}.tar"]
+    build += ["--cache-dir", cache_dir, "--cache-augmentations", "3", "--cache-dtype", "bf16"]
+    assert run_main(build) == 0
+    assert "rank 0 of 1 built 2 shard files (6 images" in capsys.readouterr().out
+    header = read_header(cache_dir / "00001.reinforced.safetensors")
+    assert (header["num_augmentations"], header["dtype"], header["num_samples"]) == (3, "bf16", 3)
+    assert run_main(build) == 0
+    assert "built 0 shard files (0 images, 0.0 images/s), 2 were already built" in (
+        capsys.readouterr().out
+    )
+    train = ["--data", f"reinforced:{files / 'shards'}", "--cache-dir", cache_dir]
+    assert run_main(base_args(files, *train)) == 0
+    assert "no teacher forward in any step" in capsys.readouterr().out
+    records = metrics(files / "run")
+    assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+    # A CSV: cache files beside it, training through the config keys instead of the flags.
+    assert run_main(base_args(files, "--build-teacher-cache", "--cache-augmentations", "2")) == 0
+    assert (files / "train-00000.reinforced.safetensors").is_file()
+    csv = ["--data", f"reinforced:{files / 'train.tsv'}", "--set", "reinforced.caption_mode=real"]
+    assert run_main(base_args(files, *csv, "--overwrite")) == 0
+    # Built with another K, or training with another teacher: refused naming what differs.
+    capsys.readouterr()
+    path = cache_dir / "00000.reinforced.safetensors"
+    assert run_main([*build, "--cache-augmentations", "4"]) == 2
+    assert f"{path} was built with another num augmentations: 3 != 4" in capsys.readouterr().err
+    torch.manual_seed(11)
+    torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "other.pt")
+    assert (
+        run_main(base_args(files, *train, "--pretrained", files / "other.pt", "--overwrite")) == 2
+    )
+    assert f"{path} was built with another teacher: [" in capsys.readouterr().err
+    assert run_main([*build, "--set", "reinforced.augmentations=0"]) == 2
+    assert "reinforced.augmentations must be > 0, got 0" in capsys.readouterr().err
+    assert run_main([*build, "--data", "synthetic"]) == 2
+    assert "builds a reinforced cache over --data webdataset:" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert run_main(base_args(files, *train, "--overwrite")) == 2
+    assert f"reinforced cache {path} is truncated, corrupt" in capsys.readouterr().err
+
+
+def test_distill_from_datacompdr_shards(files, capsys):
+    write_datacompdr_shards(files)  # two shards of three samples, two teachers of 8 and 6 dims
+    data = f"datacompdr:{files}/{{00000000..00000001}}.tar"
+    argv = base_args(files, "--data", data, "--set", "data.options.teacher_dims=[8,6]")
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the data holds 2 teachers' embeddings (ViT-L-14/openai, " in out
+    assert "this run distils from their ensemble" in out
+    assert "no teacher forward in any step (DataCompDR's teachers" in out
+    records = metrics(files / "run")
+    assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+    # Embeddings that do not split as the teachers say are an error naming the sample.
+    argv = base_args(files, "--data", data, "--overwrite")
+    assert run_main(argv) == 2
+    assert "embeddings are 14-d, the teachers [768, 768] sum to 1536" in capsys.readouterr().err
+
+
+def test_under_torchrun_every_rank_builds_its_own_cache_shards(files):
+    write_image_shards(files / "shards", num_shards=3, per_shard=2, synthetic=0)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", "2", "-m", "tinyclip_fast"]
+    argv = base_args(files, "--build-teacher-cache", "--cache-dir", files / "cache", data=False)
+    argv += ["--data", f"webdataset:{files / 'shards'}/{{00000..00002}}.tar"]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [*torchrun, *map(str, argv)], capture_output=True, text=True, env=environment, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    # Rank 0 built shards 0 and 2, rank 1 shard 1; rank 0 alone reports.
+    assert done.stdout.count("reinforced cache (") == 1
+    assert "rank 0 of 2 built 2 shard files (4 images" in done.stdout
+    built = sorted(p.name for p in (files / "cache").iterdir())
+    assert built == [f"0000{i}.reinforced.safetensors" for i in range(3)]
+
+
+def test_teacher_flags_pair_in_order_and_config_tables(tmp_path, capsys):
+    def parse(*argv):
+        args = build_parser().parse_args([*argv, "--preset", "ViT-8M-16-Text-3M"])
+        return config_from_args(args)
+
+    def error_of(*argv):
+        assert run_main([*argv, "--preset", "ViT-8M-16-Text-3M", "--print-config"]) == 2
+        return one_error(capsys.readouterr().err)
+
+    config = parse(
+        "--teacher", "A", "--pretrained", "a.pt", "--teacher", "B", "--pretrained", "b.pt",
+        "--loss", "sigmoid", "--teacher-logit-bias", "own", "--teacher-logit-bias", "-10",
+    )  # fmt: skip
+    assert [(t.model, t.pretrained, t.logit_bias) for t in config.teachers] == [
+        ("A", "a.pt", None),
+        ("B", "b.pt", -10.0),
+    ]
+    assert config.loss.family == "sigmoid" and config.teacher.pretrained is None
+    # One teacher keeps the single spelling (and the last --pretrained wins, as before).
+    config = parse("--teacher", "A", "--pretrained", "x", "--pretrained", "a.pt")
+    assert (config.teacher.model, config.teacher.pretrained, config.teachers) == ("A", "a.pt", [])
+    # [[teachers]] tables in a config file; flags and --set edit them.
+    (tmp_path / "run.toml").write_text(
+        '[loss]\nfamily = "sigmoid"\n[[teachers]]\nmodel = "A"\npretrained = "a.pt"\n'
+        '[[teachers]]\nmodel = "B"\npretrained = "b.pt"\nlogit_bias = -10.0\n'
+    )
+    config = parse("--config", str(tmp_path / "run.toml"), "--pretrained", "x", "--pretrained",
+                   "y", "--set", "teachers.0.logit_bias=-3")  # fmt: skip
+    assert [(t.model, t.pretrained, t.logit_bias) for t in config.teachers] == [
+        ("A", "x", -3.0),
+        ("B", "y", -10.0),
+    ]
+    config = parse("--set", 'teachers=[{"model": "A"}, {"model": "B"}]', "--set",
+                   "loss.family=sigmoid", "--set", "teachers.1.logit_bias=-5")  # fmt: skip
+    assert [t.logit_bias for t in config.teachers] == [None, -5.0]
+
+    five = [arg for k in range(5) for arg in ("--teacher", f"M{k}")]
+    assert "5 --teacher given; an ensemble has at most 4" in error_of(*five)
+    two = ["--teacher", "A", "--teacher", "B"]
+    line = error_of(*two, "--pretrained", "a.pt")
+    assert "1 --pretrained for 2 teachers (A, B): give one --pretrained per --teacher" in line
+    line = error_of(*two, "--loss", "sigmoid", "--teacher-logit-bias", "-1")
+    assert "1 --teacher-logit-bias for 2 teachers" in line
+    line = error_of("--loss", "sigmoid", "--teacher-logit-bias", "minus ten")
+    assert "give a number or 'own'" in line
+    assert "logit_bias is for --loss sigmoid" in error_of("--teacher-logit-bias", "-10")
+    line = error_of("--config", str(tmp_path / "run.toml"), "--set", "teacher.pretrained=z")
+    assert "either as teacher.model/pretrained/logit_bias or as [[teachers]]" in line
+
+
+def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
+    torch.manual_seed(4)
+    torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "teacher2.pt")
+    second = ["--teacher", files / "cli-tiny-teacher.json", "--pretrained", files / "teacher2.pt"]
+    sigmoid = ["--loss", "sigmoid", "--teacher-logit-bias", "-4", "--teacher-logit-bias", "-6"]
+    cache = files / "teachers.safetensors"
+    build = base_args(files, *second, "--teacher-cache", cache, "--build-teacher-cache")
+    assert run_main(build) == 0
+    assert "wrote 8 teacher embeddings (dim 32, 32) of 2 teacher(s)" in capsys.readouterr().out
+    assert run_main(base_args(files, *second, *sigmoid, "--teacher-cache", cache)) == 0
+    records = metrics(files / "run")
+    assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+    student = load_student(files / "run" / "student")
+    assert student.logit_bias is not None and float(student.logit_bias.detach()) != -10.0
+    # The cache of two teachers refuses a run with one; a softmax teacher needs a bias.
+    assert run_main(base_args(files, "--teacher-cache", cache, "--overwrite")) == 2
+    assert "built by 2 teacher(s), this run has 1" in one_error(capsys.readouterr().err)
+    assert run_main(base_args(files, "--loss", "sigmoid", "--overwrite")) == 2
+    assert "teacher 0 (" in (line := one_error(capsys.readouterr().err))
+    assert "has no logit_bias" in line and "--teacher-logit-bias" in line
+    # A teacher that reads other inputs (64-pixel images) is refused, naming the difference.
+    bigger = {**TEACHER_CFG, "vision_cfg": {**TEACHER_CFG["vision_cfg"], "image_size": 64}}
+    (files / "cli-64px-teacher.json").write_text(json.dumps(bigger))
+    torch.save(open_clip.model.CLIP(**bigger).state_dict(), files / "teacher64.pt")
+    other = ["--teacher", files / "cli-64px-teacher.json", "--pretrained", files / "teacher64.pt"]
+    assert run_main(base_args(files, *other, "--overwrite")) == 2
+    line = one_error(capsys.readouterr().err)
+    assert "does not read the inputs of teacher 0" in line and "(32, 32) != (64, 64)" in line

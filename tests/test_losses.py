@@ -4,7 +4,7 @@ import open_clip.loss as oc_loss
 import pytest
 import torch
 import torch.nn.functional as F
-from support import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, ensemble_reference, rel_err
 
 from tinyclip_fast.losses import AffinityMimickingLoss, ClipLoss, DistillClipLoss
 from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
@@ -181,3 +181,63 @@ def test_scales_and_weights_outside_their_domain_are_errors():
             AffinityMimickingLoss(contrastive_weight=bad)
     with pytest.raises(TypeError, match="contrastive_weight must be a float"):
         AffinityMimickingLoss(contrastive_weight=True)
+
+
+def _ensemble(n, d_ts, device, scales=(70.0, 20.0, 45.0, 5.0)):
+    """Teacher lists of len(d_ts) teachers, each with its own dim and a tensor scale."""
+    images = [_features(n, d, device) for d in d_ts]
+    texts = [_features(n, d, device) for d in d_ts]
+    return images, texts, [torch.tensor(s, device=device) for s in scales[: len(d_ts)]]
+
+
+def _ensemble_reference(student, logit_scale, ensemble, kind="soft_ce"):
+    """(distill, contrastive, grads of the student and its scale) in float64."""
+    s64 = [t.detach().double().cpu().requires_grad_() for t in student]
+    scale64 = logit_scale.detach().double().cpu().requires_grad_()
+    teachers = [
+        (image.double().cpu(), text.double().cpu(), float(scale))
+        for image, text, scale in zip(*ensemble, strict=True)
+    ]
+    return ensemble_reference(*s64, scale64, teachers, kind), s64 + [scale64]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("d_ts", [(40, 16), (40, 16, 24, 8)], ids=["K2", "K4"])
+def test_distill_clip_loss_ensemble(backend, device, d_ts):
+    student, _, logit_scale, _ = _inputs(29, 24, 24, device)
+    ensemble = _ensemble(29, d_ts, device)
+    (distill, contrastive), leaves = _ensemble_reference(student, logit_scale, ensemble)
+    (0.7 * contrastive - 1.3 * distill).backward()
+    with force_backend(backend):
+        out = DistillClipLoss()(*student, logit_scale, *ensemble, output_dict=True)
+    assert rel_err(out["distill_loss"], distill) < 1e-5
+    assert rel_err(out["contrastive_loss"], contrastive) < 1e-5
+    (0.7 * out["contrastive_loss"] - 1.3 * out["distill_loss"]).backward()
+    for ours, ref in zip([*student, logit_scale], leaves, strict=True):
+        assert rel_err(ours.grad, ref.grad) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["soft_ce", "kl"])
+def test_affinity_mimicking_ensemble_module_and_function(kind):
+    student, _, logit_scale, _ = _inputs(19, 16, 16, "cpu")
+    ensemble = _ensemble(19, (24, 8), "cpu")
+    (distill, contrastive), _ = _ensemble_reference(student, logit_scale, ensemble, kind)
+    expected = 0.75 * distill + 0.25 * contrastive
+    with force_backend("torch"):
+        module = AffinityMimickingLoss(contrastive_weight=0.25, kind=kind)
+        loss = module(*student, logit_scale, *ensemble)
+        function = affinity_mimicking_loss(
+            *student, logit_scale, *ensemble, contrastive_weight=0.25, kind=kind
+        )
+    assert rel_err(loss, expected) < 1e-5 and rel_err(function, expected) < 1e-5
+
+
+def test_bad_ensembles_in_the_modules():
+    student, _, logit_scale, _ = _inputs(7, 8, 8, "cpu")
+    images, texts, scales = _ensemble(7, (8, 4), "cpu")
+    with pytest.raises(ValueError, match="same number of teachers"):
+        DistillClipLoss()(*student, logit_scale, images, texts[:1], scales)
+    # A teacher whose image and text dims differ (its text features are teacher 0's).
+    dims = r"teacher_image_features\[1\] \(7, 4\) and teacher_text_features\[1\] \(7, 8\)"
+    with pytest.raises(ValueError, match=dims):
+        AffinityMimickingLoss()(*student, logit_scale, images, [texts[0], texts[0]], scales)

@@ -21,10 +21,14 @@ from typing import Any
 
 from tinyclip_fast.train.config import (
     ATTENTIONS,
+    CACHE_DTYPE_NAMES,
+    LOSS_FAMILIES,
     LOSS_KINDS,
+    MAX_TEACHERS,
     PRECISIONS,
     DistillConfig,
     StageConfig,
+    TeacherConfig,
     apply_override,
     load_config,
 )
@@ -46,6 +50,25 @@ examples:
   # 8 GPUs: local loss + gather with grad; batch 32768 in micro-batches of 256
   torchrun --nproc_per_node 8 -m tinyclip_fast --config run.toml \\
       --batch-size 32768 --micro-batch-size 256
+  # reinforced data: the teacher once over 5 recorded augmentations of every image and every
+  # caption (one cache file beside each shard; rerun to continue; torchrun splits the shards),
+  # then train without a teacher forward, replaying the stored augmentations
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --build-teacher-cache \
+      --data webdataset:'shards/{00000..00999}.tar' --cache-augmentations 5 --cache-dtype fp16
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --sparsity 0.5 --steps 10000 \
+      --data reinforced:'shards/{00000..00999}.tar'
+  # Apple's DataCompDR shards (images merged in): their stored ViT-L/14 embeddings are the
+  # teacher targets; --teacher only gives the student its weights
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --preset ViT-40M-32-Text-19M \
+      --data datacompdr:'DataCompDR-12M/{00000000..00001023}.tar'
+  # sigmoid (SigLIP-style) distillation from a softmax CLIP teacher: its targets become
+  # s(b x.y - 10); the student learns a logit bias (open_clip's SigLIP init: -10, log 10)
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt --loss sigmoid \
+      --teacher-logit-bias -10 --preset ViT-40M-32-Text-19M --data csv:train.csv
+  # an ensemble: targets averaged over the teachers (inheritance from the FIRST teacher)
+  tinyclip-distill --teacher ViT-B-32 --pretrained ./vit_b32.pt \
+      --teacher ViT-B-16 --pretrained ./vit_b16.pt --preset ViT-40M-32-Text-19M \
+      --data csv:train.csv
   # print the resolved configuration (a template for --config) and exit
   tinyclip-distill --preset ViT-8M-16-Text-3M --print-config
 
@@ -61,9 +84,39 @@ rules:
   bad data     an unreadable image, CSV row or shard member stops the run with its name;
                --skip-bad-samples skips and logs each to bad_samples.jsonl instead, and stops
                once more than --max-bad-fraction of the samples read were bad.
-  cache        --teacher-cache holds one teacher's embeddings of one dataset, in order: a
+  cache        --teacher-cache holds the teachers' embeddings of one dataset, in order: a
                cache built on other samples, the same rows reordered or by another teacher
-               is refused, naming the first sample that differs.
+               list is refused, naming the first sample or teacher that differs.
+  reinforced   --build-teacher-cache without --teacher-cache writes <shard>.reinforced.
+               safetensors per shard (webdataset tar; CSV rows and folder images in shards of
+               --set data.options.shard_size=10000) beside the data or in --cache-dir: the
+               teacher's embeddings of K augmentations drawn by its training transform (their
+               parameters recorded) and of every caption (.txt, synthetic .syn.json). Finished
+               shards are skipped, so a rerun continues; each torchrun rank builds its own.
+               --data reinforced:PATH (the data the cache was built over; a folder of .tar
+               shards for all of them) trains from it: per sample one stored augmentation,
+               replayed, and one caption (--set reinforced.caption_mode=all|real|synthetic),
+               chosen from (seed, epoch, sample), with the stored embeddings as teacher
+               targets: the teacher never runs (it is loaded for weight inheritance and to
+               check the cache is its). A cache built with another teacher, preprocess,
+               augmentation recipe, K, dtype, seed or format is refused, naming what differs.
+               Data holding several teachers' embeddings (an ensemble cache, DataCompDR's
+               two ViT-L/14s) is distilled from as their ensemble.
+  ensembles    --teacher repeated (2..4; or [[teachers]] tables in --config), each followed
+               by its own --pretrained (one per --teacher, paired in order): the loss
+               averages the teachers' targets after softmax / after sigmoid. Weight
+               inheritance (--preset, --student-config, --sparsity) reads the FIRST teacher.
+               Every teacher scores the same images and tokens: teachers whose
+               preprocessing or tokenizer differ from the first's are refused, naming what
+               differs. Teachers run forward only, so open_clip models with timm towers
+               (SigLIP, ConvNeXt, EVA) work; students are open_clip-native.
+  sigmoid      --loss sigmoid: per pair, the binary cross-entropy of the student's
+               s(a x.y + c) against the teachers' mean probability s(b x.y + c_t) (--loss-kind
+               kl drops the teacher entropy, mobileclip is MobileCLIP's form), L_clip the
+               SigLIP loss. c_t is the teacher's own logit_bias (SigLIP models have one);
+               a softmax CLIP teacher has none: give --teacher-logit-bias. A student without
+               a bias gets one: --set loss.init_logit_bias=-10 --set loss.init_logit_scale=2.3026
+               (open_clip's SigLIP init, the defaults); checkpoints and the export keep it.
   CSV          --csv-separator defaults to the extension's: .csv comma, else tab (.tsv).
 exit status: 0 done, 1 the loss became NaN/inf, 2 bad input, 130 stopped by SIGINT/SIGTERM
 (after a checkpoint).
@@ -124,14 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--teacher",
         metavar="NAME",
+        action="append",
         help="open_clip model name (ViT-B-32), a path to an open_clip model-config "
-        "JSON, or 'demo' (the built-in demo teacher)",
+        f"JSON, or 'demo' (the built-in demo teacher); repeat for an ensemble of up to "
+        f"{MAX_TEACHERS} (weight inheritance reads the FIRST; see 'ensembles' below) "
+        f"(default: {TeacherConfig.model})",
     )
     g.add_argument(
         "--pretrained",
         metavar="FILE|TAG",
+        action="append",
         help="teacher weights: a local checkpoint file (offline) or an open_clip "
-        "pretrained tag (downloads)",
+        "pretrained tag (downloads); with several --teacher, one per teacher, in order",
+    )
+    g.add_argument(
+        "--teacher-logit-bias",
+        metavar="B|own",
+        action="append",
+        help="--loss sigmoid: the bias of a teacher's probabilities s(b x.y + B), needed for "
+        "a softmax CLIP teacher (e.g. -10); 'own': the teacher's own logit_bias (the "
+        "default; SigLIP teachers have one); with several --teacher, one per teacher, in order",
     )
     g.add_argument(
         "--teacher-cache",
@@ -143,7 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--build-teacher-cache",
         action="store_true",
-        help="run the teacher once over the training data, write --teacher-cache, exit",
+        help="run the teacher once over the training data and exit: with --teacher-cache "
+        "FILE, one embedding per sample of map-style data (no augmentation); without, the "
+        "reinforced cache of --data webdataset:|csv:|folder: (K augmentations per image, every "
+        "caption; see 'reinforced' below)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="reinforced cache files' folder, for building and for --data reinforced: "
+        "(default: beside the shards / CSV / image folder)",
+    )
+    g.add_argument(
+        "--cache-augmentations",
+        type=int,
+        metavar="K",
+        help="reinforced cache: augmentations stored per image",
+    )
+    g.add_argument(
+        "--cache-dtype",
+        choices=CACHE_DTYPE_NAMES,
+        help="reinforced cache: dtype of the stored embeddings",
     )
 
     g = p.add_argument_group("student (single-stage shortcuts; multi-stage: config file)")
@@ -197,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="KIND[:PATH]",
         help="csv:FILE (CSV/TSV, open_clip columns filepath/title), "
-        "webdataset:'a-{000..099}.tar', demo[:SOURCE], or synthetic (random pairs: "
-        "throughput checks only)",
+        "webdataset:'a-{000..099}.tar', reinforced:PATH (a reinforced cache over those shards, "
+        "CSV or folder:DIR), datacompdr:'shards/{00000..01000}.tar' (Apple's DataCompDR, "
+        "images merged in), demo[:SOURCE], or synthetic (random pairs: throughput checks only)",
     )
     g.add_argument(
         "--data-size",
@@ -254,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss: (1 - w) L_dist + w L_clip")
     g.add_argument(
+        "--loss",
+        choices=LOSS_FAMILIES,
+        help="softmax: TinyCLIP's affinity mimicking and the CLIP loss; sigmoid: per-pair "
+        "binary cross-entropy against the teachers' sigmoid probabilities and the SigLIP "
+        "loss, the student learning a logit bias (see 'sigmoid' below)",
+    )
+    g.add_argument(
         "--contrastive-weight",
         type=float,
         metavar="W",
@@ -263,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--loss-kind",
         choices=LOSS_KINDS,
-        help="soft_ce (TinyCLIP/open_clip values) or kl (same gradient)",
+        help="soft_ce (TinyCLIP/open_clip values; sigmoid: the binary cross-entropy) or kl "
+        "(same gradient); sigmoid only: mobileclip (MobileCLIP's -log s((2p - 1) A))",
     )
     g.add_argument(
         "--fixed-scale",
@@ -339,9 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAT = {  # flag -> config path
-    "teacher": "teacher.model",
-    "pretrained": "teacher.pretrained",
     "teacher_cache": "teacher.cache",
+    "cache_dir": "reinforced.cache_dir",
+    "cache_augmentations": "reinforced.augmentations",
+    "cache_dtype": "reinforced.dtype",
     "data_size": "data.size",
     "skip_bad_samples": "data.skip_bad_samples",
     "max_bad_fraction": "data.max_bad_fraction",
@@ -349,6 +444,7 @@ _FLAT = {  # flag -> config path
     "eval_every": "eval.every",
     "eval_class_names": "eval.class_names",
     "eval_templates": "eval.templates",
+    "loss": "loss.family",
     "contrastive_weight": "loss.contrastive_weight",
     "loss_kind": "loss.kind",
     "fixed_scale": "loss.fixed_scale",
@@ -453,9 +549,51 @@ def _edit_stage(config: DistillConfig, args: argparse.Namespace) -> None:
     config.stages[0] = stage
 
 
+def _set_teachers(config: DistillConfig, args: argparse.Namespace) -> None:
+    """--teacher (repeated: an ensemble), each with its --pretrained and --teacher-logit-bias
+    paired in order; one --teacher replaces the config's teacher(s)."""
+    models = args.teacher or []
+    if len(models) > MAX_TEACHERS:
+        raise ValueError(f"{len(models)} --teacher given; an ensemble has at most {MAX_TEACHERS}")
+    if len(models) == 1:
+        config.teacher.model, config.teachers = models[0], []
+    elif models:
+        config.teacher = TeacherConfig(cache=config.teacher.cache)
+        config.teachers = [TeacherConfig(model=name) for name in models]
+    entries = config.teacher_configs()
+    for flag, values, field, parse in (
+        ("--pretrained", args.pretrained, "pretrained", str),
+        ("--teacher-logit-bias", args.teacher_logit_bias, "logit_bias", _parse_bias),
+    ):
+        if not values:
+            continue
+        if len(entries) == 1:
+            values = values[-1:]  # one teacher: the last one given wins, as for other flags
+        elif len(values) != len(entries):
+            names = ", ".join(e.model for e in entries)
+            raise ValueError(
+                f"{len(values)} {flag} for {len(entries)} teachers ({names}): give one "
+                f"{flag} per --teacher, in the same order"
+            )
+        for entry, value in zip(entries, values, strict=True):
+            setattr(entry, field, parse(value))
+
+
+def _parse_bias(value: str) -> float | None:
+    if value == "own":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(
+            f"--teacher-logit-bias {value}: give a number or 'own' (the teacher's own bias)"
+        ) from None
+
+
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """Defaults < --config < flags < --set."""
     config = load_config(args.config)
+    _set_teachers(config, args)
     for flag, path in _FLAT.items():
         value = getattr(args, flag)
         if value is not None:
@@ -474,7 +612,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     _edit_stage(config, args)
     for assignment in args.set:
         apply_override(config, assignment)
-    config.validate()
+    config.validate(student=not args.build_teacher_cache)
     return config
 
 
@@ -482,24 +620,41 @@ def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
     from tinyclip_fast.data.datasets import build_dataset
     from tinyclip_fast.train.engine import dataset_defaults
     from tinyclip_fast.train.runtime import resolve_device
-    from tinyclip_fast.train.teacher import build_teacher
     from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
+    from tinyclip_fast.train.teachers import build_teachers
 
-    if config.teacher.cache is None:
-        raise ValueError("--build-teacher-cache needs --teacher-cache FILE (where to write it)")
     device = resolve_device(config.device)
-    teacher, tokenizer, _, eval_preprocess = build_teacher(config.teacher)
-    data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
+    teachers, tokenizer, _, eval_preprocess = build_teachers(config.teacher_configs())
+    data_cfg = {**dataset_defaults(teachers[0], config.seed), **config.data.as_dict()}
     dataset = build_dataset(data_cfg, preprocess=eval_preprocess, tokenizer=tokenizer)
     cache = TeacherEmbeddingCache.build(
-        teacher.to(device),
+        [teacher.to(device) for teacher in teachers],
         dataset,
         config.teacher.cache,
         batch_size=config.micro_batch_size or 256,
         device=device,
     )
     if rank == 0:
-        print(f"wrote {len(cache)} teacher embeddings (dim {cache.dim}) to {config.teacher.cache}")
+        dims = ", ".join(map(str, cache.dims))
+        print(
+            f"wrote {len(cache)} teacher embeddings (dim {dims}) of {cache.teachers} teacher(s) "
+            f"to {config.teacher.cache}"
+        )
+
+
+def _build_reinforced_cache(config: DistillConfig) -> None:
+    from tinyclip_fast.train.reinforced_run import build_cache_for_run
+
+    report, rank, world_size = build_cache_for_run(config)
+    if rank == 0:
+        where = config.reinforced.cache_dir or "beside the data"
+        print(
+            f"reinforced cache ({where}): rank 0 of {world_size} built {len(report.built)} "
+            f"shard files ({report.images} images, {report.images_per_s:.1f} images/s), "
+            f"{len(report.skipped)} were already built; train with --data "
+            f"reinforced:{config.data.path}",
+            flush=True,
+        )
 
 
 def _line(message: str, rank: int, label: str = "error") -> None:
@@ -549,16 +704,23 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     from tinyclip_fast.data.loader import BadSampleError
     from tinyclip_fast.demo.plugins import register_demo
     from tinyclip_fast.train.evaluation import check_eval_kind
+    from tinyclip_fast.train.reinforced_run import register_reinforced_kinds
     from tinyclip_fast.train.runtime import check_device
 
     register_demo()
+    register_reinforced_kinds()
+    reinforced_build = args.build_teacher_cache and config.teacher.cache is None
     try:
-        check_kind(config.data.kind)
+        if not reinforced_build:  # that reads source kinds (folder) that do not train
+            check_kind(config.data.kind)
         if config.eval.every:
             check_eval_kind(config.eval.kind)
         check_device(config.device)
         from tinyclip_fast.train.engine import distill  # open_clip: seconds to import
 
+        if reinforced_build:
+            _build_reinforced_cache(config)
+            return 0
         if args.build_teacher_cache:
             _build_teacher_cache(config, rank)
             return 0

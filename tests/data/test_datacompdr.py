@@ -9,11 +9,23 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 import webdataset as wds
 from PIL import Image
-from support import STUDENT_CFG, WordTokenizer, encode_image, random_image
+from support import (
+    DIMS,
+    MOBILECLIP_OPS,
+    STUDENT_CFG,
+    SYNTHETIC,
+    TEACHERS,
+    K,
+    WordTokenizer,
+    compressed_params,
+    encode_image,
+    random_image,
+    unit_rows,
+    write_datacompdr_shards,
+)
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
@@ -25,84 +37,9 @@ from tinyclip_fast.data.datacompdr import (
     decompress_params,
 )
 from tinyclip_fast.data.loader import make_loader
-from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, TeacherInfo, teacher_targets
+from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, teacher_targets
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.ops.backend import force_backend
-
-# MobileCLIP's RandAugment op ids (training/dr/transforms.py, RandAugment.op_names).
-MOBILECLIP_OPS = (
-    "Identity",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-    "Posterize",
-    "Solarize",
-    "AutoContrast",
-    "Equalize",
-)
-DIMS = (8, 6)  # two teachers, as DataCompDR's 768 + 768
-K, SYNTHETIC = 4, 3
-TEACHERS = [TeacherInfo("t0", 8, None, 0.0), TeacherInfo("t1", 6, None, 0.0)]
-
-
-def unit_rows(rows, generator):
-    parts = torch.randn(rows, sum(DIMS), generator=generator).split(DIMS, dim=-1)
-    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
-
-
-def compressed_params(image, generator):
-    """K augmentations in DataCompDR's compressed form: [[t, l, h, w], [[op id, mag], ...]]."""
-    draws = []
-    for k in range(K):
-        drawn = datacompdr_recipe(224).sample(image.height, image.width, generator)
-        ops = [[MOBILECLIP_OPS.index(name), mag] for name, mag in drawn["rand_augment"]]
-        draws.append([drawn["crop"], None if k == 1 else ops])  # k = 1: RandAugment skipped
-    return draws
-
-
-def write_datacompdr_shards(folder):
-    """Two shards: float32 npz embeddings with real captions, then bf16 pth.gz without."""
-    generator = torch.Generator().manual_seed(0)
-    stored = {}
-    for shard in range(2):
-        with wds.TarWriter(str(folder / f"{shard:08d}.tar")) as sink:
-            for i in range(3):
-                uid = f"{shard}{i:031x}"
-                image = random_image(100 + 3 * shard + i)
-                jpeg = encode_image(image, "JPEG")
-                params = compressed_params(Image.open(io.BytesIO(jpeg)), generator)
-                synthetic = [f"synthetic {j} of {uid[-3:]}" for j in range(SYNTHETIC)]
-                image_emb = unit_rows(K, generator)
-                text_emb = unit_rows(1 + SYNTHETIC, generator)  # real caption first
-                sample = {
-                    "__key__": uid,
-                    "url.txt": f"https://example.com/{uid}.jpg",
-                    "json": json.dumps({"uid": uid, "sha256": "0" * 64}),
-                    "jpg": jpeg,
-                    "syn.json": json.dumps({"syn_text": synthetic}),
-                    # The Hugging Face copy stores param_aug as a JSON string: accept both.
-                    "paug.json": json.dumps(
-                        {"param_aug": json.dumps(params) if i == 2 else params}
-                    ),
-                }
-                if shard == 0:
-                    sample["txt"] = f"real caption {uid[-3:]}"
-                    embeddings = {"image_emb": image_emb.numpy(), "text_emb": text_emb.numpy()}
-                    sample["npz"] = embeddings
-                else:
-                    image_emb, text_emb = image_emb.bfloat16(), text_emb.bfloat16()
-                    sample["pth.gz"] = {"image_emb": image_emb, "text_emb": text_emb}
-                sink.write(sample)
-                real = [sample["txt"]] if "txt" in sample else []
-                rows = text_emb if real else text_emb[1:]
-                stored[uid] = (jpeg, params, real + synthetic, image_emb, rows)
-    return stored
 
 
 def independent_replay(jpeg, compressed, size):

@@ -2,7 +2,7 @@
 
 The installed Triton compiles every kernel x autotune configuration x dtype ahead of time
 (no GPU needed) and its bundled ptxas counts spills. bf16/fp16 configurations must not
-spill, nor the affinity kernels' fp32 (3xTF32) ones.
+spill, nor the affinity and sigmoid kernels' fp32 (3xTF32) ones.
 """
 
 import os
@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sm90_report.py"
 
 FAMILIES = [
     pytest.param("affinity_loss", "bf16,fp16,fp32", 600, id="affinity_loss"),
+    pytest.param("sigmoid_loss", "bf16,fp16,fp32", 600, id="sigmoid_loss"),
     pytest.param("masked_matmul", "bf16,fp16", 1200, id="masked_matmul"),
 ]
 

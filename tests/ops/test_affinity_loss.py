@@ -6,10 +6,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from support import KERNEL_DEVICE, rel_err
+from support import KERNEL_DEVICE, ensemble_reference, rel_err
 
 import tinyclip_fast.ops.affinity_loss as affinity_module
 from tinyclip_fast.ops.affinity_loss import (
+    KINDS,
     affinity_loss_rows,
     affinity_loss_square,
     affinity_mimicking_loss,
@@ -333,3 +334,156 @@ def test_column_underflow_falls_back_to_exact_pass(monkeypatch):
     check(square=True, m=37, n=37, scale=100.0, backend="triton", device=KERNEL_DEVICE,
           inputs=inputs)  # fmt: skip
     assert recomputed == [[0, 1, 2, 3, 4]]
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+def check_ensemble(
+    *, square, m, n, d_s=24, d_ts=(40, 16), dtype=torch.float32, scale=10.0,
+    teacher_scales=(5.0, 30.0), kind="soft_ce", label_offset=0, grads=(1.3, -0.7),
+    backend="torch", device="cpu", tol=None,
+):  # fmt: skip
+    """An ensemble of len(d_ts) teachers (their own dims and scales) against the reference."""
+    x, y = (F.normalize(torch.randn(k, d_s, dtype=torch.float64), dim=1) for k in (m, n))
+    teachers = [
+        [F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1) for k in (m, n)] for d in d_ts
+    ]
+    x, y = (t.to(dtype).to(device).requires_grad_() for t in (x, y))
+    teachers = [[t.to(dtype).to(device).requires_grad_() for t in pair] for pair in teachers]
+    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scale_t = torch.tensor(scale, dtype=scale_dtype, device=device, requires_grad=True)
+    # One teacher scale a tensor that requires grad: it must get none either.
+    scales = [torch.tensor(teacher_scales[0], requires_grad=True), *teacher_scales[1:]]
+    lists = [[t[0] for t in teachers], [t[1] for t in teachers], scales]
+    with force_backend(backend):
+        if square:
+            out = affinity_loss_square(x, y, scale_t, *lists, kind=kind, compute_contrastive=True)
+        else:
+            out = affinity_loss_rows(
+                x, y, scale_t, *lists, kind=kind, compute_contrastive=True,
+                label_offset=label_offset,
+            )  # fmt: skip
+        (out[0] * grads[0] + out[1] * grads[1]).backward()
+    assert all(t.grad is None for pair in teachers for t in pair) and scales[0].grad is None
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (x, y)]
+    ref_scale = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    ref_teachers = [
+        (xt.detach().double().cpu(), yt.detach().double().cpu(), float(b))
+        for (xt, yt), b in zip(teachers, teacher_scales, strict=True)
+    ]
+    ref = ensemble_reference(*ref_in, ref_scale, ref_teachers, kind, square, label_offset)
+    (ref[0] * grads[0] + ref[1] * grads[1]).backward()
+    tol = tol or TOLERANCE[dtype]
+    assert rel_err(out[0], ref[0]) < tol
+    assert rel_err(out[1], ref[1]) < tol
+    assert rel_err(x.grad, ref_in[0].grad) < tol
+    assert rel_err(y.grad, ref_in[1].grad) < tol
+    assert rel_err(scale_t.grad, ref_scale.grad) < tol
+
+
+@pytest.mark.parametrize("kind", ["soft_ce", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_ensemble_square_torch(small_chunks, kind, dtype):
+    check_ensemble(square=True, m=37, n=37, kind=kind, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(d_ts=(40,), teacher_scales=(5.0,), kind="kl"),
+        dict(d_ts=(40, 16, 24, 8), teacher_scales=(1.0, 100.0, 20.0, 50.0), scale=100.0),
+        dict(d_ts=(40, 16, 24, 8), teacher_scales=(1.0, 100.0, 20.0, 50.0), kind="kl"),
+        dict(d_ts=(40, 16), scale=1.0, grads=(-2.0, 0.0)),
+    ],
+)
+def test_ensemble_sizes_torch(small_chunks, case):
+    check_ensemble(square=True, m=37, n=37, **case)
+
+
+@pytest.mark.parametrize("kind", ["soft_ce", "kl"])
+def test_ensemble_rows_torch(small_chunks, kind):
+    check_ensemble(square=False, m=37, n=53, label_offset=11, kind=kind)
+
+
+def test_one_teacher_list_equals_the_single_teacher_exactly():
+    """K = 1 as a list runs the single-teacher computation: bit-identical values and grads."""
+    x, y, xt, yt = make_inputs(37, 37, 24, 40, torch.float32, "cpu")
+    results = []
+    for teacher in ((xt, yt, 5.0), ([xt], [yt], [5.0])):
+        for kind in KINDS:
+            student = [t.clone().requires_grad_() for t in (x, y)]
+            with force_backend("torch"):
+                dist, clip = affinity_loss_square(
+                    *student, 10.0, *teacher, kind=kind, compute_contrastive=True
+                )
+            (dist - clip).backward()
+            results.append([dist, clip, student[0].grad, student[1].grad])
+    for single, listed in zip(results[:2], results[2:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(single, listed, strict=True))
+
+
+def test_identical_teachers_equal_one_teacher():
+    x, y, xt, yt = make_inputs(37, 37, 24, 40, torch.float32, "cpu")
+    with force_backend("torch"):
+        for kind in KINDS:
+            one, _ = affinity_loss_square(x, y, 10.0, xt, yt, 5.0, kind=kind)
+            two, _ = affinity_loss_square(x, y, 10.0, [xt, xt], [yt, yt], [5.0, 5.0], kind=kind)
+            assert rel_err(two, one) < 1e-6
+
+
+def _bad_ensemble_calls():
+    x, y, xt, yt = make_inputs(8, 8, 4, 6, torch.float32, "cpu")
+    sq = affinity_loss_square
+    return [
+        (lambda: sq(x, y, 1.0, [xt, xt], [yt], [1.0, 1.0]), ValueError, "same number of teachers"),
+        (lambda: sq(x, y, 1.0, [xt, xt], [yt, yt], [1.0]), ValueError, "2, 2 and 1"),
+        (lambda: sq(x, y, 1.0, [xt] * 5, [yt] * 5, [1.0] * 5), ValueError, "1 to 4 teachers"),
+        (lambda: sq(x, y, 1.0, [], [], []), ValueError, "got 0"),
+        (lambda: sq(x, y, 1.0, [xt, xt], [yt, yt], 1.0), ValueError, "all be lists"),
+        (lambda: sq(x, y, 1.0, [xt, xt], [yt, yt[:, :5]], [1, 1]), ValueError, r"\[1\] \(8, 5\)"),
+        (lambda: sq(x, y, 1.0, [xt, xt[:7]], [yt, yt], [1, 1]), ValueError, r"features\[1\]"),
+        (lambda: sq(x, y, 1.0, [xt, xt], [yt, yt], [1, -1]), ValueError, r"scale\[1\]"),
+        (lambda: sq(x, y, 1.0, [xt, None], [yt, yt], [1, 1]), TypeError, r"features\[1\]"),
+        (
+            lambda: affinity_loss_rows(x[:3], y, 1.0, [xt[:3], xt], [yt, yt], [1, 1]),
+            ValueError,
+            r"teacher_row_features\[1\] \(8, 6\)",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_ensembles(case):
+    call, error, pattern = _bad_ensemble_calls()[case]
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(square=True, m=37, n=37, kind="kl", d_ts=(40, 16)),
+        dict(
+            square=True,
+            m=37,
+            n=37,
+            dtype=torch.bfloat16,
+            d_ts=(40, 16, 24, 8),
+            teacher_scales=(1.0, 100.0, 20.0, 50.0),
+            scale=100.0,
+        ),  # fmt: skip
+        dict(
+            square=True,
+            m=37,
+            n=37,
+            dtype=torch.float16,
+            kind="kl",
+            d_ts=(40, 16, 24, 8),
+            teacher_scales=(1.0, 100.0, 20.0, 50.0),
+        ),  # fmt: skip
+        dict(square=False, m=21, n=53, label_offset=17, kind="kl", d_ts=(40, 16)),
+    ],
+)
+def test_ensemble_triton(case):
+    check_ensemble(backend="triton", device=KERNEL_DEVICE, **case)

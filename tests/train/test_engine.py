@@ -6,6 +6,7 @@ Oracles: an uninterrupted run (resume must be bitwise equal), the whole batch at
 
 import copy
 import json
+import math
 import signal
 
 import pytest
@@ -15,10 +16,12 @@ from support import (
     STUDENT_CFG,
     TEXT,
     assert_same_weights,
+    ensemble_reference,
     losses,
     make_config,
     make_teacher,
     run,
+    sigmoid_reference,
 )
 
 from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
@@ -29,9 +32,15 @@ from tinyclip_fast.inheritance.student_io import load_student
 from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.train.checkpoint import load_training_state
-from tinyclip_fast.train.config import DataConfig, LossConfig, OptimConfig, StageConfig
+from tinyclip_fast.train.config import (
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    StageConfig,
+    TeacherConfig,
+)
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
-from tinyclip_fast.train.students import stage_student
+from tinyclip_fast.train.students import add_logit_bias, stage_student
 from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 
@@ -151,19 +160,29 @@ def _ddp_worker(rank, world_size, init_file, tmp_path, config):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["manual", "auto"])
+@pytest.mark.parametrize(
+    "kind", ["manual", "auto", pytest.param("sigmoid", marks=pytest.mark.slow)]
+)
 def test_two_process_ddp_equals_one_process(tmp_path, kind):
     # auto: a manual stage, then masks sampled in training (one sample per step, the same on
     # every rank), pruned at step 3 of 4, the optimizer state carried over. (Masking the
     # teacher itself would start at the loss minimum, where gradients are rounding noise.)
+    # sigmoid: the student's logit bias learned, every rank's rows against the gathered texts.
     stages = [StageConfig(steps=3, student_config=STUDENT_CFG)]
     optim = OptimConfig(lr=1e-3, warmup_steps=2)
     if kind == "auto":
         stages.append(StageConfig(steps=4, sparsity=0.9, prune_step=3, sparsity_warmup=2))
         optim = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=2.0, prune_warmup_steps=2)
-    single = run(make_config(tmp_path / "single", copy.deepcopy(stages), optim=optim))
+    loss = LossConfig(family="sigmoid", contrastive_weight=0.3) if kind == "sigmoid" else None
+    extra = {"loss": loss} if loss else {}
+    single_config = make_config(tmp_path / "single", copy.deepcopy(stages), optim=optim, **extra)
+    single_config.teacher.logit_bias = -3.0 if loss else None
+    single = run(single_config)
     # Each rank: 8 of the 16 rows, in micro-batches of 4 (DDP no_sync + GradCache together).
-    config = make_config(tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4, optim=optim)
+    config = make_config(
+        tmp_path / "ddp", copy.deepcopy(stages), micro_batch_size=4, optim=optim, **extra
+    )
+    config.teacher.logit_bias = single_config.teacher.logit_bias
     mp.spawn(_ddp_worker, args=(2, tmp_path / "pg", tmp_path, config), nprocs=2, join=True)
     ranks = [copy.deepcopy(single.student) for _ in range(2)]
     for r, model in enumerate(ranks):
@@ -317,3 +336,143 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     config = make_config(tmp_path / "p", [StageConfig(steps=2, sparsity=0.01, prune_step=5)])
     with pytest.raises(ValueError, match="prune_step"):
         run(config)
+
+
+# ---- sigmoid loss and teacher ensembles ---------------------------------------------
+
+
+def _sigmoid_loss(**overrides):
+    return LossConfig(family="sigmoid", **overrides)
+
+
+def test_sigmoid_run_learns_the_bias_and_checkpoints_keep_it(tmp_path):
+    stages = [StageConfig(steps=8, student_config=STUDENT_CFG)]
+    loss = _sigmoid_loss(init_logit_bias=-2.0)
+    config = make_config(tmp_path / "a", copy.deepcopy(stages), loss=loss, save_every=2)
+    config.teacher.logit_bias = -2.0  # a softmax teacher: its targets s(b x.y - 2)
+    config.eval.every = 1
+    full = run(config, evaluator=lambda model: 0.0)
+    curve = losses(full.history)
+    assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2, curve
+    bias, scale = full.student.logit_bias, full.student.logit_scale.detach()
+    assert bias is not None and bias.requires_grad
+    bias = bias.detach()
+    assert math.isfinite(float(bias)) and float(bias) != -2.0  # learned
+    assert float(scale) != pytest.approx(math.log(10), abs=1e-6)
+    exported = load_student(tmp_path / "a" / "run" / "student")
+    assert float(exported.logit_bias.detach()) == float(bias)
+    assert_same_weights(exported, full.student)
+    # An interrupted and resumed run rebuilds the bias and ends bitwise where the full one did.
+    config = make_config(tmp_path / "b", copy.deepcopy(stages), loss=loss, save_every=2)
+    config.teacher.logit_bias = -2.0
+    config.eval.every = 1
+    assert run(config, evaluator=_interrupt_at_call(3)).interrupted
+    state = load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)
+    assert state["step"] == 3 and "logit_bias" in state["student"]["state"]
+    config.resume = True
+    resumed = run(config, evaluator=lambda model: 0.0)
+    assert_same_weights(resumed.student, full.student)
+    assert losses(resumed.history) == curve
+
+
+def _ensemble_step(tmp_path, family, teachers, biases):
+    """(logged loss of one engine step, the float64 formula on the same batch)."""
+    dataset = TensorPairDataset(torch.randn(16, 3, 32, 32), torch.randint(1, 999, (16, 16)))
+    stage = StageConfig(steps=1, student_config=STUDENT_CFG)
+    loss = LossConfig(family=family, contrastive_weight=0.3)
+    config = make_config(tmp_path, [stage], loss=loss, micro_batch_size=6)
+    if family == "sigmoid":
+        config.teachers = [TeacherConfig(logit_bias=b) for b in biases]
+    logged = losses(run(config, teachers, train_dataset=dataset).history)[0]
+    student = stage_student(stage, teachers[0], None, config.seed).train()
+    batch = next(make_loader(dataset, 16, seed=config.seed))
+    with torch.no_grad():
+        if family == "sigmoid":
+            add_logit_bias(student, math.log(10), -10.0)
+        image, text, scale, *bias = student(batch["image"], batch["text"])
+        outputs = [t(batch["image"], batch["text"]) for t in teachers]
+    if family == "sigmoid":
+        targets = [(i, t, s, c) for (i, t, s), c in zip(outputs, biases, strict=True)]
+        expected = sigmoid_reference(
+            image, text, scale, bias[0].detach(), targets, contrastive_weight=0.3
+        )
+    else:
+        double = [tuple(v.double() for v in out) for out in outputs]
+        distill, contrastive = ensemble_reference(
+            image.double(), text.double(), scale.double(), double
+        )
+        expected = 0.7 * distill + 0.3 * contrastive
+    return logged, float(expected)
+
+
+@pytest.mark.parametrize("family", ["sigmoid", "softmax"])
+def test_ensemble_step_equals_the_mean_of_teacher_probabilities(tmp_path, family):
+    # Two teachers, GradCache micro-batches: the logged loss is the formula with the target
+    # mean_k s(B_k) (sigmoid) or mean_k softmax(B_k) (softmax) on the same features.
+    logged, expected = _ensemble_step(
+        tmp_path, family, [make_teacher(1), make_teacher(2)], [-4, -6]
+    )
+    assert abs(logged - expected) < 1e-5 * abs(expected)
+    # One teacher: the same formula with K = 1 (the plain sigmoid step).
+    logged, expected = _ensemble_step(tmp_path / "one", family, [make_teacher(1)], [-4])
+    assert abs(logged - expected) < 1e-5 * abs(expected)
+
+
+def test_two_teacher_cache_equals_online_and_refuses_another_list(tmp_path):
+    teachers = [make_teacher(1), make_teacher(2)]
+    dataset = TensorPairDataset(torch.randn(16, 3, 32, 32), torch.randint(1, 999, (16, 16)))
+    cache_path = tmp_path / "teachers.safetensors"
+    TeacherEmbeddingCache.build(teachers, dataset, cache_path, batch_size=5)
+    stages = [StageConfig(steps=3, student_config=STUDENT_CFG)]
+
+    def config_for(folder, cache):
+        config = make_config(folder, copy.deepcopy(stages), loss=_sigmoid_loss())
+        config.teachers = [TeacherConfig(logit_bias=-3.0), TeacherConfig(logit_bias=-5.0)]
+        config.teacher.cache = cache
+        return config
+
+    online = run(config_for(tmp_path / "a", None), teachers, train_dataset=dataset)
+    cached = run(config_for(tmp_path / "b", str(cache_path)), teachers, train_dataset=dataset)
+    assert_same_weights(cached.student, online.student, tol=1e-4)
+    for a, b in zip(losses(cached.history), losses(online.history), strict=True):
+        assert abs(a - b) < 1e-5 * abs(b)
+    swapped = config_for(tmp_path / "c", str(cache_path))
+    with pytest.raises(ValueError, match="different teacher teacher 0 .*list or order"):
+        run(swapped, teachers[::-1], train_dataset=dataset)
+    with pytest.raises(ValueError, match="built by 2 teacher.s., this run has 1"):
+        run(make_config(tmp_path / "d", copy.deepcopy(stages), teacher=TeacherConfig(
+            cache=str(cache_path))), teachers[0], train_dataset=dataset)  # fmt: skip
+
+
+def test_sigmoid_and_ensemble_bad_inputs(tmp_path):
+    stages = [StageConfig(steps=1, student_config=STUDENT_CFG)]
+    config = make_config(tmp_path / "a", copy.deepcopy(stages), loss=_sigmoid_loss())
+    with pytest.raises(ValueError, match=r"teacher 0 .* has no logit_bias.*--teacher-logit-bias"):
+        run(config)
+    with pytest.raises(ValueError, match="5 teachers given; give 1 to 4"):
+        run(make_config(tmp_path / "b", copy.deepcopy(stages)), [make_teacher()] * 5)
+    config = make_config(tmp_path / "c", copy.deepcopy(stages))
+    config.teachers = [TeacherConfig(model=f"m{k}") for k in range(5)]
+    with pytest.raises(ValueError, match="5 teachers given; an ensemble has at most 4"):
+        config.validate()
+    config = make_config(
+        tmp_path / "d", copy.deepcopy(stages), loss=_sigmoid_loss(fixed_scale=50.0)
+    )
+    with pytest.raises(ValueError, match="fixed_scale is for the softmax loss"):
+        config.validate()
+    config = make_config(tmp_path / "e", copy.deepcopy(stages))
+    config.teacher.logit_bias = -10.0
+    with pytest.raises(ValueError, match="logit_bias is for --loss sigmoid"):
+        config.validate()
+
+
+def test_sigmoid_auto_stage_prunes_a_student_with_a_bias(tmp_path):
+    stages = [StageConfig(steps=4, sparsity=0.5, prune_step=3, sparsity_warmup=2)]
+    optim = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=2.0)
+    config = make_config(tmp_path, stages, optim=optim, loss=_sigmoid_loss(init_logit_bias=-3.0))
+    config.teacher.logit_bias = -3.0
+    result = run(config)
+    assert all(math.isfinite(v) for v in losses(result.history))
+    assert [h["step"] for h in result.history if h.get("event") == "pruned"] == [3]
+    bias = float(result.student.logit_bias.detach())
+    assert math.isfinite(bias) and bias != -3.0

@@ -48,7 +48,13 @@ from torch.utils.data import IterableDataset
 
 from tinyclip_fast.atomic_io import atomic_write
 from tinyclip_fast.data.augment import AugmentRecipe, Params
-from tinyclip_fast.data.datasets import Tokenizer, _tokenize_one, split_shards
+from tinyclip_fast.data.datasets import (
+    WDS_IMAGE_EXTENSIONS,
+    Tokenizer,
+    _tokenize_one,
+    csv_separator,
+    split_shards,
+)
 from tinyclip_fast.data.sources import ShardedSource, open_source, source_kind
 
 FORMAT = "tinyclip_fast.reinforced"
@@ -93,7 +99,7 @@ def teacher_targets(
     device: str | torch.device | None = None,
 ) -> list[TeacherTargets]:
     """Per teacher, (I_t, T_t, scale, bias) from a reinforced batch: the engine's replacement
-    for a teacher forward (``_Distiller.teacher_features`` returns ``targets[0][:3]``).
+    for a teacher forward (the engine's ``StoredTeacher``).
 
     The stored embeddings are split by the teachers' dims, cast to float32 on ``device`` and
     re-normalised (they were unit vectors before rounding to the cache dtype), so
@@ -501,40 +507,58 @@ class ReinforcedDataset(ReinforcedStream):
             )
 
 
-def build_reinforced_dataset(
-    data_cfg: dict[str, Any], preprocess: Any, tokenizer: Tokenizer | None
-) -> ReinforcedDataset:
-    """``data_cfg["kind"] = "reinforced"`` for ``datasets.register_dataset``.
+def source_from_cfg(data_cfg: dict[str, Any]) -> ShardedSource:
+    """The source a reinforced cache is built over and read with, from ``data_cfg``.
 
-    Keys: ``path`` (shards, CSV or folder), ``source`` (webdataset/csv/folder, inferred from
-    ``path`` when absent), ``cache_dir``, ``caption_mode``, ``shuffle``, ``shard_size`` (CSV,
-    folder), ``caption_key`` (webdataset), ``csv_img_key``, ``csv_caption_key``,
-    ``csv_separator``, ``csv_synthetic_keys``. A torchvision ``preprocess`` (the teacher's
-    training transform) must be the cache's recipe; None takes the cache's.
+    Keys: ``path`` (shards, CSV or folder; a folder holding ``.tar`` files and no images is
+    those shards, sorted), ``source`` (webdataset/csv/folder, inferred from ``path`` when
+    absent), ``cache_dir``, ``shard_size`` (CSV, folder), ``caption_key`` (webdataset),
+    ``csv_img_key``, ``csv_caption_key``, ``csv_separator`` (default from the extension:
+    ``.csv`` comma, else tab), ``csv_synthetic_keys``. Building and training read the same
+    keys, so both see the same shards.
     """
-    if tokenizer is None:
-        raise ValueError("data kind 'reinforced' needs a tokenizer")
     path = data_cfg.get("path")
     if path is None:
-        raise ValueError("data kind 'reinforced' needs data_cfg['path']")
-    resolved = source_kind(data_cfg.get("source"), path)
+        raise ValueError(f"data kind {data_cfg.get('kind')!r} needs a path: --data KIND:PATH")
+    kind = data_cfg.get("source")
+    if kind is None and isinstance(path, (str, Path)) and Path(path).is_dir():
+        tars = sorted(Path(path).glob("*.tar"))
+        images = (p for p in Path(path).rglob("*") if p.suffix[1:].lower() in WDS_IMAGE_EXTENSIONS)
+        if tars and next(images, None) is None:
+            kind, path = "webdataset", [str(t) for t in tars]
+    resolved = source_kind(kind, path)
     options: dict[str, Any] = {"cache_dir": data_cfg.get("cache_dir")}
     if resolved in ("csv", "folder") and "shard_size" in data_cfg:
         options["shard_size"] = int(data_cfg["shard_size"])
     if resolved == "webdataset" and "caption_key" in data_cfg:
         options["caption_key"] = data_cfg["caption_key"]
     if resolved == "csv":
+        options["separator"] = csv_separator(path, data_cfg.get("csv_separator"))
         for key, option in (
             ("csv_img_key", "img_key"),
             ("csv_caption_key", "caption_key"),
-            ("csv_separator", "separator"),
             ("csv_synthetic_keys", "synthetic_keys"),
         ):
             if key in data_cfg:
                 options[option] = data_cfg[key]
+    return open_source(resolved, path, **options)
+
+
+def build_reinforced_dataset(
+    data_cfg: dict[str, Any], preprocess: Any, tokenizer: Tokenizer | None
+) -> ReinforcedDataset:
+    """``data_cfg["kind"] = "reinforced"`` for ``datasets.register_dataset``.
+
+    Keys: those of :func:`source_from_cfg`, ``caption_mode``, ``shuffle``. A torchvision
+    ``preprocess`` (the teacher's training transform) must be the cache's recipe; None takes
+    the cache's.
+    """
+    if tokenizer is None:
+        raise ValueError("data kind 'reinforced' needs a tokenizer")
+    source = source_from_cfg(data_cfg)
     recipe = None if preprocess is None else AugmentRecipe.from_transform(preprocess)
     return ReinforcedDataset(
-        open_source(resolved, path, **options),
+        source,
         tokenizer=tokenizer,
         recipe=recipe,
         caption_mode=data_cfg.get("caption_mode", "all"),

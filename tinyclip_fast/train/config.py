@@ -19,7 +19,11 @@ from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "xformers")
-LOSS_KINDS = ("soft_ce", "kl")
+LOSS_KINDS = ("soft_ce", "kl", "mobileclip")
+LOSS_FAMILIES = ("softmax", "sigmoid")
+MAX_TEACHERS = 4  # the fused losses stream at most four teachers' tiles
+CACHE_DTYPE_NAMES = ("fp16", "bf16", "fp32")
+CAPTION_MODE_NAMES = ("all", "real", "synthetic")
 SYNTHETIC_SIZE = 10_000
 DEFAULT_SPARSITY_WARMUP = 1000  # the authors' ramp of the sparsity target
 
@@ -31,6 +35,10 @@ class TeacherConfig:
     model: str = "ViT-B-32"  # open_clip model name, or "demo" for the built-in demo teacher
     pretrained: str | None = None  # local checkpoint file (offline) or open_clip pretrained tag
     cache: str | None = None  # teacher-embedding cache file: read it instead of running the teacher
+    # (of every teacher of an ensemble: set it here, not in [[teachers]] entries)
+    # loss.family "sigmoid": the bias c_t of this teacher's probabilities s(b x.y + c_t); None:
+    # the teacher's own logit_bias (a softmax CLIP teacher has none: give one, e.g. -10)
+    logit_bias: float | None = None
 
 
 @dataclass
@@ -127,9 +135,12 @@ class DataConfig:
     """
 
     # "csv" (CSV/TSV, open_clip format), "webdataset", "synthetic" (random pairs), "demo" (the
-    # built-in demo data), or a kind registered with data.datasets.register_dataset
+    # built-in demo data), "reinforced" (a reinforced teacher cache over webdataset/csv/folder
+    # data), "datacompdr" (Apple's DataCompDR shards), or a kind registered with
+    # data.datasets.register_dataset; "folder" (an image folder) only to build a cache from
     kind: str | None = None
-    path: str | None = None  # csv/tsv file; webdataset shards "a-{000..009}.tar"; demo source
+    path: str | None = None  # csv/tsv file; webdataset shards "a-{000..009}.tar"; demo source;
+    # reinforced: the data the cache was built over; datacompdr: its shards
     size: int | None = None  # synthetic: number of samples (10,000); webdataset: per epoch
     options: dict[str, Any] = field(default_factory=dict)  # csv_img_key, csv_caption_key,
     # csv_separator, caption_key, image_size, vocab_size, ... (see data.build_dataset)
@@ -161,6 +172,35 @@ class DataConfig:
 
 
 @dataclass
+class ReinforcedConfig:
+    """The reinforced teacher cache (data/reinforced.py): built by ``--build-teacher-cache``
+    over webdataset/csv/folder data, read by the data kind ``reinforced`` (and the
+    ``caption_mode`` by ``datacompdr``)."""
+
+    cache_dir: str | None = None  # cache files' folder; None: beside the shards / CSV / folder
+    augmentations: int = 5  # K stored augmentations per image (build)
+    dtype: str = "fp16"  # stored embedding dtype: fp16, bf16 or fp32 (build)
+    caption_mode: str = "all"  # training picks among "all", "real" or "synthetic" captions
+
+    def data_options(self) -> dict[str, Any]:
+        """The ``data_cfg`` keys the reinforced data kinds read."""
+        return {"cache_dir": self.cache_dir, "caption_mode": self.caption_mode}
+
+    def validate(self) -> None:
+        if self.augmentations <= 0:
+            raise ValueError(f"reinforced.augmentations must be > 0, got {self.augmentations}")
+        if self.dtype not in CACHE_DTYPE_NAMES:
+            raise ValueError(
+                f"reinforced.dtype must be one of {CACHE_DTYPE_NAMES}, got {self.dtype!r}"
+            )
+        if self.caption_mode not in CAPTION_MODE_NAMES:
+            raise ValueError(
+                f"reinforced.caption_mode must be one of {CAPTION_MODE_NAMES}, got "
+                f"{self.caption_mode!r}"
+            )
+
+
+@dataclass
 class EvalConfig:
     """Zero-shot top-1 every ``every`` steps on a labelled set (0 switches it off)."""
 
@@ -182,6 +222,15 @@ class LossConfig:
     kind: str = "soft_ce"  # "soft_ce" (TinyCLIP/open_clip values) or "kl" (same gradient)
     fixed_scale: float | None = None  # authors: 50 fixes BOTH scales; None: student learnable
     max_scale: float = 100.0  # clamp of the learnable student scale exp(logit_scale)
+    # "softmax": affinity mimicking (TinyCLIP); "sigmoid": per-pair binary cross-entropy against
+    # the teachers' sigmoid probabilities, L_clip SigLIP's loss; the student gets a logit bias.
+    # kind under sigmoid: soft_ce is the binary cross-entropy, kl drops the teacher entropy,
+    # mobileclip is MobileCLIP's -log s((2p - 1) A)
+    family: str = "softmax"
+    # sigmoid: a student without a logit bias gets one, and its scale, as open_clip initialises
+    # SigLIP models (log 10, -10); one inherited from a teacher with a bias keeps the teacher's
+    init_logit_scale: float = math.log(10)
+    init_logit_bias: float = -10.0
 
 
 @dataclass
@@ -209,8 +258,12 @@ class DistillConfig:
     """Everything one ``tinyclip-distill`` run needs."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # an ensemble of 2..4 teachers ([[teachers]] tables: model, pretrained, logit_bias), in place
+    # of teacher.model/pretrained; weight inheritance reads the FIRST; teacher.cache serves all
+    teachers: list[TeacherConfig] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     data: DataConfig = field(default_factory=DataConfig)
+    reinforced: ReinforcedConfig = field(default_factory=ReinforcedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,11 +284,12 @@ class DistillConfig:
     num_workers: int = 0
     progress: bool = True  # tqdm bar
 
-    def validate(self) -> None:
-        """ValueError naming the first invalid field or stage."""
+    def validate(self, student: bool = True) -> None:
+        """ValueError naming the first invalid field or stage; ``student=False`` accepts a
+        config that names no student (building a teacher cache trains none)."""
         if not self.stages:
             raise ValueError("stages is empty: give at least one stage")
-        if self.stages[0].kind == "continue":
+        if student and self.stages[0].kind == "continue":
             from tinyclip_fast.inheritance.presets import PRESETS
 
             raise ValueError(
@@ -246,6 +300,7 @@ class DistillConfig:
             )
         for i, stage in enumerate(self.stages):
             stage.validate(i)
+        self._validate_teachers()
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.attention not in ATTENTIONS:
@@ -253,6 +308,18 @@ class DistillConfig:
         loss, optim = self.loss, self.optim
         if loss.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {loss.kind!r}")
+        if loss.family not in LOSS_FAMILIES:
+            raise ValueError(f"loss.family must be one of {LOSS_FAMILIES}, got {loss.family!r}")
+        if loss.family == "softmax" and loss.kind == "mobileclip":
+            raise ValueError("loss.kind mobileclip is a sigmoid loss: add --loss sigmoid")
+        if loss.family == "sigmoid" and loss.fixed_scale is not None:
+            raise ValueError(
+                "loss.fixed_scale is for the softmax loss: a sigmoid teacher's probabilities "
+                "depend on its own scale and bias, and the student learns both"
+            )
+        for name in ("init_logit_scale", "init_logit_bias"):
+            if not math.isfinite(getattr(loss, name)):
+                raise ValueError(f"loss.{name} must be finite, got {getattr(loss, name)}")
         _check_range("loss.contrastive_weight", loss.contrastive_weight, 0.0, 1.0)
         if loss.fixed_scale is not None:
             _check_positive("loss.fixed_scale", loss.fixed_scale)
@@ -274,10 +341,43 @@ class DistillConfig:
         if self.data.size is not None and self.data.size <= 0:
             raise ValueError(f"data.size must be > 0, got {self.data.size}")
         _check_range("data.max_bad_fraction", self.data.max_bad_fraction, 0.0, 1.0)
+        self.reinforced.validate()
         if self.resume and self.overwrite:
             raise ValueError(
                 "resume and overwrite exclude each other: continue the run or replace it"
             )
+
+    def teacher_configs(self) -> list[TeacherConfig]:
+        """The run's teachers: ``teachers`` when given (an ensemble), else ``[teacher]``."""
+        return list(self.teachers) if self.teachers else [self.teacher]
+
+    def _validate_teachers(self) -> None:
+        if len(self.teachers) > MAX_TEACHERS:
+            raise ValueError(
+                f"{len(self.teachers)} teachers given; an ensemble has at most {MAX_TEACHERS}"
+            )
+        if self.teachers and (
+            self.teacher.model != TeacherConfig.model
+            or self.teacher.pretrained is not None
+            or self.teacher.logit_bias is not None
+        ):
+            raise ValueError(
+                "give the teachers either as teacher.model/pretrained/logit_bias or as "
+                "[[teachers]] entries, not both (teacher.cache serves both)"
+            )
+        for i, entry in enumerate(self.teachers):
+            if entry.cache is not None:
+                raise ValueError(
+                    f"teachers[{i}].cache: one cache holds every teacher; set teacher.cache"
+                )
+        biases = [t.logit_bias for t in self.teacher_configs() if t.logit_bias is not None]
+        if self.loss.family == "softmax" and biases:
+            raise ValueError(
+                "a teacher logit_bias is for --loss sigmoid (a scalar bias drops out of "
+                "softmax targets)"
+            )
+        if any(not math.isfinite(b) for b in biases):
+            raise ValueError(f"teacher logit biases must be finite, got {biases}")
 
     @property
     def total_steps(self) -> int:
@@ -455,14 +555,17 @@ def apply_override(config: DistillConfig, assignment: str) -> None:
     parts = key.split(".")
     target: Any = config
     walked: list[str] = []
+    entry_type: Any = StageConfig  # the dataclass of the list walked into (stages, teachers)
     for part in parts[:-1]:
+        if is_dataclass(target) and part in {f.name for f in fields(target)}:
+            entry_type = (typing.get_args(_hints(type(target))[part]) or (entry_type,))[0]
         target = _child(target, part, walked, where)
         walked.append(part)
     name, here = parts[-1], ".".join(walked) or "the config"
     if isinstance(target, list):
         index = _index(target, name, here, where)
         try:
-            target[index] = from_dict(StageConfig, _parse_value(raw, dict), key)
+            target[index] = from_dict(entry_type, _parse_value(raw, dict), key)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from None
     elif isinstance(target, dict):

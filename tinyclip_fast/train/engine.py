@@ -1,8 +1,11 @@
 """The distillation loop: stages -> student -> steps -> checkpoints, nanoGPT-style.
 
-:func:`distill` runs every stage of ``config.stages`` against the ORIGINAL teacher (SPEC 4).
-A step: teacher features (online under no_grad, or read from the embedding cache), student
-features, the fused affinity-mimicking loss, backward (``step.train_step``, exact GradCache
+:func:`distill` runs every stage of ``config.stages`` against the ORIGINAL teacher (SPEC 4),
+or an ensemble of up to four (train/teachers.py: inheritance reads the first). A step:
+teacher features (online under no_grad, read from the embedding cache, or carried by a
+reinforced batch: train/reinforced_run.py, no teacher forward at all), student features,
+the fused loss (train/objective.py: affinity mimicking, or the sigmoid family with a learned
+student logit bias), backward (``step.train_step``, exact GradCache
 accumulation), grad-norm clip, AdamW, cosine schedule. Automatic-inheritance stages add the
 hard-concrete masks and the sparsity Lagrangian until ``prune_step``, then prune and continue
 on the compact student: its optimizer keeps the AdamW moments of the kept channels and the
@@ -35,8 +38,8 @@ from tqdm.auto import tqdm
 
 from tinyclip_fast.data.datasets import build_dataset
 from tinyclip_fast.data.loader import BadSampleLog, make_loader
+from tinyclip_fast.data.reinforced import ReinforcedStream
 from tinyclip_fast.inheritance.student_io import save_student
-from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.pruning.sparsity import SparsityController
 from tinyclip_fast.train.attention import check_attention, xformers_attention
@@ -48,7 +51,13 @@ from tinyclip_fast.train.checkpoint import (
 )
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import build_evaluator
+from tinyclip_fast.train.objective import build_objective
 from tinyclip_fast.train.optim import carry_optimizer_state, learning_rate, make_optimizer
+from tinyclip_fast.train.reinforced_run import (
+    StoredTeacher,
+    is_reinforced_batch,
+    register_reinforced_kinds,
+)
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
     bad_samples_name,
@@ -69,13 +78,21 @@ from tinyclip_fast.train.runtime import (
 )
 from tinyclip_fast.train.step import set_rng_state, train_step
 from tinyclip_fast.train.students import (
+    add_logit_bias,
     count_parameters,
     relative_sparsity,
     sparsity_of_teacher,
     stage_student,
     teacher_prunable_params,
 )
-from tinyclip_fast.train.teacher import build_teacher
+from tinyclip_fast.train.teacher import own_logit_bias
+from tinyclip_fast.train.teachers import (
+    TeacherLossArgs,
+    build_teachers,
+    check_teacher_count,
+    teacher_biases,
+    teacher_embeddings,
+)
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # An auto stage that pruned at less than this share of its target gets a warning line.
@@ -129,14 +146,15 @@ class _Distiller:
         self,
         config: DistillConfig,
         precision: str,
-        teacher: nn.Module,
+        teachers: list[nn.Module],
         dataset: torch.utils.data.Dataset,
         evaluator: Callable[[nn.Module], float] | None,
         device: torch.device,
         rank: int,
         world_size: int,
     ) -> None:
-        self.config, self.teacher, self.evaluator = config, teacher, evaluator
+        self.config, self.evaluator = config, evaluator
+        self.teachers, self.teacher = teachers, teachers[0]  # inheritance reads the first
         self.device, self.rank, self.world_size = device, rank, world_size
         self.precision = precision
         self.dataset = dataset
@@ -158,23 +176,35 @@ class _Distiller:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self.cache = TeacherEmbeddingCache.load(
-                    config.teacher.cache, teacher=teacher, dataset=dataset, device=device
+                    config.teacher.cache, teacher=teachers, dataset=dataset, device=device
                 )
             for warning in caught:
                 self.say(f"warning: {warning.message}")
-        self.loss_fn = AffinityMimickingLoss(
-            contrastive_weight=config.loss.contrastive_weight, kind=config.loss.kind
-        )
+        self.loss_fn = build_objective(config.loss)
+        self.sigmoid = config.loss.family == "sigmoid"
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.stored_teacher = None
+        if isinstance(dataset, ReinforcedStream) and self.cache is None:
+            self.stored_teacher = StoredTeacher(dataset, self.teacher, device, self.say)
+        # The loss's teachers: those of the embedding cache, of the reinforced data, or online.
+        if self.stored_teacher is not None:
+            own_scales, own_biases = self.stored_teacher.logit_scales, self.stored_teacher.biases
+        elif self.cache is not None:
+            own_scales, own_biases = self.cache.logit_scales, self.cache.logit_biases
+        else:
+            own_scales = [t.logit_scale.detach().float() for t in teachers]
+            own_biases = [own_logit_bias(t) for t in teachers]
         self.fixed_scale = None
         if config.loss.fixed_scale is not None:
             self.fixed_scale = torch.tensor(float(config.loss.fixed_scale), device=device)
-            self.teacher_scale = self.fixed_scale
-        elif self.cache is not None:
-            self.teacher_scale = torch.tensor(math.exp(self.cache.logit_scale), device=device)
+            teacher_scales = [self.fixed_scale] * len(own_scales)
         else:
-            self.teacher_scale = teacher.logit_scale.detach().float().exp()
+            teacher_scales = [torch.as_tensor(s, device=device).exp() for s in own_scales]
+        teacher_bias = None
+        if self.sigmoid:
+            teacher_bias = teacher_biases(config.teacher_configs(), own_biases, self.say)
+        self.targets = TeacherLossArgs(teacher_scales, teacher_bias, device)
         self.max_logit_scale = math.log(config.loss.max_scale)
         self.bad_samples = None
         if config.data.skip_bad_samples:
@@ -203,23 +233,18 @@ class _Distiller:
             stack.enter_context(xformers_attention())
         return stack
 
-    def teacher_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(I_t, T_t, b) of a local batch: cached rows, or the frozen teacher in micro-batches."""
+    def teacher_features(self, batch: dict[str, torch.Tensor]) -> tuple[object, ...]:
+        """(I_t, T_t, b[, c]) of a local batch (lists for an ensemble): cached rows, the
+        batch's stored embeddings, or the frozen teachers in micro-batches."""
+        if self.stored_teacher is not None and is_reinforced_batch(batch):
+            return self.targets.pack(*self.stored_teacher(batch))
         if self.cache is not None:
-            image_t, text_t = self.cache.lookup(batch["index"])
-            return image_t, text_t, self.teacher_scale
-        images, texts = batch["image"], batch["text"]
-        parts = []
-        # no_grad, not inference_mode: the loss saves these tensors for its backward.
-        with torch.no_grad(), self.autocast():
-            for s in range(0, images.shape[0], self.micro_batch):
-                image_t, text_t, _ = self.teacher(
-                    images[s : s + self.micro_batch], texts[s : s + self.micro_batch]
-                )
-                parts.append((image_t, text_t))
-        image_t = torch.cat([p[0] for p in parts])
-        text_t = torch.cat([p[1] for p in parts])
-        return image_t, text_t, self.teacher_scale
+            return self.targets.pack(*self.cache.lookup_all(batch["index"]))
+        features = [
+            teacher_embeddings(t, batch["image"], batch["text"], self.micro_batch, self.autocast)
+            for t in self.teachers
+        ]
+        return self.targets.pack([f[0] for f in features], [f[1] for f in features])
 
     def new_stage_state(self, stage: StageConfig, model: nn.Module) -> _StageState:
         model = model.to(self.device).train()
@@ -394,6 +419,13 @@ class _Distiller:
             model = MaskedCLIP(student) if stage.kind == "auto" else student
         else:
             model = stage_student(stage, self.teacher, student, config.seed)
+        loss = config.loss
+        if self.sigmoid and add_logit_bias(model, loss.init_logit_scale, loss.init_logit_bias):
+            self.say(
+                f"stage {stage_index}: the student gets a logit bias for the sigmoid loss: bias "
+                f"{loss.init_logit_bias:g}, scale exp({loss.init_logit_scale:.4g}) (open_clip's "
+                "SigLIP initialisation)"
+            )
         st = self.new_stage_state(stage, model)
         if stage_step > 0:
             self.restore_stage(st, stage, stage_index, stage_step, resume)
@@ -430,6 +462,7 @@ class _Distiller:
                 autocast=self.autocast,
                 scaler=self.scaler,
                 fixed_scale=self.fixed_scale,
+                with_bias=self.sigmoid,
             )
             penalty = sparsity = None
             if st.masked:
@@ -637,7 +670,7 @@ def dataset_defaults(teacher: nn.Module, seed: int) -> dict[str, Any]:
 def distill(
     config: DistillConfig,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | list[nn.Module] | None = None,
     student: nn.Module | None = None,
     train_dataset: torch.utils.data.Dataset | None = None,
     evaluator: Callable[[nn.Module], float] | None = None,
@@ -647,11 +680,14 @@ def distill(
 ) -> DistillResult:
     """Distil ``teacher`` into a student through ``config.stages``; see :class:`DistillConfig`.
 
-    Anything not passed is built from ``config``: the teacher from config.teacher, the data
+    ``teacher`` may be a list of 1..4 teachers (an ensemble; inheritance reads the first, all
+    read the same inputs). Anything not passed is built from ``config``: the teachers from
+    config.teacher / config.teachers, the data
     from config.data, the evaluator from config.eval. ``student`` replaces stage 0's
     construction: trained as given (manual/scratch), or masked then pruned (auto).
     ``evaluator(model) -> top1`` runs every config.eval.every steps and after each stage.
-    Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight (SPEC 2).
+    Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight (SPEC 2),
+    of config.loss.family (softmax affinity mimicking, or sigmoid: train/objective.py).
     Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir, which
     must not hold another run's files unless ``config.overwrite`` (they are replaced);
     ``config.resume`` continues the run there exactly (same data order, same RNG), its
@@ -685,21 +721,30 @@ def distill(
         torch.manual_seed(config.seed + rank)
         eval_preprocess = preprocess
         if teacher is None:
-            teacher, built_tokenizer, train_tf, eval_tf = build_teacher(config.teacher)
+            teachers, built_tokenizer, train_tf, eval_tf = build_teachers(config.teacher_configs())
             tokenizer = tokenizer or built_tokenizer
             # Cached teacher embeddings are those of un-augmented images.
             preprocess = preprocess or (eval_tf if config.teacher.cache else train_tf)
             eval_preprocess = eval_preprocess or eval_tf
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        else:
+            teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+            check_teacher_count(len(teachers))
+        teachers = [t.to(device).eval().requires_grad_(False) for t in teachers]
+        teacher = teachers[0]
         if train_dataset is None:
-            data_cfg = {**dataset_defaults(teacher, config.seed), **config.data.as_dict()}
+            register_reinforced_kinds()
+            data_cfg = {
+                **dataset_defaults(teacher, config.seed),
+                **config.reinforced.data_options(),
+                **config.data.as_dict(),
+            }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
         if evaluator is None and config.eval.every > 0:
             evaluator = build_evaluator(
                 config.eval, tokenizer=tokenizer, preprocess=eval_preprocess, device=device
             )
         runner = _Distiller(
-            config, precision, teacher, train_dataset, evaluator, device, rank, world_size
+            config, precision, teachers, train_dataset, evaluator, device, rank, world_size
         )
         return runner.run(student, resume)
     finally:

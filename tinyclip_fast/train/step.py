@@ -42,20 +42,24 @@ def train_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler,
     fixed_scale: torch.Tensor | None = None,
+    with_bias: bool = False,
 ) -> torch.Tensor:
     """Forward + backward of one local batch; returns the detached loss.
 
-    ``model(images, texts) -> (image_features, text_features, exp(logit_scale))`` with
-    L2-normalised features; ``loss_fn(I_s, T_s, a, I_t, T_t, b)``. A batch larger than
-    ``micro_batch_size`` takes the GradCache path (module docstring): the same gradients
-    as the whole batch at once, within floating-point rounding.
+    ``model(images, texts) -> (image_features, text_features, exp(logit_scale)[, bias])``
+    with L2-normalised features; ``loss_fn(I_s, T_s, a, I_t, T_t, b)``, or with
+    ``with_bias`` (the sigmoid family) ``loss_fn(I_s, T_s, a, c, *teacher_features)`` with the
+    model's logit bias c. A batch larger than ``micro_batch_size`` takes the GradCache path
+    (module docstring): the same gradients as the whole batch at once, within floating-point
+    rounding.
     """
     n = images.shape[0]
     if micro_batch_size >= n:
         with autocast():
-            image_f, text_f, scale = model(images, texts)
+            image_f, text_f, scale, *bias = model(images, texts)
             scale = scale if fixed_scale is None else fixed_scale
-            loss = loss_fn(image_f, text_f, scale, *teacher_features)
+            logit_params = (scale, *_bias(bias, with_bias))
+            loss = loss_fn(image_f, text_f, *logit_params, *teacher_features)
         scaler.scale(loss).backward()
         return loss.detach()
 
@@ -66,15 +70,16 @@ def train_step(
     with torch.no_grad(), autocast():
         for part in slices:
             rng_states.append(rng_state(device))
-            image_f, text_f, scale = raw(images[part], texts[part])
+            image_f, text_f, scale, *bias = raw(images[part], texts[part])
             image_parts.append(image_f)
             text_parts.append(text_f)
     image_all = torch.cat(image_parts).requires_grad_()
     text_all = torch.cat(text_parts).requires_grad_()
     scale_leaf = (scale if fixed_scale is None else fixed_scale).detach()
     scale_leaf.requires_grad_(fixed_scale is None)
+    bias_leaves = [b.detach().requires_grad_() for b in _bias(bias, with_bias)]
     with autocast():
-        loss = loss_fn(image_all, text_all, scale_leaf, *teacher_features)
+        loss = loss_fn(image_all, text_all, scale_leaf, *bias_leaves, *teacher_features)
     scaler.scale(loss).backward()
 
     last = len(slices) - 1
@@ -85,12 +90,23 @@ def train_step(
         with sync, torch.random.fork_rng(devices=cuda):
             set_rng_state(rng_states[i], device)
             with autocast():
-                image_f, text_f, scale = model(images[part], texts[part])
+                image_f, text_f, scale, *bias = model(images[part], texts[part])
             outputs, grads = [image_f, text_f], [image_all.grad[part], text_all.grad[part]]
-            if fixed_scale is None:
-                # The scale's gradient enters once; a zero elsewhere still marks the parameter
-                # used, as DDP requires without find_unused_parameters.
-                outputs.append(scale)
-                grads.append(scale_leaf.grad if i == last else torch.zeros_like(scale_leaf.grad))
+            # The scale's and bias's gradients enter once; a zero elsewhere still marks the
+            # parameter used, as DDP requires without find_unused_parameters.
+            leaves = [(scale, scale_leaf)] if fixed_scale is None else []
+            leaves += zip(_bias(bias, with_bias), bias_leaves, strict=True)
+            for output, leaf in leaves:
+                outputs.append(output)
+                grads.append(leaf.grad if i == last else torch.zeros_like(leaf.grad))
             torch.autograd.backward(outputs, grads)
     return loss.detach()
+
+
+def _bias(rest: list[torch.Tensor], with_bias: bool) -> list[torch.Tensor]:
+    """The model's logit bias as a list of one when the loss takes it, else empty."""
+    if not with_bias:
+        return []
+    if not rest or rest[0] is None:
+        raise ValueError("the sigmoid loss needs a student with a logit bias (logit_bias None)")
+    return rest[:1]

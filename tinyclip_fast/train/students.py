@@ -40,6 +40,20 @@ def stage_student(
     return manual_inherit(source, model_cfg, layer_selection=stage.layer_selection)
 
 
+def add_logit_bias(model: nn.Module, init_logit_scale: float, init_logit_bias: float) -> bool:
+    """Give a student without a logit bias one, as open_clip initialises SigLIP models: bias
+    ``init_logit_bias``, log-scale ``init_logit_scale``. Returns whether it added one (a
+    student that has a bias, e.g. inherited from a sigmoid teacher, keeps it and its scale)."""
+    base = model.model if isinstance(model, MaskedCLIP) else model
+    if getattr(base, "logit_bias", None) is not None:
+        return False
+    scale = base.logit_scale
+    with torch.no_grad():
+        scale.fill_(init_logit_scale)
+    base.logit_bias = nn.Parameter(torch.full_like(scale, init_logit_bias))
+    return True
+
+
 def teacher_prunable_params(teacher: nn.Module) -> int:
     """The ORIGINAL teacher's prunable parameters: what every stage's sparsity refers to."""
     return MaskedCLIP(teacher).full_prunable_params()

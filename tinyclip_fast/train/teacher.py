@@ -62,5 +62,16 @@ def build_teacher(config: TeacherConfig) -> tuple[nn.Module, Callable, Callable,
     return model, open_clip.get_tokenizer(name), train_tf, eval_tf
 
 
+def own_logit_scale(teacher: nn.Module) -> float:
+    """A teacher's log-space logit scale (its affinity scale is the exp of it)."""
+    return float(teacher.logit_scale.detach().float().reshape(-1)[0])
+
+
+def own_logit_bias(teacher: nn.Module) -> float | None:
+    """A teacher's own logit bias (open_clip's ``logit_bias``; None for softmax CLIPs)."""
+    bias = getattr(teacher, "logit_bias", None)
+    return None if bias is None else float(bias.detach().float().reshape(-1)[0])
+
+
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
