@@ -470,7 +470,7 @@ def dry_run(cpu: bool, quick: bool, out_dir: Path) -> None:
 ENSEMBLE_TEACHERS = (1, 2, 4)
 ENSEMBLE_GPU_SIZES = [4096, 16384, 65536]
 ENSEMBLE_QUICK_SIZES = [16384]
-ENSEMBLE_ROUNDS = 3
+ENSEMBLE_ROUNDS = 5
 
 
 def ensemble_goal(teachers: int) -> float:
