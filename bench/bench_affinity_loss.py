@@ -19,6 +19,14 @@ CPU:  python bench/bench_affinity_loss.py --cpu [--quick] [--out bench/results]
       the reference's few large ops.
       --dry-run: print the plan, run every implementation once at n = 64 on the CPU and
       render the table from that (nothing written); needs no GPU.
+Ensembles: python bench/bench_affinity_loss.py --ensemble [--cpu] [--quick] [--out ...]
+      ours with K = 1, 2, 4 teachers (d = 512 each), targets averaged after softmax:
+      time(K) / time(1) of forward + backward against the goal (1 + K) / 2 (each student
+      tile computed once, the K teacher tiles streamed beside it), the K alternating call
+      by call in one process; on the GPU bf16, do_bench median, n = 16,384 (--quick) or
+      4,096 .. 65,536 (<out>/affinity_ensemble_<gpu>.md); on the CPU fp32, n = 8,192, the
+      fastest of 3 calls each plus the steady-state peak RSS growth per K, each in a fresh
+      process (<out>/affinity_ensemble_cpu.md). With --dry-run: every K once at n = 64.
 
 Both implementations compute the same two terms (distillation and contrastive) so the
 comparison is like for like.
@@ -54,12 +62,17 @@ MODES = ("forward", "backward", "full")
 MEMORY_CALLS = 4
 
 
-def make_features(n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Unit-norm random student (requiring grad) and teacher features, student scale 50."""
-    feats = [F.normalize(torch.randn(n, DIM, device=device), dim=1).to(dtype) for _ in range(4)]
-    x, y = (f.requires_grad_() for f in feats[:2])
+def make_features(n: int, device: str, dtype: torch.dtype, teachers: int = 1) -> tuple:
+    """Unit-norm random student (requiring grad) and teacher features, student scale 50;
+    for ``teachers`` > 1 the teachers' features and scales (100, 80, 60, 40) as lists."""
+    unit = lambda: F.normalize(torch.randn(n, DIM, device=device), dim=1).to(dtype)
+    x, y = unit().requires_grad_(), unit().requires_grad_()
     scale = torch.tensor(50.0, device=device, requires_grad=True)
-    return x, y, scale, feats[2], feats[3], torch.tensor(100.0, device=device)
+    if teachers == 1:
+        return x, y, scale, unit(), unit(), torch.tensor(100.0, device=device)
+    images, texts = [unit() for _ in range(teachers)], [unit() for _ in range(teachers)]
+    scales = [torch.tensor(100.0 - 20 * k, device=device) for k in range(teachers)]
+    return x, y, scale, images, texts, scales
 
 
 def loss_fn(impl: str):
@@ -278,7 +291,7 @@ _RSS_SCRIPT = textwrap.dedent(
     from bench_affinity_loss import cpu_steady_state_rss
 
     torch.set_num_threads({threads})
-    print(json.dumps(cpu_steady_state_rss({impl!r}, {n}, {calls})))
+    print(json.dumps(cpu_steady_state_rss({impl!r}, {n}, {calls}, {teachers})))
     """
 )
 
@@ -289,15 +302,16 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def cpu_steady_state_rss(impl: str, n: int, calls: int) -> dict:
+def cpu_steady_state_rss(impl: str, n: int, calls: int, teachers: int = 1) -> dict:
     """Per call, the peak RSS beyond the RSS with the inputs in place; run in a subprocess.
 
     Before each call the high-water mark is reset (``/proc/self/clear_refs``), so every
     call's peak is its own, with whatever the allocator kept from the calls before.
     """
     fn = loss_fn(impl)
-    fn(*make_features(64, "cpu", torch.float32)).backward()  # warm-up: lazy allocations
-    args = make_features(n, "cpu", torch.float32)
+    # Warm-up: lazy allocations.
+    fn(*make_features(64, "cpu", torch.float32, teachers)).backward()
+    args = make_features(n, "cpu", torch.float32, teachers)
     base = _status_mb("VmRSS:")
     peaks, seconds = [], []
     for _ in range(calls):
@@ -312,13 +326,16 @@ def cpu_steady_state_rss(impl: str, n: int, calls: int) -> dict:
     return {"peak_mb": peaks, "grad_mb": grad_mb, "seconds": seconds}
 
 
-def cpu_peak_rss(impl: str, n: int = CPU_MEMORY_N, calls: int = MEMORY_CALLS) -> dict:
+def cpu_peak_rss(
+    impl: str, n: int = CPU_MEMORY_N, calls: int = MEMORY_CALLS, teachers: int = 1
+) -> dict:
     """cpu_steady_state_rss in a fresh process (the measure sees nothing of this one)."""
     script = _RSS_SCRIPT.format(
         bench_dir=str(Path(__file__).parent),
         impl=impl,
         n=n,
         calls=calls,
+        teachers=teachers,
         threads=torch.get_num_threads(),
     )
     done = subprocess.run(
@@ -448,17 +465,154 @@ def dry_run(cpu: bool, quick: bool, out_dir: Path) -> None:
     print("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- ensemble mode
+
+ENSEMBLE_TEACHERS = (1, 2, 4)
+ENSEMBLE_GPU_SIZES = [4096, 16384, 65536]
+ENSEMBLE_QUICK_SIZES = [16384]
+ENSEMBLE_ROUNDS = 5
+
+
+def ensemble_goal(teachers: int) -> float:
+    """time(K) / time(1) allowed: one student pass plus K teacher passes, a teacher pass
+    costing at most the student's (the student's includes its gradient GEMMs)."""
+    return (1 + teachers) / 2
+
+
+def _ensemble_step(n: int, teachers: int, device: str, dtype: torch.dtype):
+    fn = loss_fn("tinyclip_fast")
+    args = make_features(n, device, dtype, teachers)
+
+    def step():
+        fn(*args).backward()
+        _clear_grads(args)
+
+    step()  # compiles, autotunes, sets up lazy state
+    return step, args
+
+
+def cpu_ensemble_times(n: int, rounds: int = ENSEMBLE_ROUNDS) -> dict[int, float]:
+    """Fastest forward + backward of each K over ``rounds``, the K alternating call by call
+    (a shared machine's load then hits every K alike)."""
+    steps = {k: _ensemble_step(n, k, "cpu", torch.float32)[0] for k in ENSEMBLE_TEACHERS}
+    times: dict[int, list[float]] = {k: [] for k in ENSEMBLE_TEACHERS}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - start)
+            print(f"  K={k}: {times[k][-1]:.3f} s", flush=True)
+    return {k: min(t) for k, t in times.items()}
+
+
+def ensemble_report(title: str, note: str, rows: list[tuple]) -> list[str]:
+    """Markdown lines; rows = (n, K, seconds, seconds of K = 1, MB or None)."""
+    lines = [
+        f"# Affinity loss with teacher ensembles: {title}",
+        "",
+        note,
+        "",
+        "| n | K | s | time(K) / time(1) | goal (1 + K) / 2 | met | peak MB per call |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, k, seconds, base, memory in rows:
+        ratio, goal = seconds / base, ensemble_goal(k)
+        lines.append(
+            f"| {n} | {k} | {seconds:.3f} | {ratio:.2f} | {goal:.1f} | "
+            f"{'yes' if ratio <= goal else 'NO'} | {memory if memory is not None else '-'} |"
+        )
+    return lines
+
+
+def run_cpu_ensemble(out_dir: Path, memory_calls: int = 3) -> None:
+    n = CPU_MEMORY_N
+    times = cpu_ensemble_times(n)
+    memory = {
+        k: cpu_peak_rss("tinyclip_fast", n, memory_calls, k)["peak_mb"] for k in ENSEMBLE_TEACHERS
+    }
+    note = (
+        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{torch.get_num_threads()} threads; ours only (open_clip has no ensemble loss), "
+        f"d = {DIM} for the student and every teacher, fp32, distill + contrastive, forward + "
+        f"backward, targets averaged after softmax. Time: fastest of {ENSEMBLE_ROUNDS} calls "
+        "after a warm-up, K = 1, 2, 4 alternating call by call in one process. Memory: peak "
+        f"RSS growth of each of {memory_calls} consecutive calls in a fresh process per K, "
+        "over the RSS with the inputs in place (gradients included, set to None after each "
+        f"call). Load average (1 min) when written: {os.getloadavg()[0]:.1f}."
+    )
+    rows = [
+        (n, k, times[k], times[1], ", ".join(f"{p:.0f}" for p in memory[k]))
+        for k in ENSEMBLE_TEACHERS
+    ]
+    lines = ensemble_report(f"CPU {cpu_name()}", note, rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "affinity_ensemble_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def run_gpu_ensemble(quick: bool, out_dir: Path) -> None:
+    import triton
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name()
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+    note = (
+        f"{versions}; ours only (open_clip has no ensemble loss), d = {DIM} for the student "
+        "and every teacher, bf16 features, fp32 math, distill + contrastive, forward + "
+        "backward. Time: do_bench median, K = 1, 2, 4 measured one after another per n. "
+        f"Memory: peak allocated over {MEMORY_CALLS} consecutive calls beyond the inputs."
+    )
+    stem = "affinity_ensemble_" + name.replace(" ", "_").replace("/", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in ENSEMBLE_QUICK_SIZES if quick else ENSEMBLE_GPU_SIZES:
+        base = None
+        for k in ENSEMBLE_TEACHERS:
+            step, args = _ensemble_step(n, k, "cuda", torch.bfloat16)
+            peak = _steady_peak_mb(step)
+            seconds = do_bench(step, grad_to_none=list(args[:3]), return_mode="median") / 1e3
+            base = seconds if k == 1 else base
+            rows.append((n, k, seconds, base, f"{peak:.0f}"))
+            print(f"n={n} K={k}: {seconds * 1e3:.3f} ms, {peak:.0f} MB", flush=True)
+            del step, args
+            torch.cuda.empty_cache()
+            lines = ensemble_report(name, note, rows)
+            (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def dry_run_ensemble() -> None:
+    """Every K once at n = 64 on the CPU, through the same table; nothing written."""
+    rows, base = [], None
+    for k in ENSEMBLE_TEACHERS:
+        step, _ = _ensemble_step(64, k, "cpu", torch.float32)
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        base = seconds if k == 1 else base
+        rows.append((64, k, seconds, base, None))
+    print("\n".join(ensemble_report("dry run (CPU, n = 64)", "no CUDA", rows)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and modes")
     parser.add_argument("--cpu", action="store_true", help="CPU table instead of the GPU one")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
+    parser.add_argument("--ensemble", action="store_true", help="K = 1, 2, 4 teachers, ours")
     args = parser.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu and not args.cpu and not args.dry_run:
         print("no CUDA device: running the CPU comparison instead", file=sys.stderr)
-    if args.dry_run:
+    if args.ensemble:
+        if args.dry_run:
+            dry_run_ensemble()
+        elif cpu:
+            run_cpu_ensemble(args.out)
+        else:
+            run_gpu_ensemble(args.quick, args.out)
+    elif args.dry_run:
         dry_run(args.cpu, args.quick, args.out)
     elif cpu:
         run_cpu(args.quick, args.out)

@@ -82,8 +82,9 @@ def _config_values(config) -> tuple[dict, int, int]:
 # ---------------------------------------------------------------------------- kernel families
 
 
-def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """Both affinity kernels with teacher and column terms on (their heaviest form)."""
+def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int, ...]):
+    """The affinity kernels with K teachers and the column terms on (their heaviest form),
+    and for K >= 2 the mixture-entropy pass of the ensemble KL."""
     import tinyclip_fast.kernels.affinity_loss as kernels
 
     module = "tinyclip_fast.kernels.affinity_loss"
@@ -91,28 +92,48 @@ def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
         "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
         "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
         "col_lse_ptr": "*fp32", "coeff_ptr": "*fp32", "dscale_ptr": "*fp32",
+        "partial_ptr": "*fp32",
     }  # fmt: skip
-    for kernel, shapes in (
-        ("_affinity_stats_kernel", kernels._STATS_SHAPES),
-        ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
-    ):
-        fn = getattr(kernels, kernel)
-        for dtype in dtypes:
-            pointers = {
-                name: scalars.get(name, f"*{dtype}")
-                for name in fn.arg_names
-                if name.endswith("_ptr")
-            }
-            for bm, bn, bd, warps, stages in shapes["fp32" if dtype == "fp32" else "half"]:
-                consts = dict(
-                    TEACHER=True, COLUMNS=True, UPCAST=False, FP32_DOT=dtype == "fp32",
-                    DOT_PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                )  # fmt: skip
-                yield Variant(
-                    "affinity_loss", module, kernel, dtype, f"{bm}x{bn}x{bd} w{warps} s{stages}",
-                    tuple(pointers.items()), tuple(consts.items()), warps, stages,
-                    unit=("stride_xd", "stride_yd", "stride_xtd", "stride_ytd"),
-                )  # fmt: skip
+    for num_teachers in teachers:
+        count = kernels._teacher_class(num_teachers)
+        passes = [
+            ("_affinity_stats_kernel", kernels._STATS_SHAPES),
+            ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
+        ]
+        if num_teachers > 1:
+            passes.append(("_mixture_entropy_kernel", kernels._ENTROPY_SHAPES))
+        for kernel, shapes in passes:
+            fn = getattr(kernels, kernel)
+            unit = [n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")]
+            for dtype in dtypes:
+                pointers = {
+                    name: scalars.get(name, f"*{dtype}")
+                    for name in fn.arg_names
+                    if name.endswith("_ptr")
+                }
+                kind = "fp32" if dtype == "fp32" else "half"
+                for bm, bn, bd, warps, stages in shapes[kind, count]:
+                    consts = dict(
+                        NUM_TEACHERS=num_teachers, COLUMNS=True, UPCAST=False,
+                        FP32_DOT=dtype == "fp32", DOT_PRECISION="tf32x3",
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                    )  # fmt: skip
+                    yield Variant(
+                        family, module, kernel, dtype,
+                        f"K={num_teachers} {bm}x{bn}x{bd} w{warps} s{stages}",
+                        tuple(pointers.items()), tuple(consts.items()), warps, stages,
+                        unit=tuple(unit),
+                    )  # fmt: skip
+
+
+def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
+    """Both affinity kernels with one teacher."""
+    yield from _affinity_variants("affinity_loss", dtypes, (1,))
+
+
+def affinity_ensemble_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
+    """The affinity kernels for ensembles of 2 and 4 teachers, and the entropy pass."""
+    yield from _affinity_variants("affinity_ensemble", dtypes, (2, 4))
 
 
 def masked_matmul_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
@@ -223,6 +244,7 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
 
 FAMILIES: dict[str, Callable[[tuple[str, ...]], Iterator[Variant]]] = {
     "affinity_loss": affinity_loss_variants,
+    "affinity_ensemble": affinity_ensemble_variants,
     "masked_matmul": masked_matmul_variants,
     "sigmoid_loss": sigmoid_loss_variants,
 }

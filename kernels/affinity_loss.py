@@ -496,31 +496,43 @@ def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
 
 # Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
 # static report bench/sm90_report.py, teacher and column terms on; tests/kernels holds it
-# to that for bf16/fp16/fp32), per dtype class and teacher count class ("one" is K <= 1).
-# The forward keeps many [BLOCK_M, BLOCK_N] tiles alive, hence 8 warps. fp32 features take
-# 3xTF32 dots (each operand split in a high and a low part, three MMAs per product), which
-# need about twice the registers of a bf16 tile: larger fp32 tiles spill 28-760 B, so fp32
-# gets smaller BLOCK_D / BLOCK_N candidates of its own.
+# to that for bf16/fp16/fp32), per dtype class and teacher count class: "one" is K <= 1,
+# "two" K = 2, "four" K = 3..4 (compiled per K, tuned per class). The forward keeps many
+# [BLOCK_M, BLOCK_N] tiles alive, hence 8 warps. fp32 features take 3xTF32 dots (each
+# operand split in a high and a low part, three MMAs per product), which need about twice
+# the registers of a bf16 tile: larger fp32 tiles spill 28-760 B, so fp32 gets smaller
+# BLOCK_D / BLOCK_N candidates of its own. Each teacher streamed beside the student adds its
+# running statistics and (backward) its softmax tile: the larger tiles spill from K = 2
+# (64x128 stats, 128x64 fp32 grad: 8-84 B) or K = 4 (every 64x128 / 128x64 tile, 16-1000 B;
+# fp32 stats even at 64x64, hence 64x32). With the K-teacher signature, fp32 64x128x16 stats
+# spill 4 B at K = 1 on Triton 3.6 (clean before): dropped from the one-teacher candidates.
 _STATS_SHAPES = {
     ("half", "one"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
-    ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
-    ("half", "many"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
-    ("fp32", "many"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 3)),
+    ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("half", "two"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
+    ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("half", "four"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("fp32", "four"): ((64, 32, 16, 8, 3),),
 }
 _GRAD_SHAPES = {
     ("half", "one"): (
         (64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
     ),
     ("fp32", "one"): ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
-    ("half", "many"): (
+    ("half", "two"): (
         (64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
     ),
-    ("fp32", "many"): ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 32, 8, 4)),
+    ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 32, 8, 4), (64, 64, 16, 8, 3)),
+    ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
+    ("fp32", "four"): ((64, 64, 16, 8, 3), (64, 32, 32, 8, 3)),
 }  # fmt: skip
-# The entropy pass of an ensemble's KL (K >= 2 only).
+# The entropy pass of an ensemble's KL (K >= 2 only); fp32 64x64x32 spills 16 B at K = 4
+# on Triton 3.6.
 _ENTROPY_SHAPES = {
-    "half": ((64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
-    "fp32": ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("half", "two"): ((64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
+    ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
+    ("fp32", "four"): ((64, 64, 16, 8, 3),),
 }
 _KEY = ["m", "n", "d_t0", "d_t1", "d_t2", "d_t3"]
 
@@ -530,7 +542,7 @@ def _shape_class(features: torch.Tensor) -> str:
 
 
 def _teacher_class(num_teachers: int) -> str:
-    return "one" if num_teachers <= 1 else "many"
+    return "one" if num_teachers <= 1 else ("two" if num_teachers == 2 else "four")
 
 
 if INTERPRETING:
@@ -725,7 +737,7 @@ def mixture_entropy(
         triton.cdiv(m, meta["BLOCK_M"]),
         min(triton.cdiv(n, meta["BLOCK_N"]), _COLUMN_PROGRAMS),
     )
-    _ENTROPY_KERNELS[_shape_class(ops.rows)][grid](
+    _ENTROPY_KERNELS[ops.kernel_class][grid](
         *ops.pointers, b, row_lse, col_lse, partials, m, n, *ops.dims, *ops.strides,
         NUM_TEACHERS=ops.num_teachers, COLUMNS=columns, **_dot_flags(ops.rows), **_block_args(),
     )  # fmt: skip

@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sm90_report.py"
 
 FAMILIES = [
     pytest.param("affinity_loss", "bf16,fp16,fp32", 600, id="affinity_loss"),
+    pytest.param("affinity_ensemble", "bf16,fp16,fp32", 900, id="affinity_ensemble"),
     pytest.param("sigmoid_loss", "bf16,fp16,fp32", 600, id="sigmoid_loss"),
     pytest.param("masked_matmul", "bf16,fp16", 1200, id="masked_matmul"),
 ]

@@ -32,6 +32,8 @@ import torch
 from tinyclip_fast.ops.backend import use_triton
 
 KINDS = ("soft_ce", "kl")
+# Ensemble size the kernels have argument slots for (kernels.affinity_loss.MAX_TEACHERS);
+# repeated here so that CPU-only use never imports the kernels.
 MAX_TEACHERS = 4
 
 # Elements of one [chunk, N] fp32 block in the PyTorch path: 8 MB keeps the peak small
@@ -53,8 +55,9 @@ class AffinityStats:
 
     lse_a: log-sum-exp of the student logits [r]; target_a: the logit of the contrastive
     label [r]; lse_b: log-sum-exp of each teacher's logits [K, r]; p_dot_a: sum_j P_ij A_ij
-    with P the teachers' mean softmax [r]; plogp: sum_i sum_j P_ij ln P_ij, 0-d (kind="kl"
-    only). Teacher fields are None when no teacher is involved.
+    with P the teachers' mean softmax [r]; plogp (kind="kl" only): sum_j P_ij ln P_ij per
+    row [r] for one teacher, summed over the rows too (0-d) for an ensemble, whose mixture
+    entropy takes a pass of its own. Teacher fields are None when no teacher is involved.
     """
 
     lse_a: torch.Tensor
