@@ -95,20 +95,6 @@ step() {
     fi
 }
 
-masked_bench() { # the masked-matmul benchmark, with --dry-run only where it has one
-    if [[ ${1:-} == --dry-run ]]; then
-        local help
-        help=$($PY bench/bench_masked_matmul.py --help) || return 1
-        if ! grep -q -- --dry-run <<<"$help"; then
-            echo "bench_masked_matmul.py has no --dry-run yet: its plan is not walked"
-            return 0
-        fi
-    fi
-    $PY bench/bench_masked_matmul.py --quick --out "$RESULTS" "$@"
-}
-export -f masked_bench
-export PY RESULTS
-
 # The plan: name, budget in seconds, command on the GPU, command under --dry-run.
 NAMES=() BUDGETS=() COMMANDS=() DRY_COMMANDS=()
 plan() { NAMES+=("$1") BUDGETS+=("$2") COMMANDS+=("$3") DRY_COMMANDS+=("$4"); }
@@ -139,7 +125,8 @@ plan loss-bench 100 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run"
 plan sigmoid-bench 45 "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS --dry-run"
-plan masked-bench 70 "masked_bench" "masked_bench --dry-run"
+plan masked-bench 70 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
+    "$PY bench/bench_masked_matmul.py --quick --out $RESULTS --dry-run"
 plan distill-bench 65 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
     "$PY bench/bench_distill_step.py --quick --out $RESULTS --dry-run"
 plan summary 15 \

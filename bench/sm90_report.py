@@ -137,52 +137,65 @@ def affinity_ensemble_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
 
 
 def masked_matmul_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """Forward/input-gradient and weight-gradient kernels, gathered and dense, all masks on."""
+    """The compact-form kernels as masked_linear launches them, every mask on: the matmul as
+    forward (bias, unit stride along the weight's reduction) and input gradient (no bias, unit
+    stride along the output), dense or with the weight gathered on the reduction side, the
+    output side (then scattered into the full width) or both; the weight gradient dense or
+    gathered the same ways. Each form with the configurations its autotuner may pick."""
     import tinyclip_fast.kernels.masked_matmul as kernels
 
     module = "tinyclip_fast.kernels.masked_matmul"
+    # (reduction side gathered, output side gathered): dense, then the three gathered forms.
+    forms = [(False, False), (True, False), (False, True), (True, True)]
     for dtype in dtypes:
-        # fp32 follows torch's default (TF32 off for matmuls): exact fp32 dots.
-        dot = dict(DOT_FP32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        # fp32 runs the kernels with TF32 only (exact fp32 takes cuBLAS, see masked_linear).
+        dot = dict(DOT_FP32=False, INPUT_PRECISION="tf32")
         matmul = {
-            "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-            "c_ptr": f"*{dtype}", "k_kept_ptr": "*i64", "n_kept_ptr": "*i64",
-            "n_pruned_ptr": "*i64", "k_scale_ptr": "*fp32", "n_scale_ptr": "*fp32",
+            "a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+            "c_ptr": f"*{dtype}", "r_idx_ptr": "*i32", "c_idx_ptr": "*i32",
+            "c_pruned_ptr": "*i32", "r_scale_ptr": "*fp32", "c_scale_ptr": "*fp32",
         }  # fmt: skip
         wgrad = {
             "dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
             "dw_ptr": "*fp32", "d_in_ptr": "*fp32", "d_out_ptr": "*fp32", "db_ptr": "*fp32",
-            "in_kept_ptr": "*i64", "out_kept_ptr": "*i64", "in_scale_ptr": "*fp32",
-            "out_scale_ptr": "*fp32",
+            "out_idx_ptr": "*i32", "in_idx_ptr": "*i32", "out_scale_ptr": "*fp32",
+            "in_scale_ptr": "*fp32",
         }  # fmt: skip
-        for dense in (False, True):
-            where = "dense" if dense else "gathered"
-            for config in kernels._MATMUL_CONFIGS:
+        for gather_r, gather_c in forms:
+            gathered = gather_r or gather_c
+            where = {
+                (False, False): "dense", (True, False): "gather-r", (False, True): "gather-c",
+                (True, True): "gather-rc",
+            }[(gather_r, gather_c)]  # fmt: skip
+            size = 4 if dtype == "fp32" else 2
+            for config in kernels.matmul_configs(gathered, size):
                 blocks, warps, stages = _config_values(config)
-                consts = dict(
-                    HAS_BIAS=True, HAS_K_SCALE=True, HAS_N_SCALE=True, DENSE_K=dense,
-                    DENSE_N=dense, **dot, **blocks,
-                )  # fmt: skip
                 label = "x".join(str(v) for v in blocks.values())
-                for role, weight_unit in (("fwd", "stride_bk"), ("dgrad", "stride_bn")):
-                    yield Variant(
-                        "masked_matmul", module, "_gathered_matmul_kernel", dtype,
-                        f"{role} {where} {label} w{warps} s{stages}", tuple(matmul.items()),
-                        tuple(consts.items()), warps, stages,
-                        unit=("stride_ak", "stride_cn", weight_unit),
+                for role, weight_unit, bias in (
+                    ("fwd", "stride_wr", True),
+                    ("dgrad", "stride_wc", False),
+                ):
+                    consts = dict(
+                        HAS_BIAS=bias, HAS_R_SCALE=True, HAS_C_SCALE=True, GATHER_R=gather_r,
+                        GATHER_C=gather_c, SCATTER_C=gather_c, **dot, **blocks,
                     )  # fmt: skip
-            for config in kernels._WGRAD_CONFIGS:
+                    yield Variant(
+                        "masked_matmul", module, "_masked_matmul_kernel", dtype,
+                        f"{role} {where} {label} w{warps} s{stages}", tuple(matmul.items()),
+                        tuple(consts.items()), warps, stages, unit=(weight_unit,),
+                    )  # fmt: skip
+            for config in kernels.weight_grad_configs(gathered, size):
                 blocks, warps, stages = _config_values(config)
                 consts = dict(
-                    HAS_IN_SCALE=True, HAS_OUT_SCALE=True, DENSE_IN=dense, DENSE_OUT=dense,
-                    NEED_DW=True, NEED_DB=True, NEED_D_IN=True, NEED_D_OUT=True, **dot, **blocks,
+                    HAS_OUT_SCALE=True, HAS_IN_SCALE=True, GATHER_OUT=gather_c,
+                    GATHER_IN=gather_r, NEED_DW=True, NEED_D_IN=True, NEED_D_OUT=True,
+                    **dot, **blocks,
                 )  # fmt: skip
                 label = "x".join(str(v) for v in blocks.values())
                 yield Variant(
                     "masked_matmul", module, "_masked_weight_grad_kernel", dtype,
                     f"{where} {label} w{warps} s{stages}", tuple(wgrad.items()),
-                    tuple(consts.items()), warps, stages,
-                    unit=("stride_dyn", "stride_xk", "stride_wk"),
+                    tuple(consts.items()), warps, stages, unit=("stride_wk",),
                 )  # fmt: skip
 
 

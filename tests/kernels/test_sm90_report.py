@@ -18,17 +18,7 @@ FAMILIES = [
     pytest.param("affinity_loss", "bf16,fp16,fp32", 600, id="affinity_loss"),
     pytest.param("affinity_ensemble", "bf16,fp16,fp32", 900, id="affinity_ensemble"),
     pytest.param("sigmoid_loss", "bf16,fp16,fp32", 600, id="sigmoid_loss"),
-    pytest.param(
-        "masked_matmul",
-        "bf16,fp16",
-        1200,
-        id="masked_matmul",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="the masked_matmul kernels still spill in bf16/fp16 on sm_90; their "
-            "rewrite is under way on another branch (remove this mark when it lands)",
-        ),
-    ),
+    pytest.param("masked_matmul", "bf16,fp16", 1200, id="masked_matmul"),
 ]
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,66 +209,107 @@ def test_only_masks_need_grad_and_large_scale(backend, device):
         assert rel_err(ours.grad, ref.grad * (ref.detach() != 0)) < 1e-5
 
 
-def test_weight_grad_token_splits_kernel():
-    """The weight-gradient kernel's split over tokens (atomic partial sums) on KERNEL_DEVICE."""
-    from tinyclip_fast.kernels.masked_matmul import masked_matmul_backward
+# ---- the kernels of the compact form, each against its float64 formula ----------------------
 
-    x, weight, _ = make((70, 37), 29)
-    in_mask, out_mask = random_mask(37, 0.3), random_mask(29, 0.4)
-    dy = torch.randn(70, 29)
-    ref = [t.double().requires_grad_() for t in (x, weight, in_mask, out_mask)]
-    reference(ref[0], ref[1], None, ref[2], ref[3]).backward(dy.double())
 
-    def selection(mask):
-        return (mask.nonzero().flatten(), (mask == 0).nonzero().flatten(), mask)
+def _kept(n, keep, generator):
+    """Sorted kept channels (a random, non-aligned fraction ``keep``) and the others."""
+    order = torch.randperm(n, generator=generator)
+    count = round(keep * n)
+    return order[:count].sort().values, order[count:].sort().values
 
-    dev = [t.to(KERNEL_DEVICE) for t in (dy, x, weight, in_mask, out_mask)]
-    _, dw, db, d_in, d_out = masked_matmul_backward(
-        *dev[:3], *selection(dev[3]), *selection(dev[4]), False, True, True, True, True,
-        weight_grad_splits=3,
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["dense", "gather_in", "gather_both"])
+def test_compact_kernels_match_float64(dtype, form):
+    from tinyclip_fast.kernels.masked_matmul import (
+        masked_matmul_forward,
+        masked_matmul_input_grad,
+        masked_matmul_weight_grad,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    m, n_full, k_full = 37, 29, 45
+    in_keep, out_keep = {"dense": (1, 1), "gather_in": (0.6, 1), "gather_both": (0.6, 0.7)}[form]
+    in_idx, in_pruned = _kept(k_full, in_keep, g)
+    out_idx, out_pruned = _kept(n_full, out_keep, g)
+    k, n = in_idx.numel(), out_idx.numel()
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randn(n_full, k_full, generator=g) / k_full**0.5
+    bias = torch.randn(n_full, generator=g)
+    in_s, out_s = torch.rand(k, generator=g) * 0.9 + 0.1, torch.rand(n, generator=g) * 0.9 + 0.1
+    dy = torch.randn(m, n, generator=g) * 3.0
+
+    # float64 formulas of the module docstring
+    x64, w64, b64, dy64 = (t.double() for t in (x, weight, bias, dy))
+    w_k = w64[out_idx][:, in_idx]
+    w_eff = w_k * out_s.double()[:, None] * in_s.double()
+    y_ref = x64 @ w_eff.T + b64[out_idx] * out_s.double()
+    dx_ref = dy64 @ w_eff
+    grad = dy64.T @ x64
+    dw_ref = torch.zeros(n_full, k_full, dtype=torch.float64)
+    dw_ref[out_idx[:, None], in_idx] = grad * out_s.double()[:, None] * in_s.double()
+    d_in_ref = (grad * w_k * out_s.double()[:, None]).sum(0)
+    d_out_ref = (grad * w_k * in_s.double()).sum(1)
+
+    dev = {"device": KERNEL_DEVICE}
+    x_d, w_d, b_d, dy_d = (t.to(dtype=dtype, **dev) for t in (x, weight, bias, dy))
+    gathered_in = form != "dense"
+    gathered_out = form == "gather_both"
+    idx = {
+        "in_idx": in_idx.to(**dev) if gathered_in else None,
+        "out_idx": out_idx.to(**dev) if gathered_out else None,
+    }
+    scales = {"in_scale": in_s.to(**dev), "out_scale": out_s.to(**dev)}
+    y = masked_matmul_forward(
+        x_d, w_d, b_d, idx["in_idx"], scales["in_scale"], idx["out_idx"], scales["out_scale"],
+        out_pruned.to(**dev) if gathered_out else None,
     )  # fmt: skip
-    assert rel_err(dw, ref[1].grad) < 1e-5
-    assert rel_err(db, dy.sum(0) * (out_mask != 0)) < 1e-5
-    assert rel_err(d_in, ref[2].grad * (in_mask != 0)) < 1e-5
-    assert rel_err(d_out, ref[3].grad * (out_mask != 0)) < 1e-5
+    dx = masked_matmul_input_grad(
+        dy_d, w_d, idx["out_idx"], scales["out_scale"], idx["in_idx"], scales["in_scale"],
+        in_pruned.to(**dev) if gathered_in else None,
+    )  # fmt: skip
+    dw, db, d_in, d_out = masked_matmul_weight_grad(
+        dy_d, x_d, w_d, idx["out_idx"], scales["out_scale"], idx["in_idx"], scales["in_scale"],
+        True, True, True, True, splits=3,
+    )  # fmt: skip
+
+    tol = TOL[dtype]
+    y_full = torch.zeros(m, n_full, dtype=torch.float64)
+    y_full[:, out_idx] = y_ref
+    dx_full = torch.zeros(m, k_full, dtype=torch.float64)
+    dx_full[:, in_idx] = dx_ref
+    # Outputs come back in the full width when their side is gathered (pruned columns 0).
+    assert rel_err(y, y_full if gathered_out else y_ref) < tol
+    assert rel_err(dx, dx_full if gathered_in else dx_ref) < tol
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    if gathered_out:
+        assert (y.cpu()[:, out_pruned] == 0).all()
+    if gathered_in:
+        assert (dx.cpu()[:, in_pruned] == 0).all()
+    assert rel_err(dw, dw_ref) < tol and (dw.cpu()[dw_ref == 0] == 0).all()
+    assert rel_err(db, dy64.sum(0)) < tol
+    assert rel_err(d_in, d_in_ref) < tol and rel_err(d_out, d_out_ref) < tol
 
 
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+def test_compact_kernels_reject_activations_they_cannot_read():
+    from tinyclip_fast.kernels.masked_matmul import masked_matmul_forward
 
-import tinyclip_fast.kernels.masked_matmul as kernels
-
-matmul = {"a_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "c_ptr": "*bf16",
-          "k_kept_ptr": "*i64", "n_kept_ptr": "*i64", "n_pruned_ptr": "*i64",
-          "k_scale_ptr": "*fp32", "n_scale_ptr": "*fp32"}
-wgrad = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "dw_ptr": "*fp32",
-         "d_in_ptr": "*fp32", "d_out_ptr": "*fp32", "db_ptr": "*fp32",
-         "in_kept_ptr": "*i64", "out_kept_ptr": "*i64", "in_scale_ptr": "*fp32",
-         "out_scale_ptr": "*fp32"}
-dot = dict(DOT_FP32=False, INPUT_PRECISION="tf32")
-for dense in (False, True):
-    cases = [
-        (kernels._gathered_matmul_kernel, matmul,
-         dict(HAS_BIAS=True, HAS_K_SCALE=True, HAS_N_SCALE=True, DENSE_K=dense, DENSE_N=dense,
-              BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **dot)),
-        (kernels._masked_weight_grad_kernel, wgrad,
-         dict(HAS_IN_SCALE=True, HAS_OUT_SCALE=True, DENSE_IN=dense, DENSE_OUT=dense,
-              NEED_DW=True, NEED_DB=True, NEED_D_IN=True, NEED_D_OUT=True,
-              BLOCK_N=128, BLOCK_K=128, BLOCK_T=32, **dot)),
-    ]
-    for autotuned, pointers, consts in cases:
-        fn = autotuned.fn
-        signature = {name: "constexpr" if name in consts else pointers.get(name, "i32")
-                     for name in fn.arg_names}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-"""
+    weight = torch.randn(8, 12, device=KERNEL_DEVICE)
+    x = torch.randn(5, 12, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="unit column stride"):
+        masked_matmul_forward(x.T.contiguous().T, weight, None, None, None, None, None)
+    with pytest.raises(ValueError, match="kept"):
+        masked_matmul_forward(x[:, :7], weight, None, None, None, None, None)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
-def test_kernels_compile_for_cuda_without_a_gpu():
-    """The interpreter never compiles: build the bf16 kernels for sm_90 ahead of time."""
+def test_kernels_compile_for_sm90_without_register_spills():
+    """Every bf16/fp16 configuration the autotuners may pick, compiled ahead of time for
+    sm_90a (no GPU needed), read by ptxas: no register spills (bench/sm90_report.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, check=True, timeout=300)
+    script = Path(__file__).resolve().parents[2] / "bench" / "sm90_report.py"
+    args = ["--families", "masked_matmul", "--dtypes", "bf16,fp16", "--check", "--jobs", "2"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -5,9 +5,14 @@ with hard-concrete masks on its channels. Instead of multiplying full-size activ
 the masks (TinyCLIP's way), the masks enter the matmul itself and the channels whose mask
 is exactly 0 are skipped, so the work scales with the kept fraction:
 
-- CUDA (and the Triton interpreter): kernels in ``tinyclip_fast.kernels.masked_matmul``
-  gather the kept channels through index vectors, masks applied in prologue/epilogue;
-- CPU: the same algebra in PyTorch on the compacted weight (``index_select``).
+- CUDA (and the Triton interpreter), fp16/bf16 (fp32 with TF32 allowed): the kept input
+  channels of x (and of dy in the backward) are gathered once into dense activations; the
+  kernels in ``tinyclip_fast.kernels.masked_matmul`` read the weight through index vectors,
+  scaled by the masks, and write the results into the full width (pruned channels zero);
+- CPU, and exact fp32 on CUDA: the same algebra in PyTorch on the compacted weight.
+
+MaskedCLIP does not call this op: its masks are shared by the whole batch, so it folds them
+into the weights once per forward (``pruning/compact.py``) and runs cuBLAS on those.
 
 Gradients. With x_k, W_k, dy_k the kept channels and G = dy_k^T x_k (the unmasked
 weight-gradient product, [kept out, kept in]), every gradient comes from G or a matmul:
@@ -214,7 +219,7 @@ def _torch_forward(x2d, weight, bias, sel_in: ChannelSelection, sel_out: Channel
 def _torch_backward(
     dy2d, x2d, weight, sel_in, sel_out, need_dx, need_dw, need_db, need_d_in, need_d_out
 ):
-    """Same results as ``masked_matmul_backward``: (dx, dw, db_raw, d_in, d_out), each or None."""
+    """(dx, dw, db_raw, d_in, d_out), each or None: dx and dw full-size, the rest per channel."""
     n_out, k_in = weight.shape
     in_s, out_s = _kept_scale(sel_in), _kept_scale(sel_out)
     w_k = _compact_weight(weight, sel_in, sel_out)
@@ -240,6 +245,46 @@ def _torch_backward(
     return dx, dw, db, d_in, d_out
 
 
+def _kernel_forward(x2d, weight, bias, sel_in: ChannelSelection, sel_out: ChannelSelection):
+    """(y, x_k): the kernels' forward on the gathered kept inputs x_k (kept for the backward)."""
+    from tinyclip_fast.kernels.masked_matmul import masked_matmul_forward
+
+    x_k = x2d if sel_in.kept is None else x2d.index_select(1, sel_in.kept)
+    x_k = x_k.contiguous()
+    y = masked_matmul_forward(
+        x_k, weight, bias, sel_in.kept, _kept_scale(sel_in), sel_out.kept, _kept_scale(sel_out),
+        sel_out.pruned,
+    )  # fmt: skip
+    return y, x_k
+
+
+def _kernel_backward(
+    dy2d, x_k, weight, sel_in, sel_out, need_dx, need_dw, need_db, need_d_in, need_d_out
+):
+    """Same results as ``_torch_backward``, from the kernels on the gathered kept dy and x."""
+    from tinyclip_fast.kernels.masked_matmul import (
+        masked_matmul_input_grad,
+        masked_matmul_weight_grad,
+    )
+
+    n_out, k_in = weight.shape
+    in_s, out_s = _kept_scale(sel_in), _kept_scale(sel_out)
+    dy_k = dy2d if sel_out.kept is None else dy2d.index_select(1, sel_out.kept).contiguous()
+    dx = None
+    if need_dx:
+        dx = masked_matmul_input_grad(
+            dy_k, weight, sel_out.kept, out_s, sel_in.kept, in_s, sel_in.pruned
+        )
+    dw, db, d_in, d_out = masked_matmul_weight_grad(
+        dy_k, x_k, weight, sel_out.kept, out_s, sel_in.kept, in_s,
+        need_dw, need_db, need_d_in, need_d_out,
+    )  # fmt: skip
+    db = None if db is None else _scatter_kept(db, sel_out.kept, n_out, 0)
+    d_in = None if d_in is None else _scatter_kept(d_in, sel_in.kept, k_in, 0)
+    d_out = None if d_out is None else _scatter_kept(d_out, sel_out.kept, n_out, 0)
+    return dx, dw, db, d_in, d_out
+
+
 def _group_sum(channel_grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return channel_grad.view(mask.numel(), -1).sum(1).to(mask.dtype)
 
@@ -248,34 +293,24 @@ class _MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, in_mask, out_mask, sel_in, sel_out, triton):
         if triton:
-            from tinyclip_fast.kernels.masked_matmul import masked_matmul_forward
-
-            y = masked_matmul_forward(x2d, weight, bias, *sel_in, *sel_out)
+            y, saved_x = _kernel_forward(x2d, weight, bias, sel_in, sel_out)
         else:
-            y = _torch_forward(x2d, weight, bias, sel_in, sel_out)
-        ctx.save_for_backward(x2d, weight, bias, in_mask, out_mask)
+            y, saved_x = _torch_forward(x2d, weight, bias, sel_in, sel_out), x2d
+        ctx.save_for_backward(saved_x, weight, bias, in_mask, out_mask)
         ctx.selections, ctx.triton = (sel_in, sel_out), triton
         return y
 
     @staticmethod
     def backward(ctx, dy2d):
-        x2d, weight, bias, in_mask, out_mask = ctx.saved_tensors
+        saved_x, weight, bias, in_mask, out_mask = ctx.saved_tensors
         sel_in, sel_out = ctx.selections
         need_dx, need_dw, need_b, need_in, need_out = ctx.needs_input_grad[:5]
         # sum_t dy serves the bias gradient and the bias term of the out_mask gradient.
         need_db = bias is not None and (need_b or need_out)
         flags = (need_dx, need_dw, need_db, need_in, need_out)
         dy2d = dy2d.contiguous()
-        if ctx.triton:
-            from tinyclip_fast.kernels.masked_matmul import masked_matmul_backward
-
-            dx, dw, db_raw, d_in, d_out = masked_matmul_backward(
-                dy2d, x2d, weight, *sel_in, *sel_out, *flags
-            )
-        else:
-            dx, dw, db_raw, d_in, d_out = _torch_backward(
-                dy2d, x2d, weight, sel_in, sel_out, *flags
-            )
+        backward = _kernel_backward if ctx.triton else _torch_backward
+        dx, dw, db_raw, d_in, d_out = backward(dy2d, saved_x, weight, sel_in, sel_out, *flags)
         db = d_in_mask = d_out_mask = None
         if need_b:
             # Pruned outputs have scale 0, so their bias gradient comes out 0 as contracted.
@@ -305,30 +340,11 @@ def masked_linear(
     Contract: an entry exactly 0 marks a pruned channel: it is skipped in every pass and its
     own gradient is defined as 0 (as through the clamp of a hard-concrete mask); all other
     gradients are exact. Under autocast x, weight and bias are cast like F.linear's inputs;
-    the masks keep their dtype. Reading which entries are zero costs one host sync per call
-    (:func:`masked_linear_selected` takes the selections read once for many calls).
+    the masks keep their dtype. Reading which entries are zero costs one host sync per call.
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, in_mask, out_mask)
     sel_in, sel_out = _select_channels(in_mask, weight.shape[1], out_mask, weight.shape[0])
-    return _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out)
-
-
-def masked_linear_selected(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    in_mask: torch.Tensor | None,
-    out_mask: torch.Tensor | None,
-    sel_in: ChannelSelection,
-    sel_out: ChannelSelection,
-) -> torch.Tensor:
-    """:func:`masked_linear` with the masks' channel selections already known (built with
-    :func:`channel_indices` and :func:`channel_selection`): no host sync and no check of the
-    mask values, for callers such as MaskedCLIP that read a tower's zero patterns once per
-    forward and whose masks are in [0, 1] by construction."""
-    x, weight, bias = _autocast_inputs(x, weight, bias)
-    _check_inputs(x, weight, bias, in_mask, out_mask)
     return _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out)
 
 
@@ -343,10 +359,17 @@ def _autocast_inputs(x, weight, bias):
     )
 
 
+def _kernel_dtype(x: torch.Tensor) -> bool:
+    """fp16/bf16, and fp32 where TF32 is allowed: exact fp32 would run Triton's dot on the FMA
+    units, far below cuBLAS, and float64 (references) has no kernel; both take PyTorch."""
+    if x.dtype == torch.float32 and x.is_cuda:
+        return torch.backends.cuda.matmul.allow_tf32
+    return x.dtype != torch.float64
+
+
 def _apply(x, weight, bias, in_mask, out_mask, sel_in, sel_out) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    # The kernels cover fp16/bf16/fp32; float64 (references, CPU checks) takes the PyTorch path.
-    triton = use_triton(x) and x.dtype != torch.float64
+    triton = use_triton(x) and _kernel_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         y2d = _MaskedLinearFunction.apply(
             x2d, weight, bias, in_mask, out_mask, sel_in, sel_out, triton
