@@ -338,8 +338,8 @@ def table(reports: list[Report], versions: str, families: list[str]) -> str:
         f"{versions}; families: {', '.join(families)}. Compiled ahead of time for sm_90a (no "
         "GPU), registers and spills from the bundled ptxas -v, shared memory from Triton's "
         "metadata, wgmma = the PTX uses wgmma.mma_async. Every autotune configuration a CUDA "
-        "launch may pick; bf16/fp16 variants must not spill, nor the affinity kernels' fp32 "
-        "ones (tests/kernels/test_sm90_report.py).",
+        "launch may pick; bf16/fp16 variants must not spill, nor the fp32 ones of the "
+        "affinity, ensemble and sigmoid kernels (tests/kernels/test_sm90_report.py).",
         "",
         "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
         "| wgmma | compile s |",
