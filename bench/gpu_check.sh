@@ -121,8 +121,12 @@ plan kernel-tests-masked 70 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_MASKED | tail -1"
 plan kernel-tests-sigmoid 35 "PYTHONPATH=bench $PYTEST $TESTS_SIGMOID" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_SIGMOID | tail -1"
-plan loss-bench 100 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS" \
-    "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run"
+# The ensemble table (K = 1, 2, 4) after the main one, in the same budget: a timeout there
+# loses only the ensemble rows not yet written.
+plan loss-bench 100 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS && \
+$PY bench/bench_affinity_loss.py --ensemble --quick --out $RESULTS" \
+    "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run && \
+$PY bench/bench_affinity_loss.py --ensemble --quick --out $RESULTS --dry-run"
 plan sigmoid-bench 45 "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS --dry-run"
 plan masked-bench 70 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
