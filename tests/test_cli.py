@@ -564,3 +564,14 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     assert run_main(base_args(files, *other, "--overwrite")) == 2
     line = one_error(capsys.readouterr().err)
     assert "does not read the inputs of teacher 0" in line and "(32, 32) != (64, 64)" in line
+    # A reinforced cache of the ensemble holds both teachers per sample and trains from both.
+    write_image_shards(files / "shards", num_shards=1, per_shard=4, synthetic=0)
+    shards = f"webdataset:{files / 'shards'}/{{00000..00000}}.tar"
+    build = base_args(files, *second, "--build-teacher-cache", student=False, data=False)
+    assert run_main([*build, "--data", shards, "--cache-augmentations", "2"]) == 0
+    header = read_header(files / "shards" / "00000.reinforced.safetensors")
+    assert [t["dim"] for t in header["teachers"]] == [32, 32]
+    capsys.readouterr()
+    train = ["--data", f"reinforced:{files / 'shards'}", "--overwrite"]
+    assert run_main(base_args(files, *second, *train)) == 0
+    assert "the data holds 2 teachers' embeddings" in capsys.readouterr().out

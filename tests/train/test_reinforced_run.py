@@ -1,6 +1,7 @@
 """Distilling from reinforced data through the engine: a run from the cache equals a run
-with the online teacher on the same augmentation sequence (losses and final weights), the
-teacher never runs forward, and a cache built by another teacher is refused."""
+with the online teacher (or the online ensemble, for a cache of two teachers) on the same
+augmentation sequence (losses and final weights), no teacher runs forward, and a cache built
+by another teacher is refused."""
 
 import pytest
 import torch
@@ -56,15 +57,17 @@ class ForwardCounter:
         self.calls += 1
 
 
-@pytest.fixture
-def source(tmp_path):
+TEACHER_SEEDS = {1: (1,), 2: (1, 3)}  # an ensemble cache stores both teachers side by side
+
+
+def build_source(tmp_path, teacher_seeds=(1,)):
     # 2 shards x 4 samples at batch 4: 5 steps span 3 epochs, so the stored augmentation and
     # caption of a sample change between epochs.
     write_image_shards(tmp_path / "shards", num_shards=2, per_shard=4, synthetic=2)
     source = webdataset_source(str(tmp_path / "shards" / "{00000..00001}.tar"))
     build_reinforced_cache(
         source,
-        [CacheTeacher(make_teacher(), WordTokenizer())],
+        [CacheTeacher(make_teacher(seed=s), WordTokenizer()) for s in teacher_seeds],
         RECIPE,
         num_augmentations=3,
         dtype="fp32",
@@ -74,19 +77,28 @@ def source(tmp_path):
     return source
 
 
-def test_run_from_the_cache_equals_the_online_teacher(source, tmp_path):
+@pytest.fixture
+def source(tmp_path):
+    return build_source(tmp_path)
+
+
+@pytest.mark.parametrize("num_teachers", [1, 2])
+def test_run_from_the_cache_equals_the_online_teacher(tmp_path, num_teachers):
+    seeds = TEACHER_SEEDS[num_teachers]
+    source = build_source(tmp_path, seeds)
     stages = [StageConfig(steps=5, student_config=STUDENT_CFG)]
     results, calls = {}, {}
     for name in ("cache", "online"):
-        teacher = make_teacher()
-        counter = ForwardCounter(teacher)
+        teachers = [make_teacher(seed=s) for s in seeds]
+        counters = [ForwardCounter(t) for t in teachers]
         dataset = ReinforcedDataset(source, tokenizer=WordTokenizer())
         if name == "online":
             dataset = WithoutTargets(dataset)
         config = make_config(tmp_path / name, stages, batch_size=4)
+        teacher = teachers[0] if num_teachers == 1 else teachers
         results[name] = run(config, teacher=teacher, train_dataset=dataset)
-        calls[name] = counter.calls
-    assert calls == {"cache": 0, "online": 2 * 5}
+        calls[name] = sum(c.calls for c in counters)
+    assert calls == {"cache": 0, "online": 2 * 5 * num_teachers}
     cache, online = (losses(results[n].history) for n in ("cache", "online"))
     assert len(cache) == 5 and cache[0] != cache[-1]
     assert rel_err(torch.tensor(cache), torch.tensor(online)) < 1e-5

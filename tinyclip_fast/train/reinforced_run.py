@@ -43,7 +43,7 @@ from tinyclip_fast.train.reinforced_cache import (
     teacher_info,
 )
 from tinyclip_fast.train.runtime import init_distributed, resolve_device, resolve_precision
-from tinyclip_fast.train.teacher import build_teacher
+from tinyclip_fast.train.teachers import build_teachers
 
 REINFORCED_KINDS = ("reinforced", "datacompdr")
 # What --build-teacher-cache reads: a source kind, or the kind that trains from its cache.
@@ -116,8 +116,9 @@ class StoredTeacher:
 
 
 def build_cache_for_run(config: DistillConfig) -> tuple[BuildReport, int, int]:
-    """Build the reinforced cache of ``config.data`` with ``config.teacher`` (its training
-    transform recorded as the augmentation recipe): K = config.reinforced.augmentations per
+    """Build the reinforced cache of ``config.data`` with the run's teachers (one, or an
+    ensemble stored side by side; the first's training transform recorded as the
+    augmentation recipe): K = config.reinforced.augmentations per
     image, stored in config.reinforced.dtype, beside the data or in
     config.reinforced.cache_dir, the teacher under config.precision on config.device.
 
@@ -137,11 +138,18 @@ def build_cache_for_run(config: DistillConfig) -> tuple[BuildReport, int, int]:
     rank, world_size, created_group = init_distributed(config.device)
     try:
         device = resolve_device(config.device)
-        teacher, tokenizer, train_preprocess, _ = build_teacher(config.teacher)
-        name = os.path.basename(config.teacher.model).removesuffix(".json")
+        # An ensemble (--teacher repeated) is stored concatenated per sample, in its order.
+        configs = config.teacher_configs()
+        teachers, tokenizer, train_preprocess, _ = build_teachers(configs)
+        cache_teachers = [
+            CacheTeacher(
+                teacher.to(device), tokenizer, os.path.basename(c.model).removesuffix(".json")
+            )
+            for teacher, c in zip(teachers, configs, strict=True)
+        ]
         report = build_reinforced_cache(
             source,
-            [CacheTeacher(teacher.to(device), tokenizer, name)],
+            cache_teachers,
             AugmentRecipe.from_transform(train_preprocess),
             num_augmentations=config.reinforced.augmentations,
             dtype=config.reinforced.dtype,
