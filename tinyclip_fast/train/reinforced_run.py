@@ -118,9 +118,9 @@ class StoredTeacher:
 def build_cache_for_run(config: DistillConfig) -> tuple[BuildReport, int, int]:
     """Build the reinforced cache of ``config.data`` with the run's teachers (one, or an
     ensemble stored side by side; the first's training transform recorded as the
-    augmentation recipe): K = config.reinforced.augmentations per
-    image, stored in config.reinforced.dtype, beside the data or in
-    config.reinforced.cache_dir, the teacher under config.precision on config.device.
+    augmentation recipe): K = config.reinforced.augmentations per image, stored in
+    config.reinforced.dtype, beside the data or in config.reinforced.cache_dir, the teachers
+    under config.precision on config.device.
 
     Under torchrun every rank builds shards[rank::world_size] (and waits for the others);
     shards whose cache exists and matches are skipped, so an interrupted build continues.
