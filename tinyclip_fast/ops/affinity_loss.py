@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
 from tinyclip_fast.ops.backend import use_triton
 
 KINDS = ("soft_ce", "kl")
@@ -70,51 +71,21 @@ class AffinityStats:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_features(name: str, tensor: object) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(tensor.shape)}")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(tensor.shape)}")
-    return tensor
-
-
 def _check_scale(name: str, scale: object, device: torch.device) -> torch.Tensor:
     """A finite positive Python number or one-element floating tensor, as a 0-d tensor on
     device. A scale is multiplicative (``exp(logit_scale)``): 0, a negative or a non-finite
     value is a mistake (often the log-space parameter passed as is); checking a tensor's value
     reads it on the host once per call."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
-    if isinstance(scale, torch.Tensor):
-        if not scale.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {scale.dtype}")
-        if scale.numel() != 1 or scale.dim() > 1:
-            raise ValueError(
-                f"{name} must be a scalar (0-d tensor), got shape {tuple(scale.shape)}"
-            )
-        value = float(scale.detach().reshape(()))
-    else:
-        value = float(scale)
+    tensor, value = scalar_argument(name, scale, read_device=True)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(
             f"{name} must be a finite multiplicative scale > 0 (exp of the log-space "
             f"logit_scale), got {value}"
         )
-    if not isinstance(scale, torch.Tensor):
+    if tensor is None:
         # float64 keeps the scale exact for float64 features; the other paths cast it down.
         return torch.tensor(value, dtype=torch.float64, device=device)
-    return scale.reshape(()).to(device)
-
-
-def _as_list(value: object) -> tuple[list, bool]:
-    """(value as a list, whether it was given as a list or tuple)."""
-    if isinstance(value, (list, tuple)):
-        return list(value), True
-    return [value], False
+    return tensor.reshape(()).to(device)
 
 
 def _validate_teachers(
@@ -128,7 +99,7 @@ def _validate_teachers(
     if trows is None or tcols is None or tscales is None:
         raise ValueError(f"compute_distill=True needs {trow_name}, {tcol_name} and {tscale_name}")
     (rows_list, rows_is_list), (cols_list, cols_is_list), (scales_list, scales_is_list) = (
-        _as_list(trows), _as_list(tcols), _as_list(tscales)
+        as_list(trows), as_list(tcols), as_list(tscales)
     )  # fmt: skip
     if not rows_is_list == cols_is_list == scales_is_list:
         raise ValueError(
@@ -151,8 +122,8 @@ def _validate_teachers(
         zip(rows_list, cols_list, scales_list, strict=True)
     ):
         names = (trow_name + suffix(k), tcol_name + suffix(k), tscale_name + suffix(k))
-        teacher_rows = _check_features(names[0], teacher_rows)
-        teacher_cols = _check_features(names[1], teacher_cols)
+        teacher_rows = check_features(names[0], teacher_rows)
+        teacher_cols = check_features(names[1], teacher_cols)
         if teacher_rows.shape[1] != teacher_cols.shape[1]:
             raise ValueError(
                 f"{names[0]} {tuple(teacher_rows.shape)} and {names[1]} "
@@ -182,7 +153,7 @@ def _validate(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     (row_name, rows), (col_name, cols) = student[:2]
-    rows, cols = _check_features(row_name, rows), _check_features(col_name, cols)
+    rows, cols = check_features(row_name, rows), check_features(col_name, cols)
     named = [(row_name, rows), (col_name, cols)]
     if rows.shape[1] != cols.shape[1]:
         raise ValueError(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from tinyclip_fast.ops.affinity_loss import _check_features
+from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
 from tinyclip_fast.ops.backend import use_triton
 
 KINDS = ("bce", "kl", "mobileclip")
@@ -52,31 +52,14 @@ def _check_scalar(name: str, value: object, device: torch.device, *, scale: bool
     Values that live on the host are checked (finite; scales >= 0); a CUDA tensor is not
     read, which would stall the stream for a host round trip on every step.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(
-                f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}"
-            )
-        host = float(value.detach()) if value.device.type == "cpu" else None
-        tensor = value.reshape(()).to(device)
-    else:
-        host = float(value)
-        tensor = torch.tensor(host, dtype=torch.float32, device=device)
+    tensor, host = scalar_argument(name, value, read_device=False)
     if host is not None and not math.isfinite(host):
         raise ValueError(f"{name} must be finite, got {host}")
     if host is not None and scale and host < 0:
         raise ValueError(f"{name} must be >= 0 (a multiplicative, exp'd scale), got {host}")
-    return tensor
-
-
-def _as_list(value: object) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
+    if tensor is None:
+        return torch.tensor(host, dtype=torch.float32, device=device)
+    return tensor.reshape(()).to(device)
 
 
 def _check_teachers(
@@ -92,12 +75,12 @@ def _check_teachers(
     row_name, col_name, scale_name, bias_name = names
     if row_features is None or col_features is None or scales is None:
         raise ValueError(f"distillation needs {row_name}, {col_name} and {scale_name}")
-    row_list, col_list = _as_list(row_features), _as_list(col_features)
+    (row_list, _), (col_list, _) = as_list(row_features), as_list(col_features)
     count = len(row_list)
     if not 1 <= count <= MAX_TEACHERS:
         raise ValueError(f"{row_name} must hold 1 to {MAX_TEACHERS} teachers, got {count}")
-    scale_list = _as_list(scales)
-    bias_list = [0.0] * count if biases is None else _as_list(biases)
+    scale_list, _ = as_list(scales)
+    bias_list = [0.0] * count if biases is None else as_list(biases)[0]
     for other_name, other in (
         (col_name, col_list),
         (scale_name, scale_list),
@@ -111,8 +94,8 @@ def _check_teachers(
     teachers = []
     for k in range(count):
         tag = f"[{k}]" if isinstance(row_features, (list, tuple)) else ""
-        t_rows = _check_features(f"{row_name}{tag}", row_list[k])
-        t_cols = _check_features(f"{col_name}{tag}", col_list[k])
+        t_rows = check_features(f"{row_name}{tag}", row_list[k])
+        t_cols = check_features(f"{col_name}{tag}", col_list[k])
         for t_name, t, s_name, s in (
             (f"{row_name}{tag}", t_rows, "student rows", rows),
             (f"{col_name}{tag}", t_cols, "student columns", cols),
@@ -381,8 +364,8 @@ def sigmoid_loss_rows(
             or not math.isfinite(weight)
         ):
             raise ValueError(f"{name} must be a finite number, got {weight!r}")
-    rows = _check_features("row_features", row_features)
-    cols = _check_features("col_features", col_features)
+    rows = check_features("row_features", row_features)
+    cols = check_features("col_features", col_features)
     if rows.shape[1] != cols.shape[1]:
         raise ValueError(
             f"row_features {tuple(rows.shape)} and col_features {tuple(cols.shape)} must have "
