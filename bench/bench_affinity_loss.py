@@ -48,6 +48,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_info import cpu_name
 
 DIM = 512
 GPU_SIZES = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
@@ -378,18 +379,6 @@ def test_cpu_steady_state_peak_rss(record_property, impl):
     result = cpu_peak_rss(impl)
     record_property("peak_rss_growth_mb", max(result["peak_mb"]))
     print(f"\n{impl}: n={CPU_MEMORY_N} d={DIM} peak RSS growth per call {result['peak_mb']}")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_report(times: dict, memory: dict, sizes: list[int]) -> list[str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import textwrap
@@ -42,6 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_info import cpu_name
 
 DIM = 512
 TEACHER_SCALE, TEACHER_BIAS = 100.0, -10.0
@@ -316,18 +316,6 @@ def test_cpu_forward_backward(benchmark, impl, workload, n):
     benchmark.pedantic(
         lambda: fn(*student, teacher).backward(), rounds=3, iterations=1, warmup_rounds=1
     )
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_cpu(out_dir: Path) -> None:
