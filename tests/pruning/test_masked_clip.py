@@ -1,4 +1,5 @@
-"""MaskedCLIP against a float64 reference of SPEC 3b's masked forward, and prune() equivalence."""
+"""MaskedCLIP against a float64 reference of the masked forward of docs/method.md §3b, and
+prune() equivalence."""
 
 import copy
 import math
@@ -55,7 +56,7 @@ def _logits(features):
     return scale * image @ text.T
 
 
-# ---- float64 reference: SPEC 3b written with plain multiplies at full width --------------
+# ---- float64 reference: docs/method.md §3b with plain multiplies at full width ----------
 
 
 def _ref_ln(x, norm, z_h):
@@ -155,7 +156,7 @@ def test_all_ones_masks_equal_original_model(config):
 
 def _pruned_student():
     """A first-stage prune: per-layer head counts and MLP widths, a text layer without heads
-    and a vision layer without MLP channels (SPEC 4's second stage masks this)."""
+    and a vision layer without MLP channels (the second stage of docs/method.md §4 masks this)."""
     first = MaskedCLIP(_model()).eval()
     _set_masks(first)
     with torch.no_grad():
@@ -310,7 +311,8 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_second_stage_masks_a_pruned_student():
-    """SPEC 4's multi-stage auto recipe: masks on a pruned student with variable layers."""
+    """The multi-stage auto recipe of docs/method.md §4: masks on a pruned student whose layers
+    differ."""
     first = MaskedCLIP(_model()).eval()
     _set_masks(first)
     image, text = _inputs()
