@@ -276,18 +276,29 @@ def test_expected_sparsity_and_remaining_params():
     assert float(masked.text_masks.head.log_alpha.detach().max()) == pytest.approx(math.log(100))
 
 
-def test_unsupported_models_raise():
-    resnet = dict(CONFIG, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8})
-    with pytest.raises(ValueError, match="ViT image towers only"):
-        MaskedCLIP(open_clip.model.CLIP(**resnet))
-    pooled = dict(CONFIG, vision_cfg=dict(CONFIG["vision_cfg"], attentional_pool=True))
-    with pytest.raises(ValueError, match="attentional pooler"):
-        MaskedCLIP(open_clip.model.CLIP(**pooled))
-    custom = dict(CONFIG, text_cfg=dict(CONFIG["text_cfg"], qk_norm=True))
-    with pytest.raises(ValueError, match="unsupported text block"):
-        MaskedCLIP(open_clip.model.CLIP(**custom))
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}},
+            "ViT image towers only",
+        ),
+        ({"vision_cfg": dict(CONFIG["vision_cfg"], attentional_pool=True)}, "attentional pooler"),
+        ({"text_cfg": dict(CONFIG["text_cfg"], qk_norm=True)}, "unsupported text block"),
+    ],
+    ids=["resnet-tower", "attentional-pooler", "qk-norm-text-block"],
+)
+def test_unsupported_towers_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        MaskedCLIP(open_clip.model.CLIP(**dict(CONFIG, **change)))
+
+
+def test_a_module_that_is_not_a_clip_is_refused():
     with pytest.raises(TypeError, match="open_clip.model.CLIP"):
         MaskedCLIP(torch.nn.Linear(2, 2))
+
+
+def test_pruning_every_hidden_channel_is_refused():
     masked = MaskedCLIP(_model())
     with torch.no_grad():
         masked.visual_masks.hidden.log_alpha.fill_(-20.0)
