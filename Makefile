@@ -1,4 +1,5 @@
-# The README's commands. `make test` and `make demo` create .venv when it is missing.
+# The commands of README.md and docs/development.md. Targets that need .venv create it when
+# it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,6 +28,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the tests marked slow (subprocesses, torch.compile,
+# several processes, the demo end to end).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 $(GPU_STAMP): pyproject.toml constraints-gpu.txt bench/gpu_wheels.txt
 	test -x $(GPU_PY) || $(GPU_STACK_PYTHON) -m venv $(GPU_VENV)

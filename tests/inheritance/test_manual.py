@@ -179,14 +179,23 @@ def test_errors(vit_teacher, change, match):
         manual_inherit(vit_teacher, config)
 
 
-def test_unsupported_architecture_errors(vit_teacher):
+def test_teacher_with_attentional_pooler_is_refused():
     pooled = {**TEACHER, "vision_cfg": {**TEACHER["vision_cfg"], "attentional_pool": True}}
     with pytest.raises(ValueError, match="attentional pooler"):
         manual_inherit(open_clip.model.CLIP(**pooled), STUDENT)
+
+
+def test_teacher_that_is_not_a_clip_is_refused():
     with pytest.raises(ValueError, match="supported"):
         manual_inherit(torch.nn.Linear(2, 2), STUDENT)
+
+
+def test_unknown_layer_selection_is_refused(vit_teacher):
     with pytest.raises(ValueError, match="layer_selection"):
         manual_inherit(vit_teacher, STUDENT, layer_selection="last")
+
+
+def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("ViT-1M")
 

@@ -149,34 +149,53 @@ def test_overwrite_is_atomic(manual_student, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
-def test_load_errors(manual_student, tmp_path):
+def test_load_from_a_missing_folder_names_the_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         load_student(tmp_path / "nowhere")
-    save_student(manual_student, tmp_path)
-    weights = tmp_path / WEIGHTS_NAME
-    data = weights.read_bytes()
 
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt student weights"):
-        load_student(tmp_path)
-    weights.unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
-        load_student(tmp_path)
-    weights.write_bytes(data)
 
-    config_path = tmp_path / CONFIG_NAME
-    good_config = config_path.read_text()
-    config_path.write_text(good_config[:-20])
-    with pytest.raises(ValueError, match="corrupt student config"):
-        load_student(tmp_path)
-    config_path.write_text(json.dumps({"hello": 1}))
-    with pytest.raises(ValueError, match="not a tinyclip_fast student config"):
-        load_student(tmp_path)
-    config = json.loads(good_config)
+def _truncate_weights(folder):
+    weights = folder / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _remove_weights(folder):
+    (folder / WEIGHTS_NAME).unlink()
+
+
+def _truncate_config(folder):
+    config = folder / CONFIG_NAME
+    config.write_text(config.read_text()[:-20])
+
+
+def _foreign_config(folder):
+    (folder / CONFIG_NAME).write_text(json.dumps({"hello": 1}))
+
+
+def _config_not_matching_weights(folder):
+    config = json.loads((folder / CONFIG_NAME).read_text())
     config["text_layers"][0]["mlp_width"] = 7
     config["open_clip_compatible"] = False
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not match"):
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (_truncate_weights, ValueError, "corrupt student weights"),
+        (_remove_weights, FileNotFoundError, WEIGHTS_NAME),
+        (_truncate_config, ValueError, "corrupt student config"),
+        (_foreign_config, ValueError, "not a tinyclip_fast student config"),
+        (_config_not_matching_weights, ValueError, "do not match"),
+    ],
+    ids=["truncated-weights", "missing-weights", "truncated-config", "foreign-config", "mismatch"],
+)
+def test_load_of_a_damaged_student_is_an_error_naming_the_damage(
+    manual_student, tmp_path, damage, error, match
+):
+    save_student(manual_student, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(error, match=match):
         load_student(tmp_path)
 
 

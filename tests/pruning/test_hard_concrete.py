@@ -88,8 +88,11 @@ def test_initial_masks_are_near_one():
     assert (z != 0).all() and z.min() > 0.9999
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="shape"):
-        HardConcreteMask(())
-    with pytest.raises(ValueError, match="limit"):
-        HardConcreteMask(4, limit_l=0.1)
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [(((),), {}, "shape"), ((4,), {"limit_l": 0.1}, "limit")],
+    ids=["empty-shape", "positive-lower-limit"],
+)
+def test_bad_arguments_are_refused(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HardConcreteMask(*args, **kwargs)

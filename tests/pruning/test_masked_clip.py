@@ -1,4 +1,5 @@
-"""MaskedCLIP against a float64 reference of SPEC 3b's masked forward, and prune() equivalence."""
+"""MaskedCLIP against a float64 reference of the masked forward of docs/method.md §3b, and
+prune() equivalence."""
 
 import copy
 import math
@@ -55,7 +56,7 @@ def _logits(features):
     return scale * image @ text.T
 
 
-# ---- float64 reference: SPEC 3b written with plain multiplies at full width --------------
+# ---- float64 reference: docs/method.md §3b with plain multiplies at full width ----------
 
 
 def _ref_ln(x, norm, z_h):
@@ -155,7 +156,7 @@ def test_all_ones_masks_equal_original_model(config):
 
 def _pruned_student():
     """A first-stage prune: per-layer head counts and MLP widths, a text layer without heads
-    and a vision layer without MLP channels (SPEC 4's second stage masks this)."""
+    and a vision layer without MLP channels (the second stage of docs/method.md §4 masks this)."""
     first = MaskedCLIP(_model()).eval()
     _set_masks(first)
     with torch.no_grad():
@@ -275,18 +276,29 @@ def test_expected_sparsity_and_remaining_params():
     assert float(masked.text_masks.head.log_alpha.detach().max()) == pytest.approx(math.log(100))
 
 
-def test_unsupported_models_raise():
-    resnet = dict(CONFIG, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8})
-    with pytest.raises(ValueError, match="ViT image towers only"):
-        MaskedCLIP(open_clip.model.CLIP(**resnet))
-    pooled = dict(CONFIG, vision_cfg=dict(CONFIG["vision_cfg"], attentional_pool=True))
-    with pytest.raises(ValueError, match="attentional pooler"):
-        MaskedCLIP(open_clip.model.CLIP(**pooled))
-    custom = dict(CONFIG, text_cfg=dict(CONFIG["text_cfg"], qk_norm=True))
-    with pytest.raises(ValueError, match="unsupported text block"):
-        MaskedCLIP(open_clip.model.CLIP(**custom))
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}},
+            "ViT image towers only",
+        ),
+        ({"vision_cfg": dict(CONFIG["vision_cfg"], attentional_pool=True)}, "attentional pooler"),
+        ({"text_cfg": dict(CONFIG["text_cfg"], qk_norm=True)}, "unsupported text block"),
+    ],
+    ids=["resnet-tower", "attentional-pooler", "qk-norm-text-block"],
+)
+def test_unsupported_towers_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        MaskedCLIP(open_clip.model.CLIP(**dict(CONFIG, **change)))
+
+
+def test_a_module_that_is_not_a_clip_is_refused():
     with pytest.raises(TypeError, match="open_clip.model.CLIP"):
         MaskedCLIP(torch.nn.Linear(2, 2))
+
+
+def test_pruning_every_hidden_channel_is_refused():
     masked = MaskedCLIP(_model())
     with torch.no_grad():
         masked.visual_masks.hidden.log_alpha.fill_(-20.0)
@@ -310,7 +322,8 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_second_stage_masks_a_pruned_student():
-    """SPEC 4's multi-stage auto recipe: masks on a pruned student with variable layers."""
+    """The multi-stage auto recipe of docs/method.md §4: masks on a pruned student whose layers
+    differ."""
     first = MaskedCLIP(_model()).eval()
     _set_masks(first)
     image, text = _inputs()

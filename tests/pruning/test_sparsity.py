@@ -1,4 +1,4 @@
-"""Expected sparsity (SPEC 3b formula) and the Lagrangian sparsity controller."""
+"""Expected sparsity (docs/method.md §3b formula) and the Lagrangian sparsity controller."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from tinyclip_fast.pruning.sparsity import (
 
 
 def outer_formula(tower):
-    """The SPEC's sums of outer products, written out per layer in float64."""
+    """docs/method.md §3b's sums of outer products, written out per layer in float64."""
     p_h, w = tower["p_h"].double(), tower["width"]
     per_head = (4 * w**2 + 4 * w) / tower["heads"]
     attention = sum(torch.outer(p_h, p).sum() for p in tower["p_head"].double()) * per_head / w

@@ -1,7 +1,7 @@
-"""The masked CLIP of SPEC 3b run as a compact CLIP: the masks folded into gathered weights.
+"""The masked CLIP of docs/method.md §3b run as a compact CLIP: masks folded into the weights.
 
-One mask sample serves the whole batch, so (SPEC 8) the masked model equals a dense model of
-the kept size whose weights carry the mask values:
+One mask sample serves the whole batch, so (docs/method.md §8) the masked model equals a dense
+model of the kept size whose weights carry the mask values:
 
 - channels with z_h = 0 are zero in the residual stream at every layer, so the stream holds
   the kept channels only, and LayerNorm under z_h is the plain LayerNorm of the kept width;

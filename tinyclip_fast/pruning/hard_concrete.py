@@ -1,4 +1,6 @@
-"""Hard-concrete masks (L0 regularisation, Louizos et al.; as in CoFi / TinyCLIP), SPEC 3b.
+"""Hard-concrete masks (L0 regularisation, Louizos et al.; as in CoFi / TinyCLIP).
+
+The parameterisation of docs/method.md §3b.
 
 One learnable ``log_alpha`` per mask entry. Training draws a reparameterised sample
     u ~ U(eps, 1 - eps),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta),

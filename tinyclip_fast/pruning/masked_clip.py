@@ -1,4 +1,6 @@
-"""Automatic weight inheritance: an open_clip CLIP under learned structured masks (SPEC 3b).
+"""Automatic weight inheritance: an open_clip CLIP under learned structured masks.
+
+The masks of docs/method.md §3b.
 
 Each tower (ViT image tower, text transformer) gets three hard-concrete masks: a hidden mask
 z_h [width] shared by every layer, a head mask z_head [layers, heads] and an intermediate
@@ -10,10 +12,11 @@ mask z_int [layers, mlp_width]. They enter the forward pass as
     mlp = c_proj(GELU(c_fc(x)) * z_int[l]) * z_h
     features = LN_z(x) * z_h @ proj
 
-and every forward runs them as the compact model of the kept size (SPEC 8, ``compact.py``):
-the mask sample is folded into gathered weights, so a masked step costs about what the pruned
-model's step costs. :meth:`MaskedCLIP.prune` is the same fold with the deterministic masks,
-kept: a compact open_clip CLIP with a different head count and MLP width in every layer.
+and every forward runs them as the compact model of the kept size (docs/method.md §8,
+``compact.py``): the mask sample is folded into gathered weights, so a masked step costs
+about what the pruned model's step costs. :meth:`MaskedCLIP.prune` is the same fold with the
+deterministic masks, kept: a compact open_clip CLIP with a different head count and MLP
+width in every layer.
 """
 
 from __future__ import annotations

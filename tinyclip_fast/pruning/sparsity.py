@@ -1,4 +1,6 @@
-"""Expected sparsity of the masked towers and the Lagrangian controller that drives it (SPEC 3b).
+"""Expected sparsity of the masked towers and the Lagrangian controller that drives it.
+
+The formulas of docs/method.md §3b.
 
 Expected remaining parameters of one tower (prunable blocks only; embeddings not counted),
 with p_h [w], p_head [L, H], p_int [L, M] the non-zero probabilities of its masks:
