@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from tinyclip_fast.data.images import file_problem, open_rgb
 from tinyclip_fast.data.loader import BadSampleError, epoch_generator
 
 Preprocess = Callable[[Any], torch.Tensor]
@@ -91,16 +91,6 @@ def check_sample_fingerprints(
     return actual
 
 
-def load_rgb(source: str | Path | bytes) -> Any:
-    """A PIL RGB image from a path or encoded bytes."""
-    from PIL import Image
-
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    with Image.open(source) as image:
-        return image.convert("RGB")
-
-
 def _tokenize_one(tokenizer: Tokenizer, caption: str) -> torch.Tensor:
     tokens = tokenizer([caption])
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != 1:
@@ -165,10 +155,11 @@ class CsvPairDataset(Dataset):
         image_path = self.image_path(index)
         where = f"image {image_path} (row {index} of {self.path})"
         record = {"source": str(self.path), "row": index, "file": str(image_path)}
-        if not image_path.is_file():
-            raise BadSampleError(f"{where} does not exist", record)
+        problem = file_problem(image_path)
+        if problem is not None:
+            raise BadSampleError(f"{where} {problem}", record)
         try:
-            image = self.preprocess(load_rgb(image_path))
+            image = self.preprocess(open_rgb(image_path))
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
             raise BadSampleError(f"{where} cannot be read: {describe_error(err)}", record) from err
         return {
@@ -393,7 +384,7 @@ class WebDatasetPairs(IterableDataset):
                 yield {"bad_sample": BadSampleError(message, record).record}
                 continue
             try:
-                image = self.preprocess(load_rgb(raw[image_ext]))
+                image = self.preprocess(open_rgb(raw[image_ext]))
                 caption = raw[self.caption_key].decode("utf-8")
             except Exception as err:  # PIL's many error types, bad UTF-8
                 message = (

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, expand_urls, load_rgb
+from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, expand_urls
+from tinyclip_fast.data.images import file_problem, open_rgb
 
 CACHE_SUFFIX = ".reinforced.safetensors"
 DEFAULT_SHARD_SIZE = 10_000
@@ -125,8 +126,9 @@ class ListShard:
 
     def _load(self, entry: _Entry) -> Any:
         where = f"image {entry.image_path} (sample {entry.key!r} of {self.origin})"
-        if not entry.image_path.is_file():
-            raise FileNotFoundError(f"{where} does not exist")
+        problem = file_problem(entry.image_path)
+        if problem is not None:
+            raise FileNotFoundError(f"{where} {problem}")
         return decode_image(entry.image_path, where)
 
     def __repr__(self) -> str:
@@ -289,9 +291,9 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def decode_image(data: bytes | Path, where: str) -> Any:
-    """``load_rgb`` with an undecodable image reported as a ValueError naming ``where``."""
+    """``open_rgb`` with an undecodable image reported as a ValueError naming ``where``."""
     try:
-        return load_rgb(data)
+        return open_rgb(data)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for broken files
         raise ValueError(f"cannot decode the image of {where}: {err}") from err
 
