@@ -193,8 +193,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
             header = json.loads((handle.metadata() or {})[HEADER_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise ValueError(
-            f"reinforced cache {path} is truncated, corrupt or not a reinforced cache "
-            f"({err!r}); delete it and rebuild that shard"
+            f"reinforced cache {path} is truncated, corrupt or not a reinforced cache ({err!r}): "
+            "if it is a damaged cache, move it away and build that shard again; if it is "
+            "another program's file, give the cache its own --cache-dir"
         ) from err
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -311,8 +312,9 @@ def refuse_mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any])
     problems = header_mismatches(found, expected)
     if problems:
         raise ValueError(
-            f"reinforced cache {path} was built with " + "; with ".join(problems) + ". Rebuild "
-            "it (delete the file) or use the settings it was built with"
+            f"reinforced cache {path} was built with " + "; with ".join(problems) + ": use the "
+            "settings it was built with, or build a cache for these settings in another "
+            "--cache-dir (that file stays valid for its own)"
         )
 
 
@@ -321,9 +323,9 @@ def check_shard_unchanged(shard: Any, path: Path, header: dict[str, Any]) -> Non
     now = shard.fingerprint()
     if header.get("source_fingerprint") != now:
         raise ValueError(
-            f"shard {shard} changed since its cache {path} was built (fingerprint "
-            f"{header.get('source_fingerprint')!r} then, {now!r} now): it was rewritten, "
-            "truncated or replaced; restore it or rebuild the cache (delete the file)"
+            f"shard {shard} changed since its cache {path} was built, or that cache belongs to "
+            f"another input of the same name (fingerprint {header.get('source_fingerprint')!r} "
+            f"then, {now!r} now): restore the shard, or build its cache in another --cache-dir"
         )
 
 
