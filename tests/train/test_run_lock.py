@@ -78,6 +78,15 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over_with_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times come from /proc")
+def test_a_lock_whose_pid_now_names_a_younger_process_is_stale(tmp_path):
+    # After a reboot the pid in a lock may belong to a process that started later.
+    stale = write_lock(tmp_path, pid=os.getpid(), since="2000-01-01T00:00:00Z")
+    said = []
+    with RunLock(tmp_path, report=said.append):
+        assert said and stale.describe() in said[0]
+
+
 def test_a_lock_from_another_host_is_refused_with_how_to_clear_it(tmp_path):
     write_lock(tmp_path, host="node-17", pid=dead_pid())
     with pytest.raises(RunFolderLocked) as refused:

@@ -11,6 +11,7 @@ the way to clear it. Under torchrun, rank 0 holds the lock for the job.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import secrets
@@ -26,6 +27,8 @@ from types import TracebackType
 LOCK_NAME = "run.lock"
 _COMMAND_SHOWN = 120  # characters of the holder's command line in a refusal
 _READ_TRIES = 20  # a lock being written is empty for microseconds; ~1 s of retries
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_CLOCK_SLACK_S = 2.0  # the lock's time has whole seconds; /proc's start time, clock ticks
 
 
 class RunFolderLocked(ValueError):
@@ -47,7 +50,7 @@ class LockHolder:
         return cls(
             pid=os.getpid(),
             host=socket.gethostname(),
-            since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            since=time.strftime(_TIME_FORMAT, time.gmtime()),
             command=shlex.join(sys.argv),
             token=secrets.token_hex(8),
         )
@@ -57,7 +60,9 @@ class LockHolder:
         return f"pid {self.pid} on {self.host} since {self.since}"
 
     def is_running(self) -> bool | None:
-        """Whether the holding process still runs; None when it is on another host."""
+        """Whether the holding process still runs; None when it is on another host. A process
+        that started after the lock was taken has a reused pid (after a reboot, say): the
+        holder is gone."""
         if self.host != socket.gethostname():
             return None
         try:
@@ -65,8 +70,13 @@ class LockHolder:
         except ProcessLookupError:
             return False
         except PermissionError:  # another user's process has that pid
+            pass
+        started = process_start_time(self.pid)
+        try:
+            taken = calendar.timegm(time.strptime(self.since, _TIME_FORMAT))
+        except ValueError:  # a hand-edited time: the process may be the holder
             return True
-        return True
+        return started is None or started <= taken + _CLOCK_SLACK_S
 
 
 class RunLock:
@@ -175,6 +185,22 @@ def read_lock(path: Path) -> LockHolder | None:
         f"{path} is not a lock file this library can read ({text[:40]!r}); if no run uses "
         f"{path.parent}, delete it"
     )
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where there
+    is no /proc (macOS, Windows) or the process is gone."""
+    try:
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    # Field 22 of stat is the start time in clock ticks after boot; the name (field 2) is cut.
+    return boot + int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _shorten(command: str) -> str:
