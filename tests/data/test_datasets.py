@@ -66,17 +66,17 @@ def test_csv_dataset_reads_images_and_captions(csv_folder, tokenizer):
         assert torch.equal(sample["text"], tokenizer([CAPTIONS[i]])[0])
 
 
-def test_csv_dataset_custom_columns_and_separator(tmp_path, tokenizer):
+@pytest.mark.parametrize(
+    "keys",
+    [("img_key", "caption_key", "separator"), ("csv_img_key", "csv_caption_key", "csv_separator")],
+    ids=["keys", "open_clip-names"],
+)
+def test_csv_dataset_custom_columns_and_separator(tmp_path, tokenizer, keys):
     Image.fromarray(random_pixels(7)).save(tmp_path / "a.png")
     (tmp_path / "pairs.csv").write_text(f"caption,img\n{CAPTIONS[2]},{tmp_path / 'a.png'}\n")
+    options = dict(zip(keys, ("img", "caption", ","), strict=True))
     data = build_dataset(
-        {
-            "kind": "csv",
-            "path": str(tmp_path / "pairs.csv"),
-            "csv_img_key": "img",
-            "csv_caption_key": "caption",
-            "csv_separator": ",",
-        },
+        {"kind": "csv", "path": str(tmp_path / "pairs.csv"), **options},
         preprocess=preprocess,
         tokenizer=tokenizer,
     )
@@ -91,7 +91,7 @@ def test_csv_dataset_bad_inputs(tmp_path, csv_folder, tokenizer):
     (tmp_path / "empty.tsv").write_text("filepath\ttitle\n")
     with pytest.raises(ValueError, match="no rows"):
         CsvPairDataset(tmp_path / "empty.tsv", **kwargs)
-    with pytest.raises(ValueError, match="no column 'caption'.*csv_caption_key"):
+    with pytest.raises(ValueError, match="no column 'caption'.*data.options.caption_key"):
         CsvPairDataset(csv_folder / "pairs.tsv", caption_key="caption", **kwargs)
     with pytest.raises(ValueError, match="no column"):
         CsvPairDataset(csv_folder / "pairs.tsv", separator=",", **kwargs)
@@ -103,7 +103,7 @@ def test_csv_dataset_bad_inputs(tmp_path, csv_folder, tokenizer):
         build_dataset({"kind": "csv", "path": "x"}, preprocess=None, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs a path: --data csv:PATH"):
         build_dataset({"kind": "csv"}, **kwargs)
-    # Case 16: "data.path has no meaning" and internal names instead of "unknown kind".
+    # An unknown kind is named as one, with the kinds there are.
     with pytest.raises(ValueError, match="unknown data kind 'parquet'.*kinds: csv, webdataset"):
         build_dataset({"kind": "parquet", "path": "x"}, **kwargs)
     with pytest.raises(ValueError, match="'synthetic' reads no files"):
@@ -111,7 +111,7 @@ def test_csv_dataset_bad_inputs(tmp_path, csv_folder, tokenizer):
 
 
 def test_csv_separator_follows_the_extension(tmp_path, tokenizer):
-    # Case 17: a .csv file was read with TAB unless told otherwise.
+    # .csv is read with commas, anything else with tabs, unless a separator is given.
     Image.fromarray(random_pixels(1)).save(tmp_path / "a.png")
     (tmp_path / "pairs.csv").write_text(f"filepath,title\na.png,{CAPTIONS[1]}\n")
     (tmp_path / "pairs.tsv").write_text(f"filepath\ttitle\na.png\t{CAPTIONS[1]}\n")
@@ -132,7 +132,7 @@ def bad_files(folder):
 
 
 def test_unreadable_images_name_the_file_and_row(tmp_path, tokenizer):
-    # Case 12: a truncated PNG ended the run with a 50-line PIL traceback naming no file.
+    # A broken image is one line naming the file and the row, not a PIL traceback.
     bad_files(tmp_path)
     rows = ["filepath\ttitle", "good.png\ta", "truncated.png\tb", "notes.png\tc"]
     (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
@@ -188,7 +188,7 @@ def write_shards(folder, shards=3, per_shard=4, missing_caption=False):
 
 def test_webdataset_stream_ranks_and_resume(tmp_path, tokenizer):
     write_shards(tmp_path)
-    cfg = {"kind": "webdataset", "urls": str(tmp_path / "shard-{0..2}.tar"), "shuffle": False}
+    cfg = {"kind": "webdataset", "path": str(tmp_path / "shard-{0..2}.tar"), "shuffle": False}
     data = build_dataset(cfg, preprocess=preprocess, tokenizer=tokenizer)
     assert isinstance(data, IterableDataset)
     samples = list(iter(data))
@@ -216,7 +216,7 @@ def test_webdataset_stream_ranks_and_resume(tmp_path, tokenizer):
 
 def test_webdataset_shuffles_shards_per_epoch(tmp_path, tokenizer):
     write_shards(tmp_path, shards=4, per_shard=2)
-    cfg = {"kind": "webdataset", "urls": str(tmp_path / "shard-{0..3}.tar")}
+    cfg = {"kind": "webdataset", "path": str(tmp_path / "shard-{0..3}.tar")}
     data = build_dataset(cfg, preprocess=preprocess, tokenizer=tokenizer)
     epochs = [
         torch.cat([b["image"] for b in itertools.islice(make_loader(data, 8, seed=s), 2)])
@@ -229,7 +229,7 @@ def test_webdataset_shuffles_shards_per_epoch(tmp_path, tokenizer):
 
 
 def test_webdataset_bad_members_and_truncated_shards(tmp_path, tokenizer):
-    # Case 12: a non-image member and a truncated tar shard ended the run with tracebacks.
+    # A non-image member and a truncated tar shard are named, shard and member.
     import webdataset as wds
 
     bad_files(tmp_path)
@@ -274,7 +274,13 @@ def test_webdataset_bad_inputs(tmp_path, tokenizer):
 
 def test_synthetic_is_a_function_of_seed_and_index():
     a = build_dataset(
-        {"kind": "synthetic", "size": 10, "image_size": 8, "context_length": 12, "vocab_size": 50},
+        {
+            "kind": "synthetic",
+            "num_samples": 10,
+            "image_size": 8,
+            "context_length": 12,
+            "vocab_size": 50,
+        },
         preprocess=None,
         tokenizer=None,
     )

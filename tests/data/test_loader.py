@@ -8,7 +8,13 @@ from support import PlainDataset
 from torch.utils.data import Dataset, IterableDataset
 
 from tinyclip_fast.data.datasets import TensorPairDataset
-from tinyclip_fast.data.loader import BadSampleError, BadSampleLog, collate, make_loader
+from tinyclip_fast.data.loader import (
+    BadSampleError,
+    BadSampleLog,
+    check_batch_settings,
+    collate,
+    make_loader,
+)
 
 
 def tensor_dataset(size: int) -> TensorPairDataset:
@@ -168,3 +174,26 @@ def test_stream_markers_are_logged_not_batched():
     assert log.bad == 2 and log.read == 14
     with pytest.raises(BadSampleError, match="member 2 is broken"):
         take(make_loader(Stream(), 3, seed=0), 1)
+
+
+@pytest.mark.parametrize(
+    "batch_size, world_size, num_samples, message",
+    [
+        (1, 1, None, "batch size 1 cannot learn: the loss contrasts each image with the other"),
+        (4, 4, None, "batch size 4 over 4 ranks is one pair per rank"),
+        (6, 4, None, "batch size 6 is not divisible by the world size 4"),
+        (8, 1, 5, "the dataset has 5 samples, fewer than one batch of 8: no step"),
+        (0, 1, None, "need batch size > 0"),
+    ],
+    ids=["global-batch-1", "one-pair-per-rank", "uneven", "dataset-under-one-batch", "zero"],
+)
+def test_settings_that_cannot_train_are_refused_saying_why(
+    batch_size, world_size, num_samples, message
+):
+    with pytest.raises(ValueError, match="^" + message):
+        check_batch_settings(batch_size, world_size, num_samples=num_samples)
+
+
+@pytest.mark.parametrize("batch_size, world_size", [(2, 1), (8, 4), (256, 8)])
+def test_batches_with_negatives_on_every_rank_are_accepted(batch_size, world_size):
+    check_batch_settings(batch_size, world_size, num_samples=batch_size)

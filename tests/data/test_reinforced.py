@@ -213,8 +213,10 @@ def test_teacher_targets_split_normalise_and_scale(source):
 def test_other_recipe_teacher_or_format_is_refused(source, tmp_path):
     path = source.cache_path(source.shards[0])
     other_size = AugmentRecipe(size=20, scale=(0.4, 1.0), hflip_prob=0.5)
-    with pytest.raises(ValueError, match=f"{path} was built with another preprocess: size"):
+    with pytest.raises(ValueError, match=f"{path} was built with another preprocess: size") as e:
         ReinforcedDataset(source, tokenizer=WordTokenizer(), recipe=other_size)
+    assert "delete" not in str(e.value)  # the file is valid for its own settings
+    assert str(e.value).endswith("in another --cache-dir (that file stays valid for its own)")
     other_aug = AugmentRecipe(size=16, scale=(0.5, 1.0), hflip_prob=0.5)
     with pytest.raises(ValueError, match=r"another augmentation recipe: scale \[0.4, 1.0\]"):
         ReinforcedDataset(source, tokenizer=WordTokenizer(), recipe=other_aug)

@@ -64,8 +64,9 @@ def test_csv_source_cuts_rows_into_shards(tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
     source = open_source(None, str(tmp_path / "train.tsv"), shard_size=2, synthetic_keys=["syn"])
     assert source.kind == "csv" and source.num_samples == 5
-    assert [s.name for s in source.shards] == ["train-00000", "train-00001", "train-00002"]
-    assert source.cache_path(source.shards[2]) == tmp_path / "train-00002.reinforced.safetensors"
+    names = ["train.tsv-00000", "train.tsv-00001", "train.tsv-00002"]
+    assert [s.name for s in source.shards] == names
+    assert source.cache_path(source.shards[2]) == tmp_path / f"{names[2]}.reinforced.safetensors"
     records = [r for s in source.shards for r in s.records()]
     assert [r.key for r in records] == ["0", "1", "2", "3", "4"]
     assert records[1].captions == ("caption 1", "extra 1") and records[0].captions == ("caption 0",)
@@ -120,3 +121,34 @@ def test_names_that_would_share_a_cache_file_are_refused(tmp_path):
         webdataset_source(urls, cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="source kind must be one of"):
         open_source("parquet", "x")
+
+
+def test_inputs_of_one_folder_with_the_same_stem_get_their_own_cache_files(tmp_path):
+    random_image(0).save(tmp_path / "a.png")
+    (tmp_path / "set.csv").write_text("filepath,title\na.png,a caption\n")
+    (tmp_path / "set.tsv").write_text("filepath\ttitle\na.png\ta caption\n")
+    write_image_shards(tmp_path, num_shards=1, per_shard=1)
+    (tmp_path / "00000.tar.gz").write_bytes((tmp_path / "00000.tar").read_bytes())
+    sources = [
+        open_source("csv", str(tmp_path / "set.csv"), separator=","),
+        open_source("csv", str(tmp_path / "set.tsv")),
+        webdataset_source(str(tmp_path / "00000.tar")),
+        webdataset_source(str(tmp_path / "00000.tar.gz")),
+    ]
+    names = [source.cache_path(source.shards[0]).name for source in sources]
+    assert names == [
+        "set.csv-00000.reinforced.safetensors",
+        "set.tsv-00000.reinforced.safetensors",
+        "00000.reinforced.safetensors",
+        "00000.tar.gz.reinforced.safetensors",
+    ]
+
+
+def test_a_directory_in_the_image_column_is_named_as_one(tmp_path):
+    (tmp_path / "a.png").mkdir()
+    (tmp_path / "set.tsv").write_text("filepath\ttitle\na.png\ta caption\n")
+    record = next(open_source("csv", str(tmp_path / "set.tsv")).shards[0].records())
+    with pytest.raises(
+        FileNotFoundError, match=r"a.png \(sample '0' of .*set.tsv\) is a directory$"
+    ):
+        record.load_image()

@@ -33,6 +33,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from torchvision.transforms import InterpolationMode
 
+from tinyclip_fast.data.images import to_rgb
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERPOLATIONS = {
@@ -187,6 +189,8 @@ class AugmentRecipe:
         is_tensor = isinstance(image, torch.Tensor)
         if is_tensor:
             _check_tensor_image(image, self.uses_color)
+        else:
+            image = to_rgb(image)
         height, width = _image_hw(image)
         top, left, crop_h, crop_w = _check_crop(params["crop"], height, width)
         image = F.resized_crop(
@@ -199,8 +203,6 @@ class AugmentRecipe:
             interpolation=INTERPOLATIONS[self.interpolation],
             antialias=True,
         )
-        if not is_tensor and image.mode != "RGB":
-            image = image.convert("RGB")
         if params.get("flip"):
             image = F.hflip(image)
         for name, magnitude in params.get("rand_augment", ()):
@@ -216,6 +218,8 @@ class AugmentRecipe:
 
     def __call__(self, image: Any, generator: torch.Generator) -> tuple[torch.Tensor, Params]:
         """Draw one augmentation of ``image`` and apply it: (tensor, params)."""
+        if not isinstance(image, torch.Tensor):
+            image = to_rgb(image)  # upright first: the crop is drawn on the shown size
         params = self.sample(*_image_hw(image), generator)
         return self.apply(image, params), params
 

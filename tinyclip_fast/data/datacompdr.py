@@ -45,6 +45,7 @@ from tinyclip_fast.data.augment import (
     Params,
 )
 from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, Tokenizer, expand_urls
+from tinyclip_fast.data.options import given_options
 from tinyclip_fast.data.reinforced import ReinforcedItem, ReinforcedStream, TeacherInfo
 from tinyclip_fast.data.sources import (
     decode_image,
@@ -190,24 +191,26 @@ def build_datacompdr_dataset(
 ) -> DataCompDRDataset:
     """``data_cfg["kind"] = "datacompdr"`` for ``datasets.register_dataset``.
 
-    Keys: ``path`` (shards, braces expanded), ``caption_mode``, ``caption_key``, ``shuffle``,
-    ``num_samples``, ``teacher_scale`` (default 100), ``teacher_dims`` (default [768, 768]).
-    A torchvision ``preprocess`` (the student's training transform) sets the replay's output
-    size, interpolation and normalisation, as MobileCLIP's training does.
+    Keys: ``path`` (shards, braces expanded), ``caption_mode``, ``num_samples`` and the
+    options of data/options.py: ``caption_key``, ``shuffle``, ``teacher_scale`` (default
+    100), ``teacher_dims`` (default [768, 768]). A torchvision ``preprocess`` (the student's
+    training transform) sets the replay's output size, interpolation and normalisation, as
+    MobileCLIP's training does.
     """
     if tokenizer is None:
         raise ValueError("data kind 'datacompdr' needs a tokenizer")
-    path = data_cfg.get("path", data_cfg.get("urls"))
+    path = data_cfg.get("path")
     if path is None:
-        raise ValueError("data kind 'datacompdr' needs data_cfg['path']")
+        raise ValueError("data kind 'datacompdr' needs a path: --data datacompdr:SHARDS")
+    options = given_options(data_cfg)
     recipe = datacompdr_recipe()
     if preprocess is not None:
         student = AugmentRecipe.from_transform(preprocess)
         recipe = datacompdr_recipe(
             student.size, mean=student.mean, std=student.std, interpolation=student.interpolation
         )
-    scale = math.log(float(data_cfg.get("teacher_scale", DATACOMPDR_SCALE)))
-    dims = data_cfg.get("teacher_dims", [t.dim for t in DATACOMPDR_TEACHERS])
+    scale = math.log(float(options.pop("teacher_scale", DATACOMPDR_SCALE)))
+    dims = options.pop("teacher_dims", [t.dim for t in DATACOMPDR_TEACHERS])
     names = [t.name for t in DATACOMPDR_TEACHERS]
     teachers = [
         TeacherInfo(names[i] if i < len(names) else f"teacher{i}", int(d), None, scale)
@@ -218,10 +221,9 @@ def build_datacompdr_dataset(
         tokenizer=tokenizer,
         recipe=recipe,
         teachers=teachers,
-        caption_key=data_cfg.get("caption_key", "txt"),
         caption_mode=data_cfg.get("caption_mode", "all"),
-        shuffle=data_cfg.get("shuffle", True),
         num_samples=data_cfg.get("num_samples"),
+        **options,
     )
 
 

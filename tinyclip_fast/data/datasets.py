@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from tinyclip_fast.data.images import file_problem, open_rgb
 from tinyclip_fast.data.loader import BadSampleError, epoch_generator
+from tinyclip_fast.data.options import declare_data_options, given_options
 
 Preprocess = Callable[[Any], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -33,10 +34,16 @@ DatasetBuilder = Callable[[dict[str, Any], "Preprocess | None", "Tokenizer | Non
 _DATASETS: dict[str, DatasetBuilder] = {}
 
 
-def register_dataset(kind: str, builder: DatasetBuilder) -> None:
+def register_dataset(
+    kind: str, builder: DatasetBuilder, options: Mapping[str, str] | None = None
+) -> None:
     """Make ``data_cfg["kind"] = kind`` call ``builder(data_cfg, preprocess, tokenizer)`` (the
-    built-in demo registers ``"demo"`` this way, so this module never imports it)."""
+    built-in demo registers ``"demo"`` this way, so this module never imports it). ``options``:
+    the ``data.options`` keys the builder reads, with a one-line help each (see
+    data/options.py); a kind that declares none takes none."""
     _DATASETS[kind] = builder
+    if options is not None:
+        declare_data_options(kind, options)
 
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -91,16 +98,6 @@ def check_sample_fingerprints(
     return actual
 
 
-def load_rgb(source: str | Path | bytes) -> Any:
-    """A PIL RGB image from a path or encoded bytes."""
-    from PIL import Image
-
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    with Image.open(source) as image:
-        return image.convert("RGB")
-
-
 def _tokenize_one(tokenizer: Tokenizer, caption: str) -> torch.Tensor:
     tokens = tokenizer([caption])
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != 1:
@@ -134,11 +131,11 @@ class CsvPairDataset(Dataset):
         with open(self.path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle, delimiter=separator)
             columns = reader.fieldnames or []
-            for key, role in ((img_key, "csv_img_key"), (caption_key, "csv_caption_key")):
+            for key, role in ((img_key, "img_key"), (caption_key, "caption_key")):
                 if key not in columns:
                     raise ValueError(
-                        f"CSV {self.path} has no column {key!r} ({role}); columns found with "
-                        f"separator {separator!r}: {columns}"
+                        f"CSV {self.path} has no column {key!r} (data.options.{role}); "
+                        f"columns found with separator {separator!r}: {columns}"
                     )
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
@@ -165,10 +162,11 @@ class CsvPairDataset(Dataset):
         image_path = self.image_path(index)
         where = f"image {image_path} (row {index} of {self.path})"
         record = {"source": str(self.path), "row": index, "file": str(image_path)}
-        if not image_path.is_file():
-            raise BadSampleError(f"{where} does not exist", record)
+        problem = file_problem(image_path)
+        if problem is not None:
+            raise BadSampleError(f"{where} {problem}", record)
         try:
-            image = self.preprocess(load_rgb(image_path))
+            image = self.preprocess(open_rgb(image_path))
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
             raise BadSampleError(f"{where} cannot be read: {describe_error(err)}", record) from err
         return {
@@ -393,7 +391,7 @@ class WebDatasetPairs(IterableDataset):
                 yield {"bad_sample": BadSampleError(message, record).record}
                 continue
             try:
-                image = self.preprocess(load_rgb(raw[image_ext]))
+                image = self.preprocess(open_rgb(raw[image_ext]))
                 caption = raw[self.caption_key].decode("utf-8")
             except Exception as err:  # PIL's many error types, bad UTF-8
                 message = (
@@ -447,47 +445,41 @@ def build_dataset(
 ) -> Dataset:
     """The dataset that ``data_cfg["kind"]`` names (csv, webdataset, synthetic, or registered).
 
-    Keys (``path`` and ``num_samples`` serve every kind, as in config.DataConfig):
-    csv: ``path``, ``csv_img_key``, ``csv_caption_key``, ``csv_separator`` (default from the
-    extension: ``.csv`` comma, else tab);
-    webdataset: ``path`` (or ``urls``), ``caption_key``, ``shuffle``, ``num_samples``,
-    ``skip_bad_samples``;
-    synthetic: ``num_samples`` (or ``size``), ``image_size``, ``context_length``,
-    ``vocab_size``, ``seed``; registered kinds: whatever their builder reads.
+    ``data_cfg`` holds ``kind``, ``path``, ``num_samples``, ``skip_bad_samples`` and the kind's
+    options (data/options.py lists them; an unknown key is a ValueError naming the valid ones).
     """
     kind = data_cfg.get("kind")
     check_kind(kind)
     if kind in _DATASETS:
         return _DATASETS[kind](data_cfg, preprocess, tokenizer)
+    options = given_options(data_cfg)
     if kind in ("csv", "webdataset") and (preprocess is None or tokenizer is None):
         raise ValueError(f"data kind {kind!r} needs a preprocess and a tokenizer")
     if kind == "csv":
+        build_only = sorted(set(options) - {"img_key", "caption_key", "separator"})
+        if build_only:
+            raise ValueError(
+                f"data options {build_only} of kind 'csv' are read only when building a "
+                "reinforced cache (--build-teacher-cache)"
+            )
         return CsvPairDataset(
-            _required(data_cfg, "path", "path"),
-            preprocess=preprocess,
-            tokenizer=tokenizer,
-            img_key=data_cfg.get("csv_img_key", "filepath"),
-            caption_key=data_cfg.get("csv_caption_key", "title"),
-            separator=data_cfg.get("csv_separator"),
+            _required_path(data_cfg), preprocess=preprocess, tokenizer=tokenizer, **options
         )
     if kind == "webdataset":
         return WebDatasetPairs(
-            _required(data_cfg, "urls", "path"),
+            _required_path(data_cfg),
             preprocess=preprocess,
             tokenizer=tokenizer,
-            caption_key=data_cfg.get("caption_key", "txt"),
-            shuffle=data_cfg.get("shuffle", True),
             num_samples=data_cfg.get("num_samples"),
             skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)),
+            **options,
         )
     if data_cfg.get("path") is not None:
         raise ValueError(f"data kind 'synthetic' reads no files, got path {data_cfg['path']!r}")
+    if data_cfg.get("num_samples") is None:
+        raise ValueError("data kind 'synthetic' needs a number of samples (--data-size N)")
     return SyntheticPairDataset(
-        int(_required(data_cfg, "size", "num_samples")),
-        image_size=int(data_cfg.get("image_size", 224)),
-        context_length=int(data_cfg.get("context_length", 77)),
-        vocab_size=int(data_cfg.get("vocab_size", 49408)),
-        seed=int(data_cfg.get("seed", 0)),
+        int(data_cfg["num_samples"]), **{key: int(value) for key, value in options.items()}
     )
 
 
@@ -498,11 +490,8 @@ def check_kind(kind: Any) -> None:
         raise ValueError(f"unknown data kind {kind!r} (--data KIND[:PATH]); kinds: {kinds}")
 
 
-def _required(data_cfg: dict[str, Any], key: str, alias: str) -> Any:
-    value = data_cfg.get(key, data_cfg.get(alias))
-    if value is None:
+def _required_path(data_cfg: dict[str, Any]) -> Any:
+    if data_cfg.get("path") is None:
         kind = data_cfg["kind"]
-        if key in ("path", "urls"):
-            raise ValueError(f"data kind {kind!r} needs a path: --data {kind}:PATH")
-        raise ValueError(f"data kind {kind!r} needs data_cfg[{alias!r}] (--data-size N)")
-    return value
+        raise ValueError(f"data kind {kind!r} needs a path: --data {kind}:PATH")
+    return data_cfg["path"]

@@ -35,6 +35,39 @@ class BadSampleError(ValueError):
         self.record = {**(record or {}), "error": message}
 
 
+def check_batch_settings(
+    batch_size: int, world_size: int = 1, *, num_samples: int | None = None
+) -> None:
+    """ValueError saying why a global ``batch_size`` over ``world_size`` ranks cannot train:
+    not a whole number of samples per rank, a batch of one pair (the loss contrasts each image
+    with the other captions of the batch: one pair has none, the loss is 0 and nothing is
+    learned), one pair per rank, or a map-style dataset of ``num_samples`` smaller than one
+    batch (no step of a whole batch exists)."""
+    if batch_size <= 0 or world_size <= 0:
+        raise ValueError(f"need batch size > 0 and world size > 0, got {batch_size}, {world_size}")
+    if batch_size % world_size:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the world size {world_size}: every "
+            "rank takes the same number of samples"
+        )
+    if batch_size == 1:
+        raise ValueError(
+            "batch size 1 cannot learn: the loss contrasts each image with the other captions "
+            "of its batch and one pair has none (the loss is 0 every step); use 2 or more"
+        )
+    if batch_size == world_size:
+        raise ValueError(
+            f"batch size {batch_size} over {world_size} ranks is one pair per rank: each "
+            "rank's loss rows hold a single pair with no negatives of its own; use at least "
+            f"{2 * world_size}"
+        )
+    if num_samples is not None and num_samples < batch_size:
+        raise ValueError(
+            f"the dataset has {num_samples} samples, fewer than one batch of {batch_size}: no "
+            "step can be taken; lower --batch-size or add data"
+        )
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # One stream per (seed, epoch): a resumed run rebuilds the same permutation from scratch.
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))

@@ -55,6 +55,7 @@ from tinyclip_fast.data.datasets import (
     csv_separator,
     split_shards,
 )
+from tinyclip_fast.data.options import given_options
 from tinyclip_fast.data.sources import ShardedSource, open_source, source_kind
 
 FORMAT = "tinyclip_fast.reinforced"
@@ -192,8 +193,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
             header = json.loads((handle.metadata() or {})[HEADER_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise ValueError(
-            f"reinforced cache {path} is truncated, corrupt or not a reinforced cache "
-            f"({err!r}); delete it and rebuild that shard"
+            f"reinforced cache {path} is truncated, corrupt or not a reinforced cache ({err!r}): "
+            "if it is a damaged cache, move it away and build that shard again; if it is "
+            "another program's file, give the cache its own --cache-dir"
         ) from err
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -310,8 +312,9 @@ def refuse_mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any])
     problems = header_mismatches(found, expected)
     if problems:
         raise ValueError(
-            f"reinforced cache {path} was built with " + "; with ".join(problems) + ". Rebuild "
-            "it (delete the file) or use the settings it was built with"
+            f"reinforced cache {path} was built with " + "; with ".join(problems) + ": use the "
+            "settings it was built with, or build a cache for these settings in another "
+            "--cache-dir (that file stays valid for its own)"
         )
 
 
@@ -320,9 +323,9 @@ def check_shard_unchanged(shard: Any, path: Path, header: dict[str, Any]) -> Non
     now = shard.fingerprint()
     if header.get("source_fingerprint") != now:
         raise ValueError(
-            f"shard {shard} changed since its cache {path} was built (fingerprint "
-            f"{header.get('source_fingerprint')!r} then, {now!r} now): it was rewritten, "
-            "truncated or replaced; restore it or rebuild the cache (delete the file)"
+            f"shard {shard} changed since its cache {path} was built, or that cache belongs to "
+            f"another input of the same name (fingerprint {header.get('source_fingerprint')!r} "
+            f"then, {now!r} now): restore the shard, or build its cache in another --cache-dir"
         )
 
 
@@ -507,19 +510,28 @@ class ReinforcedDataset(ReinforcedStream):
             )
 
 
+# The options of each source kind's factory (data/sources.py); "source" and "shuffle" are
+# read by the reinforced kinds themselves.
+_SOURCE_OPTIONS = {
+    "csv": ("img_key", "caption_key", "separator", "synthetic_keys", "shard_size"),
+    "folder": ("shard_size",),
+    "webdataset": ("caption_key",),
+}
+
+
 def source_from_cfg(data_cfg: dict[str, Any]) -> ShardedSource:
     """The source a reinforced cache is built over and read with, from ``data_cfg``.
 
     Keys: ``path`` (shards, CSV or folder; a folder holding ``.tar`` files and no images is
     those shards, sorted), ``source`` (webdataset/csv/folder, inferred from ``path`` when
-    absent), ``cache_dir``, ``shard_size`` (CSV, folder), ``caption_key`` (webdataset),
-    ``csv_img_key``, ``csv_caption_key``, ``csv_separator`` (default from the extension:
-    ``.csv`` comma, else tab), ``csv_synthetic_keys``. Building and training read the same
-    keys, so both see the same shards.
+    absent), ``cache_dir``, and the options of the source's kind (data/options.py; the CSV
+    separator defaults from the extension: ``.csv`` comma, else tab). Building and training
+    read the same keys, so both see the same shards.
     """
     path = data_cfg.get("path")
     if path is None:
         raise ValueError(f"data kind {data_cfg.get('kind')!r} needs a path: --data KIND:PATH")
+    options = given_options(data_cfg)
     kind = data_cfg.get("source")
     if kind is None and isinstance(path, (str, Path)) and Path(path).is_dir():
         tars = sorted(Path(path).glob("*.tar"))
@@ -527,21 +539,18 @@ def source_from_cfg(data_cfg: dict[str, Any]) -> ShardedSource:
         if tars and next(images, None) is None:
             kind, path = "webdataset", [str(t) for t in tars]
     resolved = source_kind(kind, path)
-    options: dict[str, Any] = {"cache_dir": data_cfg.get("cache_dir")}
-    if resolved in ("csv", "folder") and "shard_size" in data_cfg:
-        options["shard_size"] = int(data_cfg["shard_size"])
-    if resolved == "webdataset" and "caption_key" in data_cfg:
-        options["caption_key"] = data_cfg["caption_key"]
+    factory = {key: options[key] for key in _SOURCE_OPTIONS[resolved] if key in options}
+    unused = sorted(set(options) - set(factory) - {"source", "shuffle"})
+    if unused:
+        raise ValueError(
+            f"data options {unused} do nothing for a {resolved} source; its options: "
+            f"{', '.join(_SOURCE_OPTIONS[resolved])}"
+        )
+    if "shard_size" in factory:
+        factory["shard_size"] = int(factory["shard_size"])
     if resolved == "csv":
-        options["separator"] = csv_separator(path, data_cfg.get("csv_separator"))
-        for key, option in (
-            ("csv_img_key", "img_key"),
-            ("csv_caption_key", "caption_key"),
-            ("csv_synthetic_keys", "synthetic_keys"),
-        ):
-            if key in data_cfg:
-                options[option] = data_cfg[key]
-    return open_source(resolved, path, **options)
+        factory["separator"] = csv_separator(path, factory.get("separator"))
+    return open_source(resolved, path, cache_dir=data_cfg.get("cache_dir"), **factory)
 
 
 def build_reinforced_dataset(
@@ -562,5 +571,5 @@ def build_reinforced_dataset(
         tokenizer=tokenizer,
         recipe=recipe,
         caption_mode=data_cfg.get("caption_mode", "all"),
-        shuffle=data_cfg.get("shuffle", True),
+        **{key: value for key, value in given_options(data_cfg).items() if key == "shuffle"},
     )

@@ -14,6 +14,9 @@ first, then synthetic ones:
   synthetic captions in ``<stem>.syn.json``.
 
 Cache files go beside the data (``cache_dir`` overrides): ``<shard name>.reinforced.safetensors``.
+Shard names keep the input's full file name, so two inputs of one folder cannot share a cache
+file: ``set.csv-00000`` and ``set.tsv-00000`` for the rows of set.csv and set.tsv, ``00000`` for
+``00000.tar`` (only ``.tar`` is dropped; ``a.tar.gz`` and ``a.tgz`` keep theirs).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, expand_urls, load_rgb
+from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, expand_urls
+from tinyclip_fast.data.images import file_problem, open_rgb
 
 CACHE_SUFFIX = ".reinforced.safetensors"
 DEFAULT_SHARD_SIZE = 10_000
@@ -51,7 +55,7 @@ class TarShard:
     def __init__(self, path: str | Path, caption_key: str = "txt") -> None:
         self.path = Path(path)
         self.caption_key = caption_key
-        self.name = _tar_stem(self.path.name)
+        self.name = _tar_shard_name(self.path.name)
         self.num_samples: int | None = None  # unknown until read
 
     def fingerprint(self) -> str:
@@ -125,8 +129,9 @@ class ListShard:
 
     def _load(self, entry: _Entry) -> Any:
         where = f"image {entry.image_path} (sample {entry.key!r} of {self.origin})"
-        if not entry.image_path.is_file():
-            raise FileNotFoundError(f"{where} does not exist")
+        problem = file_problem(entry.image_path)
+        if problem is not None:
+            raise FileNotFoundError(f"{where} {problem}")
         return decode_image(entry.image_path, where)
 
     def __repr__(self) -> str:
@@ -193,7 +198,7 @@ def csv_source(
     cache_dir: str | Path | None = None,
 ) -> ShardedSource:
     """Rows of a CSV/TSV (relative image paths resolve against its folder), ``shard_size``
-    rows a shard named ``<file stem>-<index>``; keys are row numbers."""
+    rows a shard named ``<file name>-<index>``; keys are row numbers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV data file {path} does not exist")
@@ -215,7 +220,7 @@ def csv_source(
     if not entries:
         raise ValueError(f"CSV {path} has a header but no rows")
     return ShardedSource(
-        "csv", _cut(entries, f"{path.stem}", str(path), shard_size), _optional_path(cache_dir)
+        "csv", _cut(entries, path.name, str(path), shard_size), _optional_path(cache_dir)
     )
 
 
@@ -289,9 +294,9 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def decode_image(data: bytes | Path, where: str) -> Any:
-    """``load_rgb`` with an undecodable image reported as a ValueError naming ``where``."""
+    """``open_rgb`` with an undecodable image reported as a ValueError naming ``where``."""
     try:
-        return load_rgb(data)
+        return open_rgb(data)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for broken files
         raise ValueError(f"cannot decode the image of {where}: {err}") from err
 
@@ -318,11 +323,8 @@ def _cut(entries: list[_Entry], stem: str, origin: str, shard_size: int) -> list
     ]
 
 
-def _tar_stem(name: str) -> str:
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def _tar_shard_name(name: str) -> str:
+    return name.removesuffix(".tar")
 
 
 def sample_fields(raw: dict[str, Any]) -> list[str]:

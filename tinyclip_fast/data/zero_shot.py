@@ -18,7 +18,8 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 from torch.utils.data import Dataset
 
-from tinyclip_fast.data.datasets import csv_separator, describe_error, load_rgb
+from tinyclip_fast.data.datasets import csv_separator, describe_error
+from tinyclip_fast.data.images import file_problem, open_rgb
 from tinyclip_fast.data.loader import BadSampleError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -129,10 +130,11 @@ class LabelledImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluation image {path} does not exist")
+        problem = file_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"evaluation image {path} {problem}")
         try:
-            image = self.preprocess(load_rgb(path))
+            image = self.preprocess(open_rgb(path))
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
             raise BadSampleError(
                 f"evaluation image {path} cannot be read: {describe_error(err)}"
