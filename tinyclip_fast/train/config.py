@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kernels.limits import MAX_TEACHERS
+from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.train.config_io import (
     apply_override,
     check_choices,

@@ -130,12 +130,14 @@ def settings_text(cls: type, width: int = 84) -> str:
 
 def settings_markdown(cls: type) -> str:
     """docs/cli.md's table of every setting."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows, seen = ["| key | default | meaning |", "| --- | --- | --- |"], {}
     for s in settings(cls):
-        key = f"`{s.path}`" + (f" (`{s.flag}`)" if s.flag else "")
         meaning = s.help + (f" One of {', '.join(s.choices)}." if s.choices else "")
-        meaning = meaning.replace("|", "\\|")
-        rows.append(f"| {key} | `{show(s.default)}` | {meaning} |")
+        key = f"`{s.path}`" + (f" (`{s.flag}`)" if s.flag and s.help not in seen else "")
+        if s.help in seen:
+            meaning = f"as `{seen[s.help]}`"
+        seen.setdefault(s.help, s.path)
+        rows.append(f"| {key} | `{show(s.default)}` | {meaning.replace('|', '/')} |")
     return "\n".join(rows)
 
 
