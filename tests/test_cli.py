@@ -144,7 +144,8 @@ TWO_STAGES = '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\ns
         ),
         pytest.param(
             "--set stages.2.steps=5: stages has 2 entries (indices 0..1)",
-            ["--config", "two.toml", "--set", "stages.2.steps=5"],
+            ["--config", "two.toml", "--set", "stages.2.steps=5", "--steps", None]
+            + ["--student-config", None],
             id="stage-index-out-of-range",
         ),
         pytest.param(
@@ -189,11 +190,13 @@ TWO_STAGES = '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\ns
 def test_config_mistakes_are_one_line_before_torch_loads(files, message, argv):
     (files / "two.toml").write_text(TWO_STAGES)
     (files / "student.toml").write_text('[[stages]]\nstudent_config = {"embed_dim" = 8}\n')
-    # A None value removes that option of base_args; file names are in the files folder.
+    # A None value removes that option from base_args; .toml names are in the files folder.
     drop = {flag for flag, value in zip(argv, argv[1:], strict=False) if value is None}
     extra = [arg for arg in argv if arg is not None and arg not in drop]
     extra = [files / arg if arg.endswith(".toml") else arg for arg in extra]
-    args = base_args(files, student="--student-config" not in drop, data="--data" not in drop)
+    args = base_args(files)
+    for flag in drop:
+        del args[args.index(flag) : args.index(flag) + 2]
     status, out, err = cli(*args, *extra)
     assert status == 2 and message in one_error(err), (message, err)
 
