@@ -364,7 +364,7 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     (status, _, err), (skip_status, skip_out, skip_err) = results[:2]
     line = one_error(err)
     assert status == 2 and "red/1.png (row 1 of" in line and "cannot be read" in line
-    assert "--skip-bad-samples skips and logs them" in line
+    assert "--set data.skip_bad_samples=true skips and logs them" in line
     assert skip_status == 0, skip_err
     assert "skipping bad samples (logged in" in skip_out and "skipped " in skip_out
     logged = [json.loads(x) for x in (files / "skip" / "bad_samples.jsonl").open()]

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tinyclip_fast.cli_config import config_from_args, dest, flag_settings
-from tinyclip_fast.train.config import DistillConfig
+from tinyclip_fast.cli_config import PAIRED_FLAGS, config_from_args, dest, flag_settings
+from tinyclip_fast.train.config import DistillConfig, EvalConfig
 from tinyclip_fast.train.config_io import settings, settings_text, show
 from tinyclip_fast.train.run_folder import check_run_folder
 
@@ -125,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--eval",
         metavar="KIND[:PATH]",
-        help="zero-shot evaluation every eval.every steps (default: 1000) and after each "
-        "stage: folder:DIR (one subfolder per class), csv:FILE (filepath,label; .csv comma, "
-        "else tab), or demo",
+        help=f"zero-shot evaluation every eval.every steps (default: {EvalConfig().every}) "
+        "and after each stage: folder:DIR (one subfolder per class), csv:FILE (filepath,label; "
+        ".csv comma, else tab), or demo",
     )
     for flag, entry in flag_settings().items():
         group = groups[_GROUPS.get(entry.path.split(".")[0], _RUN_GROUP)]
@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(action="store_true", default=None)
         else:
             kwargs["metavar"] = entry.metavar or ("N" if entry.hint is int else dest(flag).upper())
-        if entry.path.startswith("teacher.") and entry.path != "teacher.cache":
-            kwargs["action"] = "append"  # one per --teacher, paired in order
+        if flag in PAIRED_FLAGS:
+            kwargs["action"] = "append"
         group.add_argument(flag, **kwargs)
     g = p.add_argument_group("cache builds (build, then exit)")
     g.add_argument(
@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace, rank: int) -> int:
             return 0
         result = distill(config)
     except BadSampleError as err:
-        hint = "; --skip-bad-samples skips and logs them"
+        hint = "; --set data.skip_bad_samples=true skips and logs them"
         if args.build_teacher_cache or args.build_reinforced_cache:
             hint = "; a teacher cache needs every sample: fix the file or drop its row"
         elif config.data.skip_bad_samples:

@@ -25,6 +25,8 @@ from tinyclip_fast.train.config import (
 )
 from tinyclip_fast.train.config_io import Setting, settings, show
 
+PAIRED_FLAGS = ("--teacher", "--pretrained")  # repeatable: one --pretrained per --teacher
+
 
 def flag_settings() -> dict[str, Setting]:
     """The settings that have a flag, by flag (``--teacher`` is ``teacher.model``)."""
@@ -180,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     stage_flags: dict[str, tuple[str, Any]] = {}
     for flag, entry in flag_settings().items():
         value = getattr(args, dest(flag))
-        if value is None or flag in ("--teacher", "--pretrained"):
+        if value is None or flag in PAIRED_FLAGS:
             continue
         if entry.path.startswith("stages.N."):
             stage_flags[entry.path.removeprefix("stages.N.")] = (flag, value)
