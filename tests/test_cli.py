@@ -268,8 +268,19 @@ def test_every_option_and_setting_has_help(help_text):
 
 
 def test_help_examples_keep_their_line_breaks(help_text):
-    examples = help_text[help_text.index("examples:") :]
-    assert "--pretrained ./vit_b32_laion2b_e16.pt \\\n      --preset" in examples
+    examples = help_text[help_text.index("examples:") :].splitlines()
+    assert "--pretrained ./vit_b32_laion2b_e16.pt \\" in examples[2]
+    for line, following in zip(examples, examples[1:], strict=False):
+        assert len(line) <= 100 and "   " not in line.strip(), line
+        if line.endswith("\\"):
+            assert following.startswith("      "), following
+
+
+@pytest.mark.slow
+def test_the_command_line_modules_import_no_torch():
+    code = "import sys, tinyclip_fast.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_docs_list_every_setting_with_its_default():
