@@ -1,5 +1,6 @@
-"""tinyclip-distill: options, config precedence, runs from files, and the issue-13 cases through
-the console script in subprocesses (what a user types), each failure one clear line.
+"""tinyclip-distill: options generated from the settings, config precedence, runs from files,
+and mistakes a user makes through the console script in subprocesses (what a user types), each
+failure one clear line.
 
 Subprocesses run without TRITON_INTERPRET (CPU tensors take the PyTorch paths, as for a user)
 and on one thread each; independent ones run two at a time.
@@ -19,12 +20,14 @@ import torch
 from PIL import Image
 from support import write_datacompdr_shards, write_image_shards
 
-from tinyclip_fast.cli import build_parser, config_from_args, main
+from tinyclip_fast.cli import build_parser, main
+from tinyclip_fast.cli_config import config_from_args
 from tinyclip_fast.data.reinforced import read_header
 from tinyclip_fast.inheritance.student_io import load_student
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.train.checkpoint import load_training_state
-from tinyclip_fast.train.config import load_config
+from tinyclip_fast.train.config import DistillConfig, load_config
+from tinyclip_fast.train.config_io import settings, settings_markdown, show
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
 
 # open_clip's own tokenizer (vocabulary 49,408), so CSV captions and eval prompts tokenize.
@@ -72,8 +75,8 @@ def base_args(files, *extra, student=True, data=True):
     args = [
         "--teacher", str(files / "cli-tiny-teacher.json"),
         "--pretrained", str(files / "teacher.pt"),
-        "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--lr", "1e-3",
-        "--device", "cpu", "--no-progress", "--log-every", "1",
+        "--batch-size", "4", "--steps", "4", "--set", "optim.warmup_steps=1", "--lr", "1e-3",
+        "--device", "cpu", "--set", "progress=false", "--set", "log_every=1",
         "--out-dir", str(files / "run"),
     ]  # fmt: skip
     if student:
@@ -121,43 +124,104 @@ def metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
 
 
-def test_config_mistakes_are_one_line_before_torch_loads(files):
-    # Cases 5, 6, 13, 16 (config side) and 14's --print-config | head: each its own line.
-    (files / "two.toml").write_text(
-        '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\nsteps = 3\n'
-    )
-    expected = {
-        "stages[0].steps must be > 0, got 0": base_args(files, "--steps", "0"),  # not 1000
-        "no training data: give --data csv:FILE": base_args(files, data=False),  # not noise
-        "no student: give --preset NAME (manual inheritance; ViT-61M-32-Text-29M": base_args(
-            files, student=False
-        ),  # no hidden ViT-40M-32-Text-19M
-        "--set stages.2.steps=5: stages has 2 entries (indices 0..1)": [
-            "--config", files / "two.toml", "--set", "stages.2.steps=5"
-        ],
-        "--set optim.lr=abc: optim.lr must be a number, got 'abc'": base_args(
-            files, "--set", "optim.lr=abc"
+TWO_STAGES = '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\nsteps = 3\n'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "message, argv",
+    [
+        pytest.param(
+            "stages[0].steps must be > 0, got 0", ["--steps", "0"], id="zero-steps-not-1000"
         ),
-        "--data /data/train.tsv: name the kind first, e.g. --data csv:/data/train.tsv": base_args(
-            files, "--data", "/data/train.tsv"
+        pytest.param(
+            "no training data: give --data csv:FILE", ["--data", None], id="no-data-not-noise"
         ),
-        "--eval /data/val: name the kind first, e.g. --eval folder:/data/val": base_args(
-            files, "--eval", "/data/val"
+        pytest.param(
+            "no student: give --preset NAME (manual inheritance; ViT-61M-32-Text-29M",
+            ["--student-config", None],
+            id="no-hidden-default-student",
         ),
-    }  # fmt: skip
-    for message, argv in expected.items():
-        status, out, err = cli(*argv)
-        assert status == 2 and message in one_error(err), (message, err)
+        pytest.param(
+            "--set stages.2.steps=5: stages has 2 entries (indices 0..1)",
+            ["--config", "two.toml", "--set", "stages.2.steps=5", "--steps", None]
+            + ["--student-config", None],
+            id="stage-index-out-of-range",
+        ),
+        pytest.param(
+            "--set optim.lr=abc: optim.lr must be a number, got 'abc'",
+            ["--set", "optim.lr=abc"],
+            id="set-value-of-wrong-type",
+        ),
+        pytest.param(
+            "--lr abc: optim.lr must be a number, got 'abc'",
+            ["--lr", "abc"],
+            id="flag-value-of-wrong-type",
+        ),
+        pytest.param(
+            "--data /data/train.tsv: name the kind first, e.g. --data csv:/data/train.tsv",
+            ["--data", "/data/train.tsv"],
+            id="data-without-kind",
+        ),
+        pytest.param(
+            "--eval /data/val: name the kind first, e.g. --eval folder:/data/val",
+            ["--eval", "/data/val"],
+            id="eval-without-kind",
+        ),
+        pytest.param(
+            "eval.every=1 sets up an evaluation, but no --eval given",
+            ["--set", "eval.every=1"],
+            id="eval-every-without-eval",
+        ),
+        pytest.param(
+            "--build-teacher-cache writes the per-sample embedding cache named by "
+            "--teacher-cache FILE, and none is given; the reinforced cache of --data is "
+            "--build-reinforced-cache",
+            ["--build-teacher-cache"],
+            id="embedding-cache-build-without-a-path",
+        ),
+        pytest.param(
+            "--preset ViT-8M-16-Text-3M cannot hold beside stages[0].student_config = ",
+            ["--config", "student.toml", "--preset", "ViT-8M-16-Text-3M", "--student-config", None],
+            id="flag-conflicting-with-the-file-stage",
+        ),
+    ],
+)
+def test_config_mistakes_are_one_line_before_torch_loads(files, message, argv):
+    (files / "two.toml").write_text(TWO_STAGES)
+    (files / "student.toml").write_text('[[stages]]\nstudent_config = {"embed_dim" = 8}\n')
+    # A None value removes that option from base_args; .toml names are in the files folder.
+    drop = {flag for flag, value in zip(argv, argv[1:], strict=False) if value is None}
+    extra = [arg for arg in argv if arg is not None and arg not in drop]
+    extra = [files / arg if arg.endswith(".toml") else arg for arg in extra]
+    args = base_args(files)
+    for flag in drop:
+        del args[args.index(flag) : args.index(flag) + 2]
+    status, out, err = cli(*args, *extra)
+    assert status == 2 and message in one_error(err), (message, err)
+
+
+@pytest.mark.slow
+def test_other_ranks_leave_configuration_errors_to_rank_zero(files):
     # Torchrun's other ranks read the same configuration: rank 0 alone reports it.
     status, out, err = cli(*base_args(files, "--steps", "0"), env={"RANK": "1"})
     assert status == 2 and out == err == ""
-    # data.options is a free table; the CSV flags fill it under open_clip's names.
+
+
+@pytest.mark.slow
+def test_print_config_keeps_free_data_options_and_survives_a_closed_pipe(files):
+    # data.options is a free table, set with --set under open_clip's names.
     status, out, err = cli(
-        *base_args(files, "--set", "data.options.caption_key=caption", "--csv-separator", ";"),
+        *base_args(files, "--set", "data.options.csv_caption_key=caption"),
+        "--set",
+        "data.options.csv_separator=;",
         "--print-config",
     )
     assert status == 0, err
-    assert json.loads(out)["data"]["options"] == {"csv_separator": ";", "caption_key": "caption"}
+    assert json.loads(out)["data"]["options"] == {
+        "csv_caption_key": "caption",
+        "csv_separator": ";",
+    }
     # `--print-config | head`: a reader that stops early is no BrokenPipeError traceback.
     reader_gone = subprocess.Popen(
         [*COMMAND, *map(str, base_args(files)), "--print-config"],
@@ -171,42 +235,85 @@ def test_config_mistakes_are_one_line_before_torch_loads(files):
     assert status == 0 and out.startswith("tinyclip-distill 0.1.0 (torch ")
 
 
-def test_help_shows_defaults_and_every_option():
-    # Case 17: the CSV keys lived in a comment in config.py; defaults were not shown.
-    parser = build_parser()
-    for action in parser._actions:
+@pytest.fixture(scope="module")
+def help_text():
+    return build_parser().format_help()
+
+
+@pytest.mark.parametrize(
+    "needle",
+    [
+        "data.options (default: {})", "csv_separator (default from the", "csv_img_key",
+        "csv_caption_key", ".csv comma, else tab", "(default: 0.0001)", "(default: 2000)",
+        "(default: 0.02)", "optim.mask_lr", "optim.lagrangian_lr", "data.skip_bad_samples",
+        "--overwrite", "--version", "fp32 on the CPU", "--teacher-cache", "--micro-batch-size",
+        "examples:", "torchrun", "reinforced.cache_dir", "reinforced.augmentations (default: 5)",
+        "reinforced:PATH", "datacompdr:'shards/{00000..01000}.tar'",
+        "reinforced.dtype (default: fp16) {fp16,bf16,fp32}", "--loss {softmax,sigmoid}",
+        "(default: softmax)", "teacher.logit_bias", "reads the FIRST teacher",
+        "--build-teacher-cache", "--build-reinforced-cache", "eval.every (default: 1000)",
+        "docs/cli.md",
+    ],
+)  # fmt: skip
+def test_help_shows_defaults_and_every_option(help_text, needle):
+    assert needle in " ".join(help_text.split()), needle
+
+
+def test_every_option_and_setting_has_help(help_text):
+    for action in build_parser()._actions:
         assert action.help, f"option {action.option_strings} has no help text"
-    for argv in (["--help"], ["demo", "--help"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "tinyclip_fast", *argv], capture_output=True, text=True
-        )
-        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
-    text = " ".join(subprocess.run([*COMMAND, "--help"], capture_output=True,
-                                   text=True).stdout.split())  # fmt: skip
-    for needle in (
-        "--csv-separator SEP", "--csv-img-key COLUMN", "--csv-caption-key COLUMN",
-        ".csv comma, else tab", "(default: 0.0001)", "(default: 2000)", "(default: 0.02)",
-        "--mask-lr", "--lagrangian-lr", "--skip-bad-samples", "--overwrite", "--version",
-        "fp32 on the CPU", "--teacher-cache", "--micro-batch-size", "examples:", "torchrun",
-        "--cache-dir DIR", "--cache-augmentations K", "(default: 5)", "reinforced:PATH",
-        "datacompdr:'shards/{00000..01000}.tar'", "--cache-dtype {fp16,bf16,fp32}",
-        "--loss {softmax,sigmoid}", "(default: softmax)", "--teacher-logit-bias B|own",
-        "reads the FIRST teacher", "ensembles --teacher repeated", "timm towers",
-    ):  # fmt: skip
-        assert needle in text, needle
+    for entry in settings(DistillConfig):
+        assert entry.help, f"setting {entry.path} has no help text"
+        assert f"\n  {entry.path} (default: {show(entry.default)})" in help_text, entry.path
 
 
+def test_help_examples_keep_their_line_breaks(help_text):
+    examples = help_text[help_text.index("examples:") :].splitlines()
+    assert "--pretrained ./vit_b32_laion2b_e16.pt \\" in examples[2]
+    for line, following in zip(examples, examples[1:], strict=False):
+        assert len(line) <= 100 and "   " not in line.strip(), line
+        if line.endswith("\\"):
+            assert following.startswith("      "), following
+
+
+@pytest.mark.slow
+def test_the_command_line_modules_import_no_torch():
+    code = "import sys, tinyclip_fast.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_docs_list_every_setting_with_its_default():
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    table = settings_markdown(DistillConfig)
+    assert table in text, (
+        "docs/cli.md's settings table is stale: paste the output of python -c 'from "
+        "tinyclip_fast.train.config import DistillConfig; from tinyclip_fast.train.config_io "
+        "import settings_markdown; print(settings_markdown(DistillConfig))'"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]], ids=["distill", "demo"])
+def test_help_runs_through_the_module(argv):
+    done = subprocess.run(
+        [sys.executable, "-m", "tinyclip_fast", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+@pytest.mark.slow
 def test_run_folder_rules_extension_and_pruning_report(files):
     # An auto stage (prune at step 3 of 4) on the comma-separated train.csv, eval every 2 steps.
     args = base_args(files, "--data", f"csv:{files / 'train.csv'}", student=False)
-    args += ["--sparsity", "0.5", "--prune-step", "3", "--save-every", "2"]
-    args += ["--eval", f"folder:{files / 'classes'}", "--eval-every", "2"]
+    args += ["--sparsity", "0.5", "--prune-step", "3", "--set", "save_every=2"]
+    args += ["--eval", f"folder:{files / 'classes'}", "--set", "eval.every=2"]
     run = files / "run"
     status, out, err = cli(*args, umask=0o027)
     assert status == 0, err
-    # Case 8: fp32 on the CPU unless asked; case 17: train.csv read with commas.
+    # fp32 on the CPU unless asked; train.csv read with commas.
     assert "distilling on cpu in fp32" in out and out.count("done: student") == 1
-    # Case 7: the prune is reported, far below the target is a warning, the re-warm-up of
+    # The prune is reported, far below the target is a warning, the re-warm-up of
     # the rate (200 steps) is clipped to the stage (1 step) instead of holding it near 0.
     assert "stage 0: pruned at step 3: expected sparsity " in out and "of target 50.0%" in out
     assert "warning: stage 0 pruned far below its target sparsity" in out
@@ -215,11 +322,11 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert len(pruned) == 1 and pruned[0]["params_after"] < pruned[0]["params_before"]
     lr = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert lr[4] == pytest.approx(0.25e-3)  # the cosine at step 3 of 4, not 1/200 of it
-    # Case 4: checkpoint and student follow the umask (0027: 0640), as metrics.jsonl does.
+    # Checkpoint and student follow the umask (0027: 0640), as metrics.jsonl does.
     written = [run / CHECKPOINT_NAME, run / "metrics.jsonl", *(run / "student").iterdir()]
     assert {stat.S_IMODE(path.stat().st_mode) for path in written} == {0o640}
 
-    # Case 1: a second run into the folder was restarting at step 0 over its checkpoint.
+    # A second run into the folder is refused; the first run's files stay as they were.
     checkpoint, log = (run / CHECKPOINT_NAME).read_bytes(), (run / "metrics.jsonl").read_text()
     status, out, err = cli(*args)
     line = one_error(err)
@@ -240,9 +347,10 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_bad_data_and_runtime_failures_are_one_line(files):
-    # Case 12: a truncated PNG in the data; case 2: a cache built on train.tsv, then used with
-    # the same rows in another order; cases 14-16: no GPU, a corrupt checkpoint, a bad kind.
+    # A truncated PNG in the data; a cache built on train.tsv, then used with the same rows in
+    # another order; no GPU, a corrupt checkpoint, an unknown data kind.
     image = files / "classes" / "red" / "1.png"
     image.write_bytes(image.read_bytes()[:100])
     cache = files / "cache.safetensors"
@@ -253,7 +361,8 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     assert run_main(base_args(files, *ok_data, "--build-teacher-cache")) == 0
     (files / "corrupt").mkdir()
     (files / "corrupt" / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)
-    skip = ["--skip-bad-samples", "--max-bad-fraction", "0.5", "--out-dir", files / "skip"]
+    skip = ["--set", "data.skip_bad_samples=true", "--set", "data.max_bad_fraction=0.5"]
+    skip += ["--out-dir", files / "skip"]
     ordered = ["--data", f"csv:{files / 'reordered.tsv'}", "--teacher-cache", cache]
     results = cli_parallel(
         base_args(files),
@@ -266,7 +375,7 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     (status, _, err), (skip_status, skip_out, skip_err) = results[:2]
     line = one_error(err)
     assert status == 2 and "red/1.png (row 1 of" in line and "cannot be read" in line
-    assert "--skip-bad-samples skips and logs them" in line
+    assert "--set data.skip_bad_samples=true skips and logs them" in line
     assert skip_status == 0, skip_err
     assert "skipping bad samples (logged in" in skip_out and "skipped " in skip_out
     logged = [json.loads(x) for x in (files / "skip" / "bad_samples.jsonl").open()]
@@ -285,15 +394,17 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     assert status == 2 and "unknown data kind 'parquet'" in one_error(err)
 
 
+@pytest.mark.slow
 def test_under_torchrun_rank_zero_prints_and_errors_stay_whole(files):
-    # Case 14: both ranks printed the summary and warnings; two ranks' errors ran together.
+    # One summary and one warning from rank 0; each rank's error is one whole line.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     torchrun += ["--nproc_per_node", "2", "-m", "tinyclip_fast"]
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["OMP_NUM_THREADS"] = "1"
 
     def launch(*extra):
-        argv = base_args(files, "--data", f"csv:{files / 'train.csv'}", "--warmup-steps", "9")
+        argv = base_args(files, "--data", f"csv:{files / 'train.csv'}")
+        argv += ["--set", "optim.warmup_steps=9"]
         done = subprocess.run(
             [*torchrun, *argv, "--steps", "2", *map(str, extra)],
             capture_output=True,
@@ -339,7 +450,7 @@ def test_config_file_flags_and_set_precedence(tmp_path, capsys):
     args = parser.parse_args(
         ["--config", str(tmp_path / "run.toml"), "--lr", "0.1", "--batch-size", "64"]
         + ["--set", "optim.lr=0.2", "--set", "stages.1.prune_step=35", "--data", "synthetic"]
-        + ["--data-size", "100"]
+        + ["--set", "data.size=100"]
     )
     config = config_from_args(args)
     assert config.optim.lr == 0.2  # --set beats the flag, which beats the file
@@ -357,8 +468,45 @@ def test_config_file_flags_and_set_precedence(tmp_path, capsys):
     assert load_config(tmp_path / "printed.json") == load_config(tmp_path / "run.toml")
 
 
+def test_a_flag_sets_its_own_field_and_keeps_the_file_stage(tmp_path):
+    (tmp_path / "auto.toml").write_text(
+        "[[stages]]\nsteps = 40\nsparsity = 0.5\nprune_step = 30\nsparsity_warmup = 10\n"
+    )
+    args = ["--config", str(tmp_path / "auto.toml"), "--data", "synthetic", "--steps", "50"]
+    config = config_from_args(build_parser().parse_args(args))
+    stage = config.stages[0]
+    assert (stage.steps, stage.sparsity, stage.prune_step, stage.sparsity_warmup) == (
+        50,
+        0.5,
+        30,
+        10,
+    )
+    # A flag that cannot hold beside the file's stage is refused naming both; --set clears one.
+    with pytest.raises(ValueError, match=r"--preset ViT-8M-16-Text-3M cannot hold beside "):
+        config_from_args(build_parser().parse_args([*args, "--preset", "ViT-8M-16-Text-3M"]))
+    clear = ["--set", "stages.0.sparsity=null", "--set", "stages.0.prune_step=null"]
+    clear += ["--set", "stages.0.sparsity_warmup=null"]
+    config = config_from_args(
+        build_parser().parse_args([*args, "--preset", "ViT-8M-16-Text-3M", *clear])
+    )
+    assert config.stages[0].kind == "manual" and config.stages[0].steps == 50
+
+
+def test_evaluation_cadence_is_the_same_from_a_file_and_from_flags(tmp_path):
+    (tmp_path / "eval.toml").write_text('[eval]\nkind = "folder"\npath = "val"\n')
+    common = ["--preset", "ViT-8M-16-Text-3M", "--data", "synthetic"]
+    from_file = config_from_args(
+        build_parser().parse_args([*common, "--config", str(tmp_path / "eval.toml")])
+    )
+    from_flags = config_from_args(build_parser().parse_args([*common, "--eval", "folder:val"]))
+    assert from_file.eval == from_flags.eval and from_flags.eval.every == 1000
+    assert from_flags.eval.enabled
+    assert not config_from_args(build_parser().parse_args(common)).eval.enabled
+
+
 def test_end_to_end_from_files_then_resume_finished_run(files):
-    extra = ["--eval", f"folder:{files / 'classes'}", "--eval-every", "2", "--save-every", "2"]
+    extra = ["--eval", f"folder:{files / 'classes'}", "--set", "eval.every=2"]
+    extra += ["--set", "save_every=2"]
     assert run_main(base_args(files, *extra)) == 0
     records = metrics(files / "run")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -375,25 +523,50 @@ def test_end_to_end_from_files_then_resume_finished_run(files):
     assert len((files / "run" / "metrics.jsonl").read_text().splitlines()) == len(records)
 
 
-def test_bad_inputs_exit_with_clear_messages(files, capsys):
-    def error_of(argv, code=2):
-        try:
-            assert run_main(argv) == code
-        except SystemExit as exit_info:  # argparse errors
-            assert exit_info.code == code
-        return capsys.readouterr().err
-
-    missing = str(files / "nope.pt")
-    assert "teacher checkpoint" in error_of(base_args(files, "--pretrained", missing))
-    assert "config file not found" in error_of(["--config", str(files / "nope.toml")])
-    assert "unknown config key" in error_of(base_args(files, "--set", "optim.lrr=1"))
-    assert "does not exist" in error_of(base_args(files, "--data", f"csv:{files / 'x.tsv'}"))
-    assert "does not exist" in error_of(base_args(files, "--student-config", missing))
-    assert "sparsity must be in" in error_of(base_args(files, "--sparsity", "2"))
-    assert "stages is empty" in error_of(base_args(files, "--set", "stages=[]"))
-    assert "unrecognized arguments: --distill-weight" in error_of(
-        base_args(files, "--distill-weight", "1")
-    )
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param(
+            ["--pretrained", "{files}/nope.pt"], "teacher checkpoint", id="missing-weights"
+        ),
+        pytest.param(
+            ["--config", "{files}/nope.toml"], "config file not found", id="missing-config"
+        ),
+        pytest.param(["--set", "optim.lrr=1"], "unknown config key", id="unknown-key"),
+        pytest.param(["--data", "csv:{files}/x.tsv"], "does not exist", id="missing-data"),
+        pytest.param(
+            ["--student-config", "{files}/nope.pt"], "does not exist", id="missing-student"
+        ),
+        pytest.param(["--sparsity", "2"], "sparsity must be in", id="sparsity-out-of-range"),
+        pytest.param(["--set", "stages=[]"], "stages is empty", id="no-stages"),
+        pytest.param(
+            ["--distill-weight", "1"], "unrecognized arguments: --distill-weight", id="no-flag"
+        ),
+        pytest.param(
+            ["--eval-every", "5"],
+            "unrecognized arguments: --eval-every 5 (a setting: --set eval.every=VALUE)",
+            id="setting-spelt-as-a-flag",
+        ),
+        pytest.param(
+            ["--build-reinforced-cache", "--teacher-cache", "c.safetensors"],
+            "--build-reinforced-cache writes reinforced data beside --data, and --teacher-cache",
+            id="reinforced-build-with-an-embedding-cache",
+        ),
+        pytest.param(
+            ["--build-reinforced-cache", "--build-teacher-cache"],
+            "build different caches: give one",
+            id="both-cache-builds",
+        ),
+    ],
+)
+def test_bad_inputs_exit_with_clear_messages(files, capsys, extra, message):
+    extra = [arg.format(files=files) for arg in extra]
+    argv = ["--config", extra[1]] if extra[0] == "--config" else base_args(files, *extra)
+    try:
+        assert run_main(argv) == 2
+    except SystemExit as exit_info:  # argparse errors
+        assert exit_info.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_build_teacher_cache_then_distill_from_it(files, capsys):
@@ -406,12 +579,13 @@ def test_build_teacher_cache_then_distill_from_it(files, capsys):
 
 
 def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherwise(files, capsys):
-    # A webdataset corpus: cache in --cache-dir, rebuilt as a no-op, trained from.
+    # A webdataset corpus: cache in reinforced.cache_dir, rebuilt as a no-op, trained from.
     write_image_shards(files / "shards", num_shards=2, per_shard=3, synthetic=2)
     cache_dir = files / "cache"
-    build = base_args(files, "--build-teacher-cache", student=False, data=False)
+    build = base_args(files, "--build-reinforced-cache", student=False, data=False)
     build += ["--data", f"webdataset:{files / 'shards'}/{{00000..00001}}.tar"]
-    build += ["--cache-dir", cache_dir, "--cache-augmentations", "3", "--cache-dtype", "bf16"]
+    build += ["--set", f"reinforced.cache_dir={cache_dir}", "--set", "reinforced.augmentations=3"]
+    build += ["--set", "reinforced.dtype=bf16"]
     assert run_main(build) == 0
     assert "rank 0 of 1 built 2 shard files (6 images" in capsys.readouterr().out
     header = read_header(cache_dir / "00001.reinforced.safetensors")
@@ -420,20 +594,26 @@ def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherw
     assert "built 0 shard files (0 images, 0.0 images/s), 2 were already built" in (
         capsys.readouterr().out
     )
-    train = ["--data", f"reinforced:{files / 'shards'}", "--cache-dir", cache_dir]
+    train = [
+        "--data",
+        f"reinforced:{files / 'shards'}",
+        "--set",
+        f"reinforced.cache_dir={cache_dir}",
+    ]
     assert run_main(base_args(files, *train)) == 0
     assert "no teacher forward in any step" in capsys.readouterr().out
     records = metrics(files / "run")
     assert len(records) == 4 and all(r["loss"] > 0 for r in records)
-    # A CSV: cache files beside it, training through the config keys instead of the flags.
-    assert run_main(base_args(files, "--build-teacher-cache", "--cache-augmentations", "2")) == 0
+    # A CSV: cache files beside it.
+    csv_build = ["--build-reinforced-cache", "--set", "reinforced.augmentations=2"]
+    assert run_main(base_args(files, *csv_build)) == 0
     assert (files / "train-00000.reinforced.safetensors").is_file()
     csv = ["--data", f"reinforced:{files / 'train.tsv'}", "--set", "reinforced.caption_mode=real"]
     assert run_main(base_args(files, *csv, "--overwrite")) == 0
     # Built with another K, or training with another teacher: refused naming what differs.
     capsys.readouterr()
     path = cache_dir / "00000.reinforced.safetensors"
-    assert run_main([*build, "--cache-augmentations", "4"]) == 2
+    assert run_main([*build, "--set", "reinforced.augmentations=4"]) == 2
     assert f"{path} was built with another num augmentations: 3 != 4" in capsys.readouterr().err
     torch.manual_seed(11)
     torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "other.pt")
@@ -467,11 +647,13 @@ def test_distill_from_datacompdr_shards(files, capsys):
     assert "embeddings are 14-d, the teachers [768, 768] sum to 1536" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_builds_its_own_cache_shards(files):
     write_image_shards(files / "shards", num_shards=3, per_shard=2, synthetic=0)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     torchrun += ["--nproc_per_node", "2", "-m", "tinyclip_fast"]
-    argv = base_args(files, "--build-teacher-cache", "--cache-dir", files / "cache", data=False)
+    argv = base_args(files, "--build-reinforced-cache", data=False)
+    argv += ["--set", f"reinforced.cache_dir={files / 'cache'}"]
     argv += ["--data", f"webdataset:{files / 'shards'}/{{00000..00002}}.tar"]
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["OMP_NUM_THREADS"] = "1"
@@ -497,14 +679,15 @@ def test_teacher_flags_pair_in_order_and_config_tables(tmp_path, capsys):
 
     config = parse(
         "--teacher", "A", "--pretrained", "a.pt", "--teacher", "B", "--pretrained", "b.pt",
-        "--loss", "sigmoid", "--teacher-logit-bias", "own", "--teacher-logit-bias", "-10",
+        "--loss", "sigmoid", "--set", "teachers.0.logit_bias=null",
+        "--set", "teachers.1.logit_bias=-10",
     )  # fmt: skip
     assert [(t.model, t.pretrained, t.logit_bias) for t in config.teachers] == [
         ("A", "a.pt", None),
         ("B", "b.pt", -10.0),
     ]
     assert config.loss.family == "sigmoid" and config.teacher.pretrained is None
-    # One teacher keeps the single spelling (and the last --pretrained wins, as before).
+    # One teacher keeps the single spelling (and the last --pretrained wins).
     config = parse("--teacher", "A", "--pretrained", "x", "--pretrained", "a.pt")
     assert (config.teacher.model, config.teacher.pretrained, config.teachers) == ("A", "a.pt", [])
     # [[teachers]] tables in a config file; flags and --set edit them.
@@ -522,25 +705,50 @@ def test_teacher_flags_pair_in_order_and_config_tables(tmp_path, capsys):
                    "loss.family=sigmoid", "--set", "teachers.1.logit_bias=-5")  # fmt: skip
     assert [t.logit_bias for t in config.teachers] == [None, -5.0]
 
-    five = [arg for k in range(5) for arg in ("--teacher", f"M{k}")]
-    assert "5 --teacher given; an ensemble has at most 4" in error_of(*five)
-    two = ["--teacher", "A", "--teacher", "B"]
-    line = error_of(*two, "--pretrained", "a.pt")
-    assert "1 --pretrained for 2 teachers (A, B): give one --pretrained per --teacher" in line
-    line = error_of(*two, "--loss", "sigmoid", "--teacher-logit-bias", "-1")
-    assert "1 --teacher-logit-bias for 2 teachers" in line
-    line = error_of("--loss", "sigmoid", "--teacher-logit-bias", "minus ten")
-    assert "give a number or 'own'" in line
-    assert "logit_bias is for --loss sigmoid" in error_of("--teacher-logit-bias", "-10")
-    line = error_of("--config", str(tmp_path / "run.toml"), "--set", "teacher.pretrained=z")
-    assert "either as teacher.model/pretrained/logit_bias or as [[teachers]]" in line
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(
+            [arg for k in range(5) for arg in ("--teacher", f"M{k}")],
+            "5 --teacher given; an ensemble has at most 4",
+            id="more-than-four-teachers",
+        ),
+        pytest.param(
+            ["--teacher", "A", "--teacher", "B", "--pretrained", "a.pt"],
+            "1 --pretrained for 2 teachers (A, B): give one --pretrained per --teacher",
+            id="pretrained-count",
+        ),
+        pytest.param(
+            ["--loss", "sigmoid", "--set", "teacher.logit_bias=minus ten"],
+            "teacher.logit_bias must be a number or null, got 'minus ten'",
+            id="bias-not-a-number",
+        ),
+        pytest.param(
+            ["--set", "teacher.logit_bias=-10"],
+            "logit_bias is for --loss sigmoid",
+            id="bias-under-softmax",
+        ),
+        pytest.param(
+            ["--config", "run.toml", "--set", "teacher.pretrained=z"],
+            "either as teacher.model/pretrained/logit_bias or as [[teachers]]",
+            id="teacher-and-teachers",
+        ),
+    ],
+)
+def test_teacher_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "run.toml").write_text('[[teachers]]\nmodel = "A"\n[[teachers]]\nmodel = "B"\n')
+    argv = [str(tmp_path / arg) if arg.endswith(".toml") else arg for arg in argv]
+    assert run_main([*argv, "--preset", "ViT-8M-16-Text-3M", "--print-config"]) == 2
+    assert message in one_error(capsys.readouterr().err)
 
 
 def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     torch.manual_seed(4)
     torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "teacher2.pt")
     second = ["--teacher", files / "cli-tiny-teacher.json", "--pretrained", files / "teacher2.pt"]
-    sigmoid = ["--loss", "sigmoid", "--teacher-logit-bias", "-4", "--teacher-logit-bias", "-6"]
+    sigmoid = ["--loss", "sigmoid", "--set", "teachers.0.logit_bias=-4"]
+    sigmoid += ["--set", "teachers.1.logit_bias=-6"]
     cache = files / "teachers.safetensors"
     build = base_args(files, *second, "--teacher-cache", cache, "--build-teacher-cache")
     assert run_main(build) == 0
@@ -567,8 +775,8 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     # A reinforced cache of the ensemble holds both teachers per sample and trains from both.
     write_image_shards(files / "shards", num_shards=1, per_shard=4, synthetic=0)
     shards = f"webdataset:{files / 'shards'}/{{00000..00000}}.tar"
-    build = base_args(files, *second, "--build-teacher-cache", student=False, data=False)
-    assert run_main([*build, "--data", shards, "--cache-augmentations", "2"]) == 0
+    build = base_args(files, *second, "--build-reinforced-cache", student=False, data=False)
+    assert run_main([*build, "--data", shards, "--set", "reinforced.augmentations=2"]) == 0
     header = read_header(files / "shards" / "00000.reinforced.safetensors")
     assert [t["dim"] for t in header["teachers"]] == [32, 32]
     capsys.readouterr()

@@ -37,7 +37,8 @@ ALLOWED = {
         "teachers",
     },
     "demo": {"ops", "losses", "pruning", "inheritance", "data", "train", "teachers"},
-    "cli": {"kernels", "train", "teachers", "data", "demo", "inheritance"},
+    "cli_config": {"kernels", "train"},
+    "cli": {"kernels", "train", "teachers", "data", "demo", "inheritance", "cli_config"},
     "__main__": {"cli", "demo"},
     "__init__": set(),
 }

@@ -1,5 +1,6 @@
-"""Run configuration: typed values from files and --set, paths into lists and free tables, the
-ranges validate() checks, no hidden defaults."""
+"""Run configuration: settings declared once on the dataclass fields, typed values from files
+and --set, paths into lists and free tables, the ranges and choices validate() checks, no
+hidden defaults."""
 
 import json
 
@@ -8,11 +9,13 @@ import pytest
 from tinyclip_fast.train.config import (
     DataConfig,
     DistillConfig,
+    EvalConfig,
     StageConfig,
     apply_override,
     from_dict,
     load_config,
 )
+from tinyclip_fast.train.config_io import settings
 
 
 def two_stages() -> DistillConfig:
@@ -40,7 +43,6 @@ def test_set_walks_tables_stage_indices_and_free_tables():
 @pytest.mark.parametrize(
     "assignment, error, message",
     [
-        # Case 13: a raw IndexError, a string stored as the learning rate, a free table refused.
         ("stages.2.steps=5", ValueError, r"stages has 2 entries \(indices 0..1\)"),
         ("optim.lr=abc", TypeError, r"optim.lr must be a number, got 'abc'"),
         ("steps=5", ValueError, r"unknown config key 'steps'.*DistillConfig has"),
@@ -74,7 +76,7 @@ def test_config_files_are_type_checked(tmp_path):
 
 
 def test_no_hidden_defaults():
-    # Case 16: no student was named, yet a preset trained; case 6: no data, yet noise trained.
+    # Nothing trains unless the run names its student and its data.
     config = DistillConfig()
     with pytest.raises(ValueError, match="no student: give --preset NAME .*ViT-8M-16-Text-3M"):
         config.validate()
@@ -100,6 +102,14 @@ def test_no_hidden_defaults():
         (["optim.betas=[0.9, 1.0]"], r"betas\[1\] must be in \[0.0, 1.0\)"),
         (["data.size=0"], "data.size must be > 0"),
         (["resume=true", "overwrite=true"], "resume and overwrite exclude each other"),
+        (["precision=fp64"], r"precision must be one of \('fp32', 'bf16', 'fp16'\)"),
+        (["attention=flash"], "attention must be one of"),
+        (["loss.kind=l2"], "loss.kind must be one of"),
+        (["loss.family=hinge"], "loss.family must be one of"),
+        (["stages.0.layer_selection=odd"], r"stages\[0\].layer_selection must be one of"),
+        (["reinforced.dtype=int8"], "reinforced.dtype must be one of"),
+        (["reinforced.caption_mode=none"], "reinforced.caption_mode must be one of"),
+        (["reinforced.augmentations=0"], "reinforced.augmentations must be > 0, got 0"),
     ],
 )
 def test_validate_names_the_field(assignments, message):
@@ -111,9 +121,45 @@ def test_validate_names_the_field(assignments, message):
 
 
 def test_sparsity_warmup_default_fits_before_pruning():
-    # Case 7: a 1000-step target ramp with pruning at step 3 pruned at 0.15% of the target.
+    # The target ramp fits before pruning: at most half the steps before it.
     assert StageConfig(steps=10, sparsity=0.5, prune_step=3).target_warmup == 1
     assert StageConfig(steps=400, sparsity=0.5, prune_step=300).target_warmup == 150
     assert StageConfig(steps=9000, sparsity=0.5, prune_step=5000).target_warmup == 1000
     assert StageConfig(steps=80, sparsity=0.5).target_warmup == 40  # pruned at the end
     assert StageConfig(steps=9, sparsity=0.5, sparsity_warmup=9).target_warmup == 9
+
+
+def test_every_setting_declares_its_help_and_defaults_live_in_the_dataclass():
+    found = settings(DistillConfig)
+    assert len({s.path for s in found}) == len(found) > 50
+    assert all(s.help for s in found), [s.path for s in found if not s.help]
+    defaults = {s.path: s.default for s in found}
+    assert defaults["eval.every"] == 1000 and defaults["eval.kind"] is None
+    assert defaults["optim.lr"] == DistillConfig().optim.lr
+    flags = {s.flag: s.path for s in found if s.flag and not s.path.startswith("teachers.")}
+    assert flags["--lr"] == "optim.lr" and flags["--loss"] == "loss.family"
+    assert flags["--teacher"] == "teacher.model" and flags["--steps"] == "stages.N.steps"
+
+
+@pytest.mark.parametrize(
+    "values, enabled",
+    [
+        ({}, False),
+        ({"kind": "folder", "path": "val"}, True),
+        ({"kind": "folder", "path": "val", "every": 0}, False),
+    ],
+)
+def test_evaluation_is_on_when_an_eval_set_is_named(values, enabled):
+    assert EvalConfig(**values).enabled is enabled
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"every": 5}, {"path": "val"}, {"templates": "t.txt"}, {"class_names": "n.txt"}],
+    ids=["every", "path", "templates", "class_names"],
+)
+def test_evaluation_settings_without_an_eval_set_say_no_eval_given(values):
+    with pytest.raises(ValueError, match="no --eval given"):
+        EvalConfig(**values).require_set()
+    EvalConfig(kind="folder", **values).require_set()
+    EvalConfig(every=0).require_set()  # off is no evaluation setting

@@ -1,27 +1,39 @@
-"""Run configuration: plain dataclasses with defaults, a JSON/TOML file on top, CLI overrides last.
+"""Run configuration: plain dataclasses whose fields carry their defaults and help.
 
-Precedence (nanoGPT style): dataclass defaults < config file < the dedicated command-line flags <
-``--set key.sub=value``. Every field is documented where it is declared; values are checked
-against the declared types when they are read (a file or ``--set``), ranges by
+Precedence (nanoGPT style): dataclass defaults < config file < the command-line flags <
+``--set key.sub=value``. Each field is declared once, with :func:`setting` (help, allowed
+values, and a flag for the options people type); the command line, ``--help`` and
+docs/cli.md are generated from these declarations. Types are checked when values are read
+(a file, a flag or ``--set``: config_io.py), ranges and allowed values by
 :meth:`DistillConfig.validate`. Nothing here imports torch: the command line reports a bad
 configuration in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from tinyclip_fast.kernels.limits import MAX_TEACHERS
+from tinyclip_fast.train.config_io import (
+    apply_override,
+    check_choices,
+    check_positive,
+    check_range,
+    from_dict,
+    read_file,
+    setting,
+)
+
+__all__ = ["MAX_TEACHERS", "DistillConfig", "apply_override", "from_dict", "load_config"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "xformers")
 LOSS_KINDS = ("soft_ce", "kl", "mobileclip")
 LOSS_FAMILIES = ("softmax", "sigmoid")
-MAX_TEACHERS = 4  # the fused losses stream at most four teachers' tiles
+LAYER_SELECTIONS = ("every_k", "even")
 CACHE_DTYPE_NAMES = ("fp16", "bf16", "fp32")
 CAPTION_MODE_NAMES = ("all", "real", "synthetic")
 SYNTHETIC_SIZE = 10_000
@@ -30,38 +42,97 @@ DEFAULT_SPARSITY_WARMUP = 1000  # the authors' ramp of the sparsity target
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher; it stays the ORIGINAL model in every stage (SPEC 4)."""
+    """The frozen teacher; it stays the ORIGINAL model in every stage (docs/method.md §4)."""
 
-    model: str = "ViT-B-32"  # open_clip model name, or "demo" for the built-in demo teacher
-    pretrained: str | None = None  # local checkpoint file (offline) or open_clip pretrained tag
-    cache: str | None = None  # teacher-embedding cache file: read it instead of running the teacher
-    # (of every teacher of an ensemble: set it here, not in [[teachers]] entries)
-    # loss.family "sigmoid": the bias c_t of this teacher's probabilities s(b x.y + c_t); None:
-    # the teacher's own logit_bias (a softmax CLIP teacher has none: give one, e.g. -10)
-    logit_bias: float | None = None
+    model: str = setting(
+        "ViT-B-32",
+        flag="--teacher",
+        metavar="NAME",
+        help="open_clip model name (ViT-B-32), a path to an open_clip model-config JSON, or "
+        f"'demo' (the built-in demo teacher); --teacher repeated (up to {MAX_TEACHERS}) is an "
+        "ensemble, each followed by its --pretrained; weight inheritance reads the FIRST "
+        "teacher",
+    )
+    pretrained: str | None = setting(
+        None,
+        flag="--pretrained",
+        metavar="FILE|TAG",
+        help="teacher weights: a local checkpoint file (offline) or an open_clip pretrained tag "
+        "(downloads); with several --teacher, one per teacher, in order",
+    )
+    cache: str | None = setting(
+        None,
+        flag="--teacher-cache",
+        metavar="FILE",
+        help="per-sample teacher-embedding cache (safetensors), written by "
+        "--build-teacher-cache and read instead of running the teacher: map-style data "
+        "without random augmentation, the same samples in the same order; holds every "
+        "teacher of an ensemble (set it here, not in teachers.N)",
+    )
+    logit_bias: float | None = setting(
+        None,
+        help="loss.family sigmoid: the bias c_t of this teacher's probabilities s(b x.y + c_t); "
+        "null: the teacher's own logit_bias (SigLIP models have one; a softmax CLIP teacher "
+        "has none: give one, e.g. -10)",
+    )
 
 
 @dataclass
 class StageConfig:
     """One stage of progressive distillation. Exactly one way to get the stage's student:
 
-    - ``preset`` or ``student_config``: manual inheritance from the teacher (SPEC 3a);
-    - ``sparsity``: automatic inheritance, masks learned towards the target then pruned (SPEC 3b);
+    - ``preset`` or ``student_config``: manual inheritance from the teacher (docs/method.md §3a);
+    - ``sparsity``: automatic inheritance, masks learned towards the target then pruned
+      (docs/method.md §3b);
     - ``from_scratch``: random init with ``preset``/``student_config``'s architecture;
     - none of them: keep training the previous stage's student.
     Later manual/auto stages start from the previous stage's student, never from the teacher.
     """
 
-    steps: int = 1000
-    preset: str | None = None  # name in inheritance.presets.PRESETS
-    student_config: dict[str, Any] | None = None  # open_clip model config (embed_dim, vision_cfg..)
-    layer_selection: str = "every_k"  # manual inheritance: "every_k" (authors) or "even"
-    sparsity: float | None = None  # auto: fraction of the ORIGINAL (teacher-sized) prunable
-    # parameters removed by the end of this stage (0.25 -> 0.5 -> 0.75 in the authors' recipe)
-    sparsity_warmup: int | None = None  # steps over which the target ramps up; None: the
-    # authors' 1000, at most half of the steps before pruning (the masks need time at the target)
-    prune_step: int | None = None  # auto: prune after this many steps (None: at the stage end)
-    from_scratch: bool = False
+    steps: int = setting(1000, flag=True, help="training steps of the stage")
+    preset: str | None = setting(
+        None,
+        flag=True,
+        metavar="NAME",
+        help="manual inheritance to a released architecture, e.g. ViT-40M-32-Text-19M, "
+        "ViT-61M-32-Text-29M, ViT-8M-16-Text-3M (tinyclip_fast.inheritance.presets.PRESETS)",
+    )
+    student_config: dict[str, Any] | None = setting(
+        None,
+        flag=True,
+        metavar="FILE",
+        help="manual inheritance to an open_clip model config (embed_dim, vision_cfg, "
+        "text_cfg); the flag reads it from a JSON file",
+    )
+    layer_selection: str = setting(
+        "every_k",
+        choices=LAYER_SELECTIONS,
+        help="manual inheritance: teacher layer i*k (the authors') or evenly spread",
+    )
+    sparsity: float | None = setting(
+        None,
+        flag=True,
+        metavar="S",
+        help="automatic inheritance: learn masks until S of the ORIGINAL (teacher-sized) "
+        "prunable parameters are gone, then prune (0.25 -> 0.5 -> 0.75 in the authors' recipe)",
+    )
+    sparsity_warmup: int | None = setting(
+        None,
+        help="steps over which the sparsity target ramps from 0 to S, at most the steps before "
+        f"pruning; null: {DEFAULT_SPARSITY_WARMUP} (the authors'), at most half the steps "
+        "before pruning (the masks need time at the target)",
+    )
+    prune_step: int | None = setting(
+        None,
+        flag=True,
+        metavar="K",
+        help="automatic inheritance: prune after K steps of the stage; null: at its end",
+    )
+    from_scratch: bool = setting(
+        False,
+        flag=True,
+        help="random init with preset/student_config's architecture (a baseline)",
+    )
 
     @property
     def kind(self) -> str:
@@ -122,8 +193,6 @@ class StageConfig:
                 )
         if self.from_scratch and self.preset is None and self.student_config is None:
             raise ValueError(f"{where}: from_scratch needs preset or student_config")
-        if self.layer_selection not in ("every_k", "even"):
-            raise ValueError(f"{where}.layer_selection must be every_k or even")
 
 
 @dataclass
@@ -134,18 +203,41 @@ class DataConfig:
     checks only).
     """
 
-    # "csv" (CSV/TSV, open_clip format), "webdataset", "synthetic" (random pairs), "demo" (the
-    # built-in demo data), "reinforced" (a reinforced teacher cache over webdataset/csv/folder
-    # data), "datacompdr" (Apple's DataCompDR shards), or a kind registered with
-    # data.datasets.register_dataset; "folder" (an image folder) only to build a cache from
-    kind: str | None = None
-    path: str | None = None  # csv/tsv file; webdataset shards "a-{000..009}.tar"; demo source;
-    # reinforced: the data the cache was built over; datacompdr: its shards
-    size: int | None = None  # synthetic: number of samples (10,000); webdataset: per epoch
-    options: dict[str, Any] = field(default_factory=dict)  # csv_img_key, csv_caption_key,
-    # csv_separator, caption_key, image_size, vocab_size, ... (see data.build_dataset)
-    skip_bad_samples: bool = False  # skip (and log) unreadable samples instead of stopping
-    max_bad_fraction: float = 0.01  # with skip_bad_samples: stop once more are bad
+    kind: str | None = setting(
+        None,
+        help="csv (CSV/TSV, open_clip format), webdataset, reinforced (a reinforced cache over "
+        "webdataset/csv/folder data), datacompdr (Apple's DataCompDR shards), demo (the "
+        "built-in demo data), synthetic (random pairs: throughput checks only), or a kind "
+        "registered with data.datasets.register_dataset; folder (an image folder) only to "
+        "build a reinforced cache from; the flag --data KIND:PATH sets kind and path",
+    )
+    path: str | None = setting(
+        None,
+        help="csv: the CSV/TSV file; webdataset and datacompdr: the shards 'a-{000..009}.tar'; "
+        "reinforced: the data the cache was built over; demo: its source",
+    )
+    size: int | None = setting(
+        None,
+        help=f"synthetic: number of samples (null: {SYNTHETIC_SIZE:,}); webdataset: samples "
+        "per epoch",
+    )
+    options: dict[str, Any] = setting(
+        default_factory=dict,
+        help="passed to the data kind verbatim: csv: csv_separator (default from the "
+        "extension: .csv comma, else tab), csv_img_key (filepath), csv_caption_key (title); "
+        "reinforced/folder: shard_size (10000), source; datacompdr: teacher_dims, "
+        "teacher_scale; synthetic: image_size, vocab_size",
+    )
+    skip_bad_samples: bool = setting(
+        False,
+        help="skip unreadable samples, logged in the run folder's bad_samples.jsonl, instead "
+        "of stopping at the first",
+    )
+    max_bad_fraction: float = setting(
+        0.01,
+        help="with skip_bad_samples: stop once more than this fraction of the samples read "
+        "were bad",
+    )
 
     def require(self) -> None:
         """ValueError when no training data is named."""
@@ -173,116 +265,213 @@ class DataConfig:
 
 @dataclass
 class ReinforcedConfig:
-    """The reinforced teacher cache (data/reinforced.py): built by ``--build-teacher-cache``
+    """The reinforced teacher cache (data/reinforced.py): built by ``--build-reinforced-cache``
     over webdataset/csv/folder data, read by the data kind ``reinforced`` (and the
     ``caption_mode`` by ``datacompdr``)."""
 
-    cache_dir: str | None = None  # cache files' folder; None: beside the shards / CSV / folder
-    augmentations: int = 5  # K stored augmentations per image (build)
-    dtype: str = "fp16"  # stored embedding dtype: fp16, bf16 or fp32 (build)
-    caption_mode: str = "all"  # training picks among "all", "real" or "synthetic" captions
+    cache_dir: str | None = setting(
+        None,
+        help="reinforced cache files' folder, for building and for --data reinforced:; null: "
+        "beside the shards / CSV / image folder",
+    )
+    augmentations: int = setting(5, help="K stored augmentations per image (build)")
+    dtype: str = setting("fp16", choices=CACHE_DTYPE_NAMES, help="stored embedding dtype (build)")
+    caption_mode: str = setting(
+        "all",
+        choices=CAPTION_MODE_NAMES,
+        help="the captions training picks among: real and synthetic, real, or synthetic",
+    )
 
     def data_options(self) -> dict[str, Any]:
         """The ``data_cfg`` keys the reinforced data kinds read."""
         return {"cache_dir": self.cache_dir, "caption_mode": self.caption_mode}
 
-    def validate(self) -> None:
-        if self.augmentations <= 0:
-            raise ValueError(f"reinforced.augmentations must be > 0, got {self.augmentations}")
-        if self.dtype not in CACHE_DTYPE_NAMES:
-            raise ValueError(
-                f"reinforced.dtype must be one of {CACHE_DTYPE_NAMES}, got {self.dtype!r}"
-            )
-        if self.caption_mode not in CAPTION_MODE_NAMES:
-            raise ValueError(
-                f"reinforced.caption_mode must be one of {CAPTION_MODE_NAMES}, got "
-                f"{self.caption_mode!r}"
-            )
-
 
 @dataclass
 class EvalConfig:
-    """Zero-shot top-1 every ``every`` steps on a labelled set (0 switches it off)."""
+    """Zero-shot top-1 on a labelled set, every ``every`` steps and after each stage; on when
+    ``kind`` names the set (``--eval KIND:PATH``)."""
 
-    every: int = 0
-    # "folder" (class-per-subfolder), "csv" (filepath,label; .csv comma, else tab), "demo"
-    kind: str = "folder"
-    path: str | None = None
-    class_names: str | None = None  # text file, one class name per line (default: folder names)
-    templates: str | None = None  # text file, one prompt per line with "{}" (default: open_clip's)
-    batch_size: int = 256
+    every: int = setting(
+        1000, help="evaluate every K steps when an eval set is given (--eval); 0: off"
+    )
+    kind: str | None = setting(
+        None,
+        help="folder (one subfolder per class), csv (filepath,label; .csv comma, else tab), "
+        "demo, or a registered kind; null: no evaluation; the flag --eval KIND:PATH sets kind "
+        "and path",
+    )
+    path: str | None = setting(None, help="the eval set's folder or file")
+    class_names: str | None = setting(
+        None, help="text file, one class name per line (default: the folder names)"
+    )
+    templates: str | None = setting(
+        None,
+        help="text file, one prompt template per line with '{}' (default: open_clip's)",
+    )
+    batch_size: int = setting(256, help="images per evaluation batch")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run builds an evaluator from this set."""
+        return self.kind is not None and self.every > 0
+
+    def require_set(self) -> None:
+        """ValueError when evaluation settings are given without an eval set (the command
+        line's check: from Python, ``distill`` also takes an evaluator directly)."""
+        if self.kind is not None:
+            return
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("kind", "batch_size") and value not in (f.default, 0):
+                raise ValueError(
+                    f"eval.{f.name}={value} sets up an evaluation, but no --eval given: add "
+                    "--eval folder:DIR, csv:FILE or demo (eval.kind in a config file)"
+                )
 
 
 @dataclass
 class LossConfig:
-    """L = (1 - contrastive_weight) L_dist + contrastive_weight L_clip (SPEC 2), the meaning
-    ``affinity_mimicking_loss`` and ``AffinityMimickingLoss`` give the weight too."""
+    """L = (1 - contrastive_weight) L_dist + contrastive_weight L_clip (docs/method.md §2), the
+    meaning ``affinity_mimicking_loss`` and ``AffinityMimickingLoss`` give the weight too."""
 
-    contrastive_weight: float = 0.0  # in [0, 1]; 0 is TinyCLIP's pure affinity mimicking
-    kind: str = "soft_ce"  # "soft_ce" (TinyCLIP/open_clip values) or "kl" (same gradient)
-    fixed_scale: float | None = None  # authors: 50 fixes BOTH scales; None: student learnable
-    max_scale: float = 100.0  # clamp of the learnable student scale exp(logit_scale)
-    # "softmax": affinity mimicking (TinyCLIP); "sigmoid": per-pair binary cross-entropy against
-    # the teachers' sigmoid probabilities, L_clip SigLIP's loss; the student gets a logit bias.
-    # kind under sigmoid: soft_ce is the binary cross-entropy, kl drops the teacher entropy,
-    # mobileclip is MobileCLIP's -log s((2p - 1) A)
-    family: str = "softmax"
-    # sigmoid: a student without a logit bias gets one, and its scale, as open_clip initialises
-    # SigLIP models (log 10, -10); one inherited from a teacher with a bias keeps the teacher's
-    init_logit_scale: float = math.log(10)
-    init_logit_bias: float = -10.0
+    contrastive_weight: float = setting(
+        0.0,
+        help="w in [0, 1]: the CLIP loss's share (0: pure affinity mimicking, TinyCLIP's; "
+        "0.5: open_clip's 1:1 sum at half the scale)",
+    )
+    kind: str = setting(
+        "soft_ce",
+        choices=LOSS_KINDS,
+        help="soft_ce (TinyCLIP/open_clip values; sigmoid: the binary cross-entropy) or kl "
+        "(the same gradient, without the teacher entropy); sigmoid only: mobileclip "
+        "(MobileCLIP's -log s((2p - 1) A))",
+    )
+    fixed_scale: float | None = setting(
+        None,
+        help="fix both logit scales to this value > 0 (the authors use 50); null: the "
+        "student's scale is learnable (clamped to max_scale), the teacher keeps its own",
+    )
+    max_scale: float = setting(100.0, help="clamp of the learnable student scale exp(a)")
+    family: str = setting(
+        "softmax",
+        flag="--loss",
+        choices=LOSS_FAMILIES,
+        help="softmax: TinyCLIP's affinity mimicking and the CLIP loss; sigmoid: per-pair "
+        "binary cross-entropy against the teachers' sigmoid probabilities and the SigLIP "
+        "loss, the student learning a logit bias",
+    )
+    init_logit_scale: float = setting(
+        math.log(10),
+        help="sigmoid: the logit scale a student without a logit bias starts from (open_clip's "
+        "SigLIP init, log 10); one inherited from a teacher with a bias keeps the teacher's",
+    )
+    init_logit_bias: float = setting(
+        -10.0, help="sigmoid: the logit bias such a student starts from (open_clip's SigLIP init)"
+    )
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with the authors' groups (SPEC 5) and a cosine schedule with linear warmup."""
+    """AdamW with the authors' groups (docs/method.md §5) and a cosine schedule with linear
+    warmup."""
 
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 0.2  # on >= 2-D weights only; not norms, biases, logit scale
-    warmup_steps: int = 2000
-    prune_warmup_steps: int = 200  # the rate ramps up again after an auto stage's pruning
-    # (over at most a quarter of the stage's steps left after pruning)
-    grad_clip: float = 5.0  # max global grad norm; 0 switches it off
-    # log_alpha of the hard-concrete masks (AdamW, no weight decay), from 10. With the authors'
-    # 0.02 and lagrangian_lr 0.02 the masks reach the target given 200 or more steps before
-    # pruning (demo teacher: 51% of 50% at 200 steps, 3% at 100); tens need ~0.25 and 0.05.
-    mask_lr: float = 0.02
-    lagrangian_lr: float = 0.02  # l1, l2 of the sparsity Lagrangian (gradient ascent)
+    lr: float = setting(1e-4, flag="--lr", help="peak learning rate")
+    min_lr: float = setting(0.0, help="the rate the cosine ends at")
+    betas: tuple[float, float] = setting((0.9, 0.98), help="AdamW betas")
+    eps: float = setting(1e-6, help="AdamW epsilon")
+    weight_decay: float = setting(
+        0.2, help="on >= 2-D weights only: not norms, biases, the logit scale"
+    )
+    warmup_steps: int = setting(2000, help="linear warmup before the cosine")
+    prune_warmup_steps: int = setting(
+        200,
+        help="auto stages: the rate ramps up again over this many steps after pruning (at most "
+        "a quarter of the stage's steps left); the optimizer's moments carry over to the "
+        "pruned student",
+    )
+    grad_clip: float = setting(5.0, help="max global grad norm; 0: off")
+    mask_lr: float = setting(
+        0.02,
+        help="auto stages: AdamW rate of the masks' log_alpha (which start at 10), no weight "
+        "decay; with the default rates the masks reach the target given 200 or more steps "
+        "before pruning (demo teacher: 51% of a 50% target at 200 steps, 3% at 100); tens of "
+        "steps need about 0.25 and lagrangian_lr 0.05",
+    )
+    lagrangian_lr: float = setting(
+        0.02, help="auto stages: rate of the sparsity Lagrangian's multipliers (gradient ascent)"
+    )
 
 
 @dataclass
 class DistillConfig:
     """Everything one ``tinyclip-distill`` run needs."""
 
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    # an ensemble of 2..4 teachers ([[teachers]] tables: model, pretrained, logit_bias), in place
-    # of teacher.model/pretrained; weight inheritance reads the FIRST; teacher.cache serves all
-    teachers: list[TeacherConfig] = field(default_factory=list)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
-    data: DataConfig = field(default_factory=DataConfig)
-    reinforced: ReinforcedConfig = field(default_factory=ReinforcedConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 256  # global batch (all ranks, all micro-batches)
-    micro_batch_size: int | None = None  # per-rank micro-batch; < local batch = exact accumulation
-    # autocast dtype: fp32, bf16, fp16 (fp16 adds a GradScaler); None: bf16 on CUDA (fp16 where
-    # bf16 is unsupported), fp32 on the CPU (CPU bf16 is slower than fp32 on most x86 CPUs)
-    precision: str | None = None
-    compile: bool = False  # torch.compile the student
-    attention: str = "sdpa"  # "sdpa" (torch) or "xformers" (CUDA, when installed)
-    device: str | None = None  # default: cuda when available, else cpu
-    seed: int = 0
-    out_dir: str = "runs/distill"
-    log_every: int = 10
-    save_every: int = 500  # resumable checkpoint every k steps (and at every stage end)
-    resume: bool = False  # continue from out_dir/checkpoint.pt
-    overwrite: bool = False  # replace the run files of another run in out_dir
-    num_workers: int = 0
-    progress: bool = True  # tqdm bar
+    teacher: TeacherConfig = setting(
+        default_factory=TeacherConfig, help="the teacher (or teachers.N for an ensemble)"
+    )
+    teachers: list[TeacherConfig] = setting(
+        default_factory=list,
+        help=f"an ensemble of 2..{MAX_TEACHERS} teachers ([[teachers]] tables: model, "
+        "pretrained, logit_bias) in place of teacher.model/pretrained/logit_bias; weight "
+        "inheritance reads the FIRST; teacher.cache serves all",
+    )
+    stages: list[StageConfig] = setting(
+        default_factory=lambda: [StageConfig()],
+        help="progressive distillation: [[stages]] tables, run in order",
+    )
+    data: DataConfig = setting(default_factory=DataConfig, help="training data")
+    reinforced: ReinforcedConfig = setting(
+        default_factory=ReinforcedConfig, help="the reinforced teacher cache"
+    )
+    eval: EvalConfig = setting(default_factory=EvalConfig, help="zero-shot evaluation")
+    loss: LossConfig = setting(default_factory=LossConfig, help="the loss")
+    optim: OptimConfig = setting(default_factory=OptimConfig, help="the optimizer")
+    batch_size: int = setting(256, flag=True, help="global batch (all ranks, all micro-batches)")
+    micro_batch_size: int | None = setting(
+        None,
+        flag=True,
+        help="per-rank micro-batch: exact gradient accumulation (GradCache); null: the whole "
+        "per-rank batch at once",
+    )
+    precision: str | None = setting(
+        None,
+        flag=True,
+        choices=PRECISIONS,
+        help="autocast dtype; fp16 adds a GradScaler; null: bf16 on CUDA (fp16 where bf16 is "
+        "unsupported), fp32 on the CPU (CPU bf16 is slower than fp32 on most x86 CPUs)",
+    )
+    compile: bool = setting(False, help="torch.compile the student")
+    attention: str = setting(
+        "sdpa", choices=ATTENTIONS, help="sdpa (torch) or xformers (CUDA, must be installed)"
+    )
+    device: str | None = setting(
+        None, flag=True, help="cuda, cuda:1, cpu; null: cuda when available, else cpu"
+    )
+    seed: int = setting(0, flag=True, help="seed of the data order and initialisation")
+    out_dir: str = setting(
+        "runs/distill",
+        flag=True,
+        metavar="DIR",
+        help="the run folder: checkpoint, metrics and student export",
+    )
+    log_every: int = setting(10, help="log metrics every K steps")
+    save_every: int = setting(
+        500, help="resumable checkpoint every K steps (and at every stage end); 0: stage ends only"
+    )
+    resume: bool = setting(
+        False,
+        flag=True,
+        help="continue the run in out_dir from its checkpoint.pt (more --steps in the last "
+        "stage extend a finished run)",
+    )
+    overwrite: bool = setting(
+        False,
+        flag=True,
+        help="replace another run's files in out_dir (checkpoint, metrics, student)",
+    )
+    num_workers: int = setting(0, flag=True, help="data loader worker processes")
+    progress: bool = setting(True, help="tqdm progress bar")
 
     def validate(self, student: bool = True) -> None:
         """ValueError naming the first invalid field or stage; ``student=False`` accepts a
@@ -300,16 +489,9 @@ class DistillConfig:
             )
         for i, stage in enumerate(self.stages):
             stage.validate(i)
+        check_choices(self)
         self._validate_teachers()
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         loss, optim = self.loss, self.optim
-        if loss.kind not in LOSS_KINDS:
-            raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {loss.kind!r}")
-        if loss.family not in LOSS_FAMILIES:
-            raise ValueError(f"loss.family must be one of {LOSS_FAMILIES}, got {loss.family!r}")
         if loss.family == "softmax" and loss.kind == "mobileclip":
             raise ValueError("loss.kind mobileclip is a sigmoid loss: add --loss sigmoid")
         if loss.family == "sigmoid" and loss.fixed_scale is not None:
@@ -320,16 +502,16 @@ class DistillConfig:
         for name in ("init_logit_scale", "init_logit_bias"):
             if not math.isfinite(getattr(loss, name)):
                 raise ValueError(f"loss.{name} must be finite, got {getattr(loss, name)}")
-        _check_range("loss.contrastive_weight", loss.contrastive_weight, 0.0, 1.0)
+        check_range("loss.contrastive_weight", loss.contrastive_weight, 0.0, 1.0)
         if loss.fixed_scale is not None:
-            _check_positive("loss.fixed_scale", loss.fixed_scale)
-        _check_positive("loss.max_scale", loss.max_scale)
+            check_positive("loss.fixed_scale", loss.fixed_scale)
+        check_positive("loss.max_scale", loss.max_scale)
         for name in ("lr", "eps", "mask_lr", "lagrangian_lr"):
-            _check_positive(f"optim.{name}", getattr(optim, name))
+            check_positive(f"optim.{name}", getattr(optim, name))
         for name in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "prune_warmup_steps"):
-            _check_range(f"optim.{name}", getattr(optim, name), 0.0, math.inf)
+            check_range(f"optim.{name}", getattr(optim, name), 0.0, math.inf)
         for i, beta in enumerate(optim.betas):
-            _check_range(f"optim.betas[{i}]", beta, 0.0, 1.0, closed_above=False)
+            check_range(f"optim.betas[{i}]", beta, 0.0, 1.0, closed_above=False)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
@@ -340,8 +522,11 @@ class DistillConfig:
             raise ValueError("eval.batch_size must be > 0 and num_workers >= 0")
         if self.data.size is not None and self.data.size <= 0:
             raise ValueError(f"data.size must be > 0, got {self.data.size}")
-        _check_range("data.max_bad_fraction", self.data.max_bad_fraction, 0.0, 1.0)
-        self.reinforced.validate()
+        check_range("data.max_bad_fraction", self.data.max_bad_fraction, 0.0, 1.0)
+        if self.reinforced.augmentations <= 0:
+            raise ValueError(
+                f"reinforced.augmentations must be > 0, got {self.reinforced.augmentations}"
+            )
         if self.resume and self.overwrite:
             raise ValueError(
                 "resume and overwrite exclude each other: continue the run or replace it"
@@ -387,234 +572,8 @@ class DistillConfig:
         return asdict(self)
 
 
-def _check_range(
-    name: str, value: float, low: float, high: float, closed_above: bool = True
-) -> None:
-    inside = low <= value <= high if closed_above else low <= value < high
-    if not (math.isfinite(value) and inside):
-        bracket = "]" if closed_above else ")"
-        upper = "inf)" if high == math.inf else f"{high}{bracket}"
-        raise ValueError(f"{name} must be in [{low}, {upper}, got {value}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading values: a config file and --set, checked against the declared field types.
-
-_REMOVED = {
-    "loss.distill_weight": "the loss is (1 - contrastive_weight) L_dist + contrastive_weight "
-    "L_clip; open_clip's 1:1 sum is contrastive_weight = 0.5 (half the scale, the same AdamW "
-    "steps)",
-}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if hint is type(None):
-        return "null"
-    if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ')}s"
-    if origin is list:
-        return "a list"
-    if origin is dict or is_dataclass(hint):
-        return "a table"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as the type ``hint`` declares; TypeError naming ``where`` and the type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except TypeError:
-                continue
-    elif is_dataclass(hint):
-        return from_dict(hint, value, where)
-    elif origin is list and args and is_dataclass(args[0]):
-        if isinstance(value, list):
-            return [from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(
-                _coerce(v, a, f"{where}[{i}]")
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise TypeError(f"{where} must be {_describe(hint)}, got {value!r}")
-
-
-def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys and values of the wrong type
-    are errors naming the key."""
-    if not isinstance(values, dict):
-        raise TypeError(f"{where} must be a table/object, got {type(values).__name__}")
-    hints = _hints(cls)
-    known = [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{where}.{key}"
-        if key not in known:
-            removed = _REMOVED.get(dotted.removeprefix("config."))
-            if removed:
-                raise ValueError(f"{dotted} no longer exists: {removed}")
-            raise ValueError(f"unknown key {dotted}; known: {sorted(known)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
-
-
 def load_config(path: str | Path | None = None) -> DistillConfig:
     """Defaults, overridden by the JSON (``.json``) or TOML (``.toml``) file at ``path``."""
     if path is None:
         return DistillConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError as err:  # Python 3.10
-            raise ValueError("TOML config files need Python >= 3.11; use JSON") from err
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
-    elif path.suffix == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
-    else:
-        raise ValueError(f"config file must end in .json or .toml, got {path}")
-    return from_dict(DistillConfig, values)
-
-
-def _parse_value(raw: str, hint: Any) -> Any:
-    """JSON when it parses, else the raw text; string fields keep the text as written."""
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-    if value is not None and not isinstance(value, str) and _accepts_str_only(hint):
-        return raw  # --set out_dir=2024 is the folder "2024"
-    return value
-
-
-def _accepts_str_only(hint: Any) -> bool:
-    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return options == [str]
-
-
-def apply_override(config: DistillConfig, assignment: str) -> None:
-    """Apply ``"a.b=value"`` in place; value is parsed as JSON when it can be, else a string.
-
-    Paths go through tables (``optim.lr``), stage indices (``stages.0.steps``, ``stages.1``
-    for a whole stage table) and free tables (``data.options.csv_separator``). Values are
-    checked against the field's declared type.
-    """
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set must look like key.sub=value, got {assignment!r}")
-    where = f"--set {assignment}"
-    parts = key.split(".")
-    target: Any = config
-    walked: list[str] = []
-    entry_type: Any = StageConfig  # the dataclass of the list walked into (stages, teachers)
-    for part in parts[:-1]:
-        if is_dataclass(target) and part in {f.name for f in fields(target)}:
-            entry_type = (typing.get_args(_hints(type(target))[part]) or (entry_type,))[0]
-        target = _child(target, part, walked, where)
-        walked.append(part)
-    name, here = parts[-1], ".".join(walked) or "the config"
-    if isinstance(target, list):
-        index = _index(target, name, here, where)
-        try:
-            target[index] = from_dict(entry_type, _parse_value(raw, dict), key)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{where}: {err}") from None
-    elif isinstance(target, dict):
-        target[name] = _parse_value(raw, Any)
-    elif is_dataclass(target) and name in {f.name for f in fields(target)}:
-        hint = _hints(type(target))[name]
-        try:
-            value = _coerce(_parse_value(raw, hint), hint, key)
-        except TypeError as err:
-            raise TypeError(f"{where}: {err}") from None
-        setattr(target, name, value)
-    else:
-        removed = _REMOVED.get(key)
-        raise ValueError(
-            f"{where}: {key} no longer exists: {removed}"
-            if removed
-            else (f"{where}: unknown config key {key!r}" + _known(target))
-        )
-
-
-def _known(target: Any) -> str:
-    if is_dataclass(target):
-        return f"; {type(target).__name__} has {sorted(f.name for f in fields(target))}"
-    return ""
-
-
-def _index(items: list, part: str, here: str, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ValueError(
-            f"{where}: {here} has {len(items)} {'entry' if len(items) == 1 else 'entries'} "
-            f"(indices 0..{len(items) - 1}), there is no {here}.{part}"
-        )
-    return int(part)
-
-
-def _child(target: Any, part: str, walked: list[str], where: str) -> Any:
-    here = ".".join(walked) or "the config"
-    if isinstance(target, list):
-        return target[_index(target, part, here, where)]
-    if isinstance(target, dict):
-        if not isinstance(target.get(part), (dict, list)):
-            raise ValueError(f"{where}: {here}.{part} is not a table")
-        return target[part]
-    if is_dataclass(target) and part in {f.name for f in fields(target)}:
-        child = getattr(target, part)
-        if child is None and _hints(type(target))[part] == (dict[str, Any] | None):
-            child = {}
-            setattr(target, part, child)
-        if not (is_dataclass(child) or isinstance(child, (list, dict))):
-            raise ValueError(f"{where}: {'.'.join([*walked, part])} is a value, not a table")
-        return child
-    raise ValueError(f"{where}: unknown config key {'.'.join([*walked, part])!r}" + _known(target))
+    return from_dict(DistillConfig, read_file(path))

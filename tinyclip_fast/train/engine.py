@@ -739,7 +739,7 @@ def distill(
                 **config.data.as_dict(),
             }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
-        if evaluator is None and config.eval.every > 0:
+        if evaluator is None and config.eval.enabled:
             evaluator = build_evaluator(
                 config.eval, tokenizer=tokenizer, preprocess=eval_preprocess, device=device
             )
