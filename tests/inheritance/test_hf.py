@@ -16,7 +16,7 @@ from support import TEXT, rel_err
 pytest.importorskip("transformers")
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor  # noqa: E402
 
-from tinyclip_fast.inheritance.hf import load_hf_clip, save_hf_clip  # noqa: E402
+from tinyclip_fast.inheritance.hf import load_hf_clip, load_hf_teacher, save_hf_clip  # noqa: E402
 from tinyclip_fast.ops.backend import force_backend  # noqa: E402
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP  # noqa: E402
 
@@ -146,6 +146,28 @@ def test_import_reads_the_folder_preprocessing(tmp_path):
     assert cfg["size"] == 32 and cfg["interpolation"] == "bilinear"
     assert cfg["mean"] == pytest.approx((0.5, 0.4, 0.3))
     assert cfg["std"] == pytest.approx((0.2, 0.25, 0.3))
+
+
+def test_teacher_from_a_folder_tokenizes_and_preprocesses_as_the_student(tmp_path):
+    student = _student()
+    save_hf_clip(student, tmp_path)
+    model, tokenizer, train_tf, eval_tf = load_hf_teacher(tmp_path)
+    ids, expected = tokenizer(CAPTIONS), _tokens()
+    assert ids.shape == expected.shape
+    for row, end in enumerate(expected.argmax(dim=-1).tolist()):
+        assert ids[row, : end + 1].tolist() == expected[row, : end + 1].tolist()
+    with torch.no_grad():
+        assert rel_err(model.eval().encode_text(ids), student.encode_text(expected)) < 1e-5
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), np.uint8))
+    cfg = PreprocessCfg(**get_model_preprocess_cfg(student))
+    assert torch.equal(eval_tf(image), image_transform_v2(cfg, is_train=False)(image))
+    assert train_tf(image).shape == (3, 32, 32)
+
+
+def test_teacher_folder_without_tokenizer_uses_the_clip_bpe(tmp_path):
+    _hf_model().save_pretrained(tmp_path)
+    _, tokenizer, _, _ = load_hf_teacher(tmp_path)
+    assert torch.equal(tokenizer(CAPTIONS), _tokens())
 
 
 def test_round_trip_is_exact(tmp_path):

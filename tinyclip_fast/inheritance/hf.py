@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors import SafetensorError
 from torch import nn
 
@@ -66,6 +68,7 @@ _TENSOR_NAMES = {
 _TOWERS = {"visual.transformer.resblocks": "vision_model.encoder.layers"}
 _TOWERS["transformer.resblocks"] = "text_model.encoder.layers"
 _ACTIVATIONS = {True: "quick_gelu", False: "gelu"}  # open_clip quick_gelu -> hidden_act
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 _OTHER_FORMATS = "save it as a tinyclip_fast student folder (save_student / load_student)"
 
 
@@ -369,3 +372,23 @@ def load_hf_clip(
     model.load_state_dict(_from_hf_state(hf_state, layers), strict=True)
     set_model_preprocess_cfg(model, _preprocess_cfg(directory, config.vision_config.image_size))
     return model.to(map_location)
+
+
+def hf_tokenizer(path: str | os.PathLike, context_length: int) -> HFTokenizer | SimpleTokenizer:
+    """The folder's tokenizer as an open_clip tokenizer (ids [n, context_length]); open_clip's
+    CLIP BPE, the released CLIP vocabulary, when the folder holds none."""
+    directory = Path(path)
+    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return HFTokenizer(str(directory), context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
+def load_hf_teacher(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[open_clip.model.CLIP, Callable, Callable, Callable]:
+    """(model, tokenizer, train preprocess, eval preprocess) of a CLIPModel folder, as
+    open_clip.create_model_and_transforms and get_tokenizer give them for a named model."""
+    model = load_hf_clip(path, map_location)
+    cfg = PreprocessCfg(**get_model_preprocess_cfg(model))
+    tokenizer = hf_tokenizer(path, model.context_length)
+    return model, tokenizer, image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, False)
