@@ -65,8 +65,10 @@ _TENSOR_NAMES = {
     "text_projection": ("text_projection.weight", True),
     "logit_scale": ("logit_scale", False),
 }
-_TOWERS = {"visual.transformer.resblocks": "vision_model.encoder.layers"}
-_TOWERS["transformer.resblocks"] = "text_model.encoder.layers"
+_TOWERS = {  # open_clip residual blocks -> transformers encoder layers
+    "visual.transformer.resblocks": "vision_model.encoder.layers",
+    "transformer.resblocks": "text_model.encoder.layers",
+}
 _ACTIVATIONS = {True: "quick_gelu", False: "gelu"}  # open_clip quick_gelu -> hidden_act
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 _OTHER_FORMATS = "save it as a tinyclip_fast student folder (save_student / load_student)"
@@ -192,7 +194,7 @@ def _hf_config(model: nn.Module, config: dict[str, Any], tokenizer: Any) -> CLIP
     )
 
 
-def _hf_tokenizer(tokenizer: Any, context_length: int) -> Any:
+def _transformers_tokenizer(tokenizer: Any, context_length: int) -> Any:
     """A transformers tokenizer that gives the same ids as the open_clip ``tokenizer``."""
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.tokenizer
@@ -239,10 +241,10 @@ def save_hf_clip(model: nn.Module, path: str | os.PathLike, tokenizer: Any | Non
         raise ValueError(f"cannot export to Hugging Face CLIPModel: {reason}")
     if tokenizer is None:
         tokenizer = SimpleTokenizer(context_length=model.context_length)
-    hf_tokenizer = _hf_tokenizer(tokenizer, model.context_length)
-    if len(hf_tokenizer) != model.vocab_size:
+    ids_tokenizer = _transformers_tokenizer(tokenizer, model.context_length)
+    if len(ids_tokenizer) != model.vocab_size:
         raise ValueError(
-            f"the tokenizer has {len(hf_tokenizer)} tokens, the model's vocabulary "
+            f"the tokenizer has {len(ids_tokenizer)} tokens, the model's vocabulary "
             f"{model.vocab_size}: pass the student's own tokenizer"
         )
     hf_model = CLIPModel(_hf_config(model, config, tokenizer))
@@ -256,7 +258,7 @@ def save_hf_clip(model: nn.Module, path: str | os.PathLike, tokenizer: Any | Non
     hf_model.save_pretrained(directory, safe_serialization=True)
     processor = CLIPProcessor(
         image_processor=_image_processor(model),
-        tokenizer=hf_tokenizer,
+        tokenizer=ids_tokenizer,
     )
     processor.save_pretrained(directory)
     return directory
