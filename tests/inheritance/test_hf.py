@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor  # noqa: E402
 
 from tinyclip_fast.inheritance.hf import load_hf_clip, load_hf_teacher, save_hf_clip  # noqa: E402
+from tinyclip_fast.inheritance.manual import manual_inherit  # noqa: E402
 from tinyclip_fast.ops.backend import force_backend  # noqa: E402
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP  # noqa: E402
 
@@ -79,6 +80,20 @@ def test_export_gives_open_clip_embeddings_in_transformers(tmp_path, quick_gelu)
     assert exported.config.vision_config.hidden_act == expected_act
     assert exported.config.text_config.layer_norm_eps == student.ln_final.eps
     images, tokens = torch.randn(3, 3, 32, 32), _tokens()
+    expected = _open_clip_features(student, images, tokens)
+    for actual, wanted in zip(_hf_features(exported, images, tokens), expected, strict=True):
+        assert rel_err(actual, wanted) < 1e-5
+
+
+def test_manually_inherited_student_exports(tmp_path):
+    wide = {**STUDENT, "quick_gelu": True}
+    wide["vision_cfg"] = {**STUDENT["vision_cfg"], "width": 64, "layers": 3}
+    wide["text_cfg"] = {**STUDENT["text_cfg"], "width": 64, "heads": 4, "layers": 3}
+    teacher = _randomized(open_clip.model.CLIP(**wide))
+    student = manual_inherit(teacher, {**STUDENT, "text_cfg": {**STUDENT["text_cfg"], "layers": 1}})
+    save_hf_clip(student.eval(), tmp_path)
+    exported = CLIPModel.from_pretrained(tmp_path).eval()
+    images, tokens = torch.randn(2, 3, 32, 32), _tokens()
     expected = _open_clip_features(student, images, tokens)
     for actual, wanted in zip(_hf_features(exported, images, tokens), expected, strict=True):
         assert rel_err(actual, wanted) < 1e-5
