@@ -30,6 +30,12 @@ Ensembles: python bench/bench_affinity_loss.py --ensemble [--cpu] [--quick] [--o
 
 Both implementations compute the same two terms (distillation and contrastive) so the
 comparison is like for like.
+
+Peers: python bench/bench_affinity_loss.py --peers [--cpu] [--quick] [--out ...] [--dry-run]
+      the contrastive (InfoNCE) term alone: ours beside Inf-CL (PyPI inf-cl, CUDA only) and
+      open_clip's ClipLoss on the same inputs; each peer's loss and gradients checked against
+      ours first, a peer that cannot run is a cell saying why (bench/peers.py). Writes
+      <out>/contrastive_peers_<gpu or cpu>.md.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_info import cpu_name
+from peers import CPU_RUNS as PEER_CPU_RUNS
+from peers import Peer, PeerUnavailable, build_peer, peer_tables
+from peers import versions as peer_versions
 
 DIM = 512
 GPU_SIZES = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
@@ -583,6 +592,84 @@ def dry_run_ensemble() -> None:
     print("\n".join(ensemble_report("dry run (CPU, n = 64)", "no CUDA", rows)))
 
 
+# ----------------------------------------------------------------------------- peers
+
+PEER_GPU_SIZES = [1024, 4096, 16384, 65536]
+PEER_QUICK_SIZES = [4096, 16384]
+PEER_CPU_SIZES = [1024, 4096]
+
+
+def contrastive_inputs(n: int, device: str, dtype: torch.dtype) -> tuple:
+    """(x, y, scale): the student's features and scale; the peers compute InfoNCE only."""
+    x, y, scale, *_ = make_features(n, device, dtype)
+    return x, y, scale
+
+
+def _ours_contrastive(device: str):
+    from tinyclip_fast.ops.affinity_loss import affinity_loss_square
+
+    def ours(x, y, scale):
+        return affinity_loss_square(x, y, scale, compute_distill=False, compute_contrastive=True)[1]
+
+    return ours
+
+
+def _inf_cl(device: str):
+    if device != "cuda":
+        raise PeerUnavailable("CUDA only: its Triton kernels assert q.is_cuda")
+    from inf_cl import cal_flash_loss
+
+    def inf_cl(x, y, scale):
+        # cal_flash_loss is one direction's per-row cross-entropy: both, averaged, = InfoNCE.
+        rows = cal_flash_loss(x, y, scale=scale).mean()
+        return (rows + cal_flash_loss(y, x, scale=scale).mean()) / 2
+
+    return inf_cl
+
+
+def _open_clip_contrastive(device: str):
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss()
+
+
+CONTRASTIVE_PEERS = [
+    Peer("tinyclip_fast", _ours_contrastive),
+    Peer("Inf-CL", _inf_cl),
+    Peer("open_clip ClipLoss", _open_clip_contrastive),
+]
+
+
+def run_peers(quick: bool, cpu: bool, out_dir: Path) -> None:
+    """Ours and the peers on the contrastive (InfoNCE) term: <out>/contrastive_peers_<...>.md."""
+    import open_clip
+
+    device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    sizes = PEER_CPU_SIZES if cpu else PEER_QUICK_SIZES if quick else PEER_GPU_SIZES
+    name = f"CPU {cpu_name()}" if cpu else torch.cuda.get_device_name()
+    stem = "contrastive_peers_" + ("cpu" if cpu else name.replace(" ", "_").replace("/", "_"))
+    timing = (
+        f"fastest of {PEER_CPU_RUNS} calls after a warm-up, {torch.get_num_threads()} threads"
+        if cpu
+        else "triton do_bench median"
+    )
+    note = (
+        f"torch {torch.__version__}, open_clip {open_clip.__version__}, "
+        f"{peer_versions(['inf-cl'])}; the contrastive term alone, (CE(A, diag) + CE(A^T, "
+        f"diag)) / 2 with A = scale X Y^T (Inf-CL has no distillation term), d = {DIM}, "
+        f"{str(dtype).removeprefix('torch.')} features, scale 50, the same inputs for every "
+        f"implementation; time: {timing}."
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.md"
+    lines = peer_tables(
+        f"Contrastive (InfoNCE) loss and its peers: {name}", note, CONTRASTIVE_PEERS,
+        contrastive_inputs, sizes, device, dtype,
+        lambda lines: path.write_text("\n".join(lines) + "\n"),
+    )  # fmt: skip
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and modes")
@@ -590,8 +677,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, smoke-run")
     parser.add_argument("--ensemble", action="store_true", help="K = 1, 2, 4 teachers, ours")
+    parser.add_argument("--peers", action="store_true", help="contrastive: ours, Inf-CL, open_clip")
     args = parser.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
+    if args.peers:
+        if args.dry_run:
+            print(
+                f"peers: {[peer.name for peer in CONTRASTIVE_PEERS]} on {'CPU' if cpu else 'CUDA'}"
+            )
+            for peer in CONTRASTIVE_PEERS:
+                print(f"  {peer.name}: {build_peer(peer, 'cpu' if cpu else 'cuda')[1] or 'runs'}")
+            return
+        run_peers(args.quick, cpu, args.out)
+        return
     if cpu and not args.cpu and not args.dry_run:
         print("no CUDA device: running the CPU comparison instead", file=sys.stderr)
     if args.ensemble:

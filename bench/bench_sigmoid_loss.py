@@ -26,6 +26,12 @@ CPU:  python bench/bench_sigmoid_loss.py --cpu [--out bench/results]
       minus the RSS before them) at n = 8,192; the ensemble cost ratios. Writes
       <out>/sigmoid_loss_cpu.md. Run with OMP_WAIT_POLICY=PASSIVE on a shared machine.
       pytest bench/bench_sigmoid_loss.py --benchmark-enable: pytest-benchmark timings.
+
+Peers: python bench/bench_sigmoid_loss.py --peers [--cpu] [--quick] [--out ...] [--dry-run]
+      SigLIP alone: ours beside siglip-kernel (PyPI, CUDA only) and open_clip's SigLipLoss,
+      plain and chunked (chunk_size, where the installed open_clip has it), on the same
+      inputs; each peer's loss and gradients checked against ours first, a peer that cannot
+      run is a cell saying why (bench/peers.py). Writes <out>/sigmoid_peers_<gpu or cpu>.md.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_info import cpu_name
+from peers import CPU_RUNS as PEER_CPU_RUNS
+from peers import Peer, PeerUnavailable, build_peer, peer_tables
+from peers import versions as peer_versions
 
 DIM = 512
 TEACHER_SCALE, TEACHER_BIAS = 100.0, -10.0
@@ -371,13 +380,103 @@ def run_cpu(out_dir: Path) -> None:
     print("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- peers
+
+PEER_GPU_SIZES = [1024, 4096, 16384, 65536]
+PEER_QUICK_SIZES = [4096, 16384]
+PEER_CPU_SIZES = [1024, 4096]
+PEER_CHUNK = 512  # open_clip SigLipLoss(chunk_size=...): its pull request's example
+
+
+def siglip_inputs(n: int, device: str, dtype: torch.dtype) -> tuple:
+    """(x, y, scale, bias) of the siglip workload: the peers have no distillation term."""
+    return make_inputs(n, 0, device, dtype)[0]
+
+
+def _ours_siglip(device: str):
+    ours = loss_fn("tinyclip_fast")
+    return lambda x, y, scale, bias: ours(x, y, scale, bias, [])
+
+
+def _siglip_kernel(device: str):
+    if device != "cuda":
+        raise PeerUnavailable("CUDA only: Triton kernels, and its import queries the GPU")
+    from siglip_kernel import fused_siglip_loss
+
+    return lambda x, y, scale, bias: fused_siglip_loss(x, y, scale.log(), bias)
+
+
+def _open_clip_siglip(chunked: bool):
+    def build(device: str):
+        import inspect
+
+        import open_clip
+        from open_clip.loss import SigLipLoss
+
+        if not chunked:
+            return SigLipLoss()
+        if "chunk_size" not in inspect.signature(SigLipLoss).parameters:
+            raise PeerUnavailable(
+                f"open_clip {open_clip.__version__} has no chunked SigLipLoss (chunk_size)"
+            )
+        return SigLipLoss(chunk_size=PEER_CHUNK)
+
+    return build
+
+
+SIGLIP_PEERS = [
+    Peer("tinyclip_fast", _ours_siglip),
+    Peer("siglip-kernel", _siglip_kernel),
+    Peer("open_clip SigLipLoss", _open_clip_siglip(chunked=False)),
+    Peer(f"open_clip SigLipLoss(chunk_size={PEER_CHUNK})", _open_clip_siglip(chunked=True)),
+]
+
+
+def run_peers(quick: bool, cpu: bool, out_dir: Path) -> None:
+    """Ours and the peers on the SigLIP loss: <out>/sigmoid_peers_<gpu or cpu>.md."""
+    import open_clip
+
+    device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    sizes = PEER_CPU_SIZES if cpu else PEER_QUICK_SIZES if quick else PEER_GPU_SIZES
+    name = f"CPU {cpu_name()}" if cpu else torch.cuda.get_device_name()
+    stem = "sigmoid_peers_" + ("cpu" if cpu else name.replace(" ", "_").replace("/", "_"))
+    timing = (
+        f"fastest of {PEER_CPU_RUNS} calls after a warm-up, {torch.get_num_threads()} threads"
+        if cpu
+        else "triton do_bench median"
+    )
+    note = (
+        f"torch {torch.__version__}, open_clip {open_clip.__version__}, "
+        f"{peer_versions(['siglip-kernel'])}; SigLIP alone (no peer has a distillation "
+        f"term), d = {DIM}, {str(dtype).removeprefix('torch.')} features, student scale 10 "
+        f"and bias -10, the same inputs for every implementation; time: {timing}."
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.md"
+    lines = peer_tables(
+        f"Sigmoid (SigLIP) loss and its peers: {name}", note, SIGLIP_PEERS, siglip_inputs,
+        sizes, device, dtype, lambda lines: path.write_text("\n".join(lines) + "\n"),
+    )  # fmt: skip
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only n in {QUICK_SIZES}")
     parser.add_argument("--cpu", action="store_true", help="CPU table instead of the GPU one")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--peers", action="store_true", help="ours beside siglip-kernel, open_clip")
     args = parser.parse_args()
+    if args.peers:
+        cpu = args.cpu or not torch.cuda.is_available()
+        if args.dry_run:
+            print(f"peers: {[peer.name for peer in SIGLIP_PEERS]} on {'CPU' if cpu else 'CUDA'}")
+            for peer in SIGLIP_PEERS:
+                print(f"  {peer.name}: {build_peer(peer, 'cpu' if cpu else 'cuda')[1] or 'runs'}")
+            return
+        run_peers(args.quick, cpu, args.out)
+        return
     if args.dry_run:
         if args.cpu:
             print(f"CPU: workloads {list(CPU_WORKLOADS)}, n = {CPU_SIZES}, d = {DIM}, fp32")

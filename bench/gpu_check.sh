@@ -2,10 +2,11 @@
 # The prepared GPU check for a CUDA machine without network (the lent H100/H200): one call
 # of at most 9 minutes (540 s) on a cold machine. Steps, each with its own time budget and
 # a timestamp: install, versions, kernel correctness on CUDA, the loss benchmarks (softmax
-# and sigmoid), the masked matmul, the distillation step, then a one-screen summary of every measured ratio
-# against its goal in shared TARGETS.md. Each benchmark writes its table to bench/results/
-# the moment it is done (and again after every measurement); after every step the new
-# tables are copied to $OUT when set, so a timeout loses nothing already measured.
+# and sigmoid), the masked matmul, the distillation step, the peers beside our losses, then a
+# one-screen summary of every measured ratio against its goal in shared TARGETS.md. Each
+# benchmark writes its table to bench/results/ the moment it is done (and again after every
+# measurement); after every step the new tables are copied to $OUT when set, so a timeout
+# loses nothing already measured.
 #
 #   bash bench/gpu_check.sh --download  # with a registry: wheels of bench/gpu_wheels.txt -> .whl/
 #   bash bench/gpu_check.sh             # on the GPU machine, repo root, .whl/ carried along
@@ -133,6 +134,13 @@ plan masked-bench 70 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
     "$PY bench/bench_masked_matmul.py --quick --out $RESULTS --dry-run"
 plan distill-bench 65 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
     "$PY bench/bench_distill_step.py --quick --out $RESULTS --dry-run"
+# The peers (Inf-CL, siglip-kernel, open_clip's losses) beside ours on the same inputs, each
+# value checked against ours first; a peer that cannot run is a cell in the table. Last
+# before the summary: it takes the time the steps above left, never theirs.
+plan peers-bench 60 "$PY bench/bench_affinity_loss.py --peers --quick --out $RESULTS; \
+first=\$?; $PY bench/bench_sigmoid_loss.py --peers --quick --out $RESULTS && exit \$first" \
+    "$PY bench/bench_affinity_loss.py --peers --dry-run && \
+$PY bench/bench_sigmoid_loss.py --peers --dry-run"
 plan summary 15 \
     "$PY bench/gpu_summary.py --results $RESULTS $([[ -n "${OUT:-}" ]] && echo "--out $OUT/summary.txt")" \
     "$PY bench/gpu_summary.py --dry-run"
