@@ -55,11 +55,11 @@ from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.pruning.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.config import DistillConfig
 from tinyclip_fast.train.optim import make_optimizer
 from tinyclip_fast.train.step import train_step
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 TINY = {
     "embed_dim": 32,

@@ -31,6 +31,7 @@ from tinyclip_fast.demo.data import CompactTokenizer
 from tinyclip_fast.inheritance.student_io import load_student
 from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
 from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.checkpoint import load_training_state
 from tinyclip_fast.train.config import (
     DataConfig,
@@ -41,7 +42,6 @@ from tinyclip_fast.train.config import (
 )
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
 from tinyclip_fast.train.students import add_logit_bias, stage_student
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 
 def test_tiny_run_loss_falls_eval_runs_and_exports(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from support import PlainDataset
 
 from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache, teacher_fingerprint
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache, teacher_fingerprint
 
 VOCAB, CONTEXT = 40, 8
 
