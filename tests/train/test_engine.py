@@ -160,9 +160,8 @@ def _ddp_worker(rank, world_size, init_file, tmp_path, config):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "kind", ["manual", "auto", pytest.param("sigmoid", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["manual", "auto", "sigmoid"])
 def test_two_process_ddp_equals_one_process(tmp_path, kind):
     # auto: a manual stage, then masks sampled in training (one sample per step, the same on
     # every rank), pruned at step 3 of 4, the optimizer state carried over. (Masking the

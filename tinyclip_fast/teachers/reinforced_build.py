@@ -107,17 +107,7 @@ def build_reinforced_shards(
     images (and captions). A tqdm bar (rank 0) shows images/s. Returns what was built and
     skipped on this rank.
     """
-    if not teachers:
-        raise ValueError("need at least one teacher")
-    if dtype not in CACHE_DTYPES or precision not in AUTOCAST_DTYPES:
-        raise ValueError(
-            f"dtype must be one of {sorted(CACHE_DTYPES)} and precision one of "
-            f"{sorted(AUTOCAST_DTYPES)}, got {dtype!r}, {precision!r}"
-        )
-    if num_augmentations <= 0 or batch_size <= 0:
-        raise ValueError(
-            f"need num_augmentations > 0 and batch_size > 0, got {num_augmentations}, {batch_size}"
-        )
+    _check_arguments(teachers, num_augmentations, dtype, batch_size, precision)
     if rank is None or world_size is None:
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
@@ -188,6 +178,26 @@ def build_reinforced_shards(
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank's shards exist before anyone trains from them
     return report
+
+
+def _check_arguments(
+    teachers: Sequence[CacheTeacher],
+    num_augmentations: int,
+    dtype: str,
+    batch_size: int,
+    precision: str,
+) -> None:
+    if not teachers:
+        raise ValueError("need at least one teacher")
+    if dtype not in CACHE_DTYPES or precision not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {sorted(CACHE_DTYPES)} and precision one of "
+            f"{sorted(AUTOCAST_DTYPES)}, got {dtype!r}, {precision!r}"
+        )
+    if num_augmentations <= 0 or batch_size <= 0:
+        raise ValueError(
+            f"need num_augmentations > 0 and batch_size > 0, got {num_augmentations}, {batch_size}"
+        )
 
 
 class _ShardEncoder:
