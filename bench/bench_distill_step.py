@@ -1,4 +1,5 @@
-"""Images/s of one full distillation step in the mask-learning phase (SPEC 3b), four ways.
+"""Images/s of one full distillation step in the mask-learning phase (docs/method.md §3b),
+four ways.
 
 - tinyclip_fast: ``train.step.train_step`` on a MaskedCLIP student (masks inside the matmuls),
   the fused affinity loss, fused AdamW; teacher run online under no_grad.

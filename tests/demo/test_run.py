@@ -27,8 +27,8 @@ def test_first_step_reaching_and_curve():
 
 
 def test_an_oversized_auto_student_gets_no_speed_up():
-    # Case 10: the quick demo's auto student kept 99% of the teacher's parameters and was
-    # reported as reaching scratch's accuracy at step 10.
+    # An auto student that keeps 99% of the teacher's parameters is not reported as a
+    # speed-up over scratch, however early it reaches scratch's accuracy.
     settings = demo.DemoSettings(student_steps=30)
     curve = [(10, 0.9), (20, 0.95), (30, 0.96)]
     students = {

@@ -101,7 +101,7 @@ def test_mismatch_and_corruption_are_clear_errors(tmp_path, dataset):
 
 
 def test_cache_is_tied_to_the_samples_and_their_order(tmp_path, dataset):
-    # Case 2: a cache built on one file was accepted for the same rows in another order.
+    # The same rows in another order are other samples: the cache is refused.
     teacher = tiny_clip()
     path = tmp_path / "teacher.safetensors"
     built = TeacherEmbeddingCache.build(teacher, dataset, path)

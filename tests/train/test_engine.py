@@ -120,7 +120,8 @@ def test_resume_after_interrupts_equals_uninterrupted_bitwise(tmp_path):
 
 
 def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
-    # SPEC 4: auto -> auto, targets as fractions of the ORIGINAL teacher's prunable params.
+    # docs/method.md §4: auto -> auto, targets as fractions of the ORIGINAL teacher's
+    # prunable params.
     stages = [
         StageConfig(steps=4, sparsity=0.5, prune_step=3, sparsity_warmup=2),
         StageConfig(steps=4, sparsity=0.8, prune_step=3, sparsity_warmup=2),
@@ -130,7 +131,7 @@ def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     teacher_params = sum(p.numel() for p in make_teacher().parameters())
     assert result.stage_params[1] < result.stage_params[0] < teacher_params
     assert all(torch.isfinite(torch.tensor(losses(result.history))))
-    # Case 7: each prune is a record (and a line) saying how far the masks got.
+    # Each prune is a record (and a line) saying how far the masks got.
     pruned = [h for h in result.history if h.get("event") == "pruned"]
     assert [(h["step"], h["target_sparsity"]) for h in pruned] == [(3, 0.5), (7, 0.8)]
     assert [h["params_after"] for h in pruned] == result.stage_params
@@ -231,11 +232,11 @@ class _TurnsNaN(TensorPairDataset):
 
 
 def test_nan_stop_then_resume_logs_every_step_once(tmp_path):
-    # Case 3: steps logged after the checkpoint (here 5) appeared twice after the resume.
+    # Steps logged after the checkpoint (here 5) are logged once, by the resumed run.
     config = make_config(tmp_path, [StageConfig(steps=8, student_config=STUDENT_CFG)], save_every=2)
     with pytest.raises(FloatingPointError) as info:
         run(config, train_dataset=_TurnsNaN(good=5))
-    # Case 15: the message names the checkpoint only when there is one.
+    # The message names the checkpoint only when there is one.
     assert "loss is nan at step 6 (stage 0)" in str(info.value)
     assert "checkpoint of step 4" in str(info.value) and "--resume" in str(info.value)
     state = load_training_state(tmp_path / "run" / CHECKPOINT_NAME)
@@ -258,7 +259,7 @@ def test_nan_stop_before_any_checkpoint_says_so(tmp_path):
 
 
 def test_loss_mixes_terms_as_the_loss_api_does(tmp_path):
-    # Case 9: the engine's contrastive_weight summed the terms, the function's mixed them.
+    # The engine mixes the terms by contrastive_weight exactly as the loss function does.
     teacher = make_teacher()
     dataset = TensorPairDataset(torch.randn(16, 3, 32, 32), torch.randint(1, 999, (16, 16)))
     stage = StageConfig(steps=1, student_config=STUDENT_CFG)
@@ -320,7 +321,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         run(config, tokenizer=lambda texts: None, preprocess=lambda image: image)
     with pytest.raises(ValueError, match="no training data: give --data"):
         run(make_config(tmp_path / "none", copy.deepcopy(stages), data=DataConfig()))
-    # Case 16: a cache with webdataset asked for data_cfg['num_samples'].
+    # A cache with webdataset data says it needs map-style data.
     (tmp_path / "s.tar").write_bytes(b"")
     stream = WebDatasetPairs(str(tmp_path / "s.tar"), preprocess=None, tokenizer=None)
     config = make_config(tmp_path / "w", copy.deepcopy(stages))
