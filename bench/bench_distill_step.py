@@ -6,8 +6,8 @@ four ways.
 - tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
 - tinyclip_fast+reinforced: the same step with the teacher targets a reinforced batch carries
   (fp16 embeddings, as the loader hands them over, moved to the device and turned into
-  targets by ``teacher_targets``, as the engine's ``StoredTeacher`` does): no teacher
-  forward, with augmentation (the replay itself is loader work, see
+  targets by ``teacher_targets``, as ``teachers.reinforced_targets.StoredTargets`` does): no
+  teacher forward, with augmentation (the replay itself is loader work, see
   bench_reinforced_cache.py). It and a second tinyclip_fast step are timed in turns (A B A
   B ...), so the online-vs-cache ratio holds on a shared machine; the table beside it gives
   the cache's bytes per sample.
