@@ -13,11 +13,14 @@ from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.cache_builds import build_embedding_cache, build_reinforced_cache
 from tinyclip_fast.train.config import DataConfig, StageConfig, TeacherConfig
 
+# open_clip's own tokenizer (vocabulary 49,408), so the shards' captions tokenize.
+OPEN_CLIP_TEXT = {**TEACHER_CFG["text_cfg"], "context_length": 16, "vocab_size": 49408}
+
 
 @pytest.fixture
 def teacher(tmp_path):
     path = tmp_path / "cache-builds-teacher.json"
-    path.write_text(json.dumps(TEACHER_CFG))
+    path.write_text(json.dumps({**TEACHER_CFG, "text_cfg": OPEN_CLIP_TEXT}))
     open_clip.add_model_config(path)
     torch.manual_seed(0)
     weights = tmp_path / "teacher.pt"
