@@ -1,17 +1,18 @@
-"""Images/s of one full distillation step in the mask-learning phase (SPEC 3b), four ways.
+"""Images/s of one full distillation step in the mask-learning phase (docs/method.md §3b),
+four ways.
 
 - tinyclip_fast: ``train.step.train_step`` on a MaskedCLIP student (masks inside the matmuls),
   the fused affinity loss, fused AdamW; teacher run online under no_grad.
 - tinyclip_fast+cache: the same step reading teacher embeddings from a TeacherEmbeddingCache.
 - tinyclip_fast+reinforced: the same step with the teacher targets a reinforced batch carries
   (fp16 embeddings, as the loader hands them over, moved to the device and turned into
-  targets by ``teacher_targets``, as the engine's ``StoredTeacher`` does): no teacher
-  forward, with augmentation (the replay itself is loader work, see
+  targets by ``teacher_targets``, as ``teachers.reinforced_targets.StoredTargets`` does): no
+  teacher forward, with augmentation (the replay itself is loader work, see
   bench_reinforced_cache.py). It and a second tinyclip_fast step are timed in turns (A B A
   B ...), so the online-vs-cache ratio holds on a shared machine; the table beside it gives
   the cache's bytes per sample.
 - tinyclip_fast (xformers attention): on CUDA with xformers installed, the first variant with
-  the engine's ``--attention xformers`` instead of torch SDPA (which of the two is faster).
+  the engine's ``attention=xformers`` instead of torch SDPA (which of the two is faster).
 - tinyclip_way: the same student written the TinyCLIP way: open_clip's modules at full size,
   every mask applied by a separate multiply on full-size activations, open_clip's
   DistillClipLoss (materialised [n, n] soft cross-entropy), torch AdamW (foreach).
@@ -55,11 +56,11 @@ from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.pruning.sparsity import SparsityController, TowerMaskProbs, expected_sparsity
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.config import DistillConfig
 from tinyclip_fast.train.optim import make_optimizer
 from tinyclip_fast.train.step import train_step
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 TINY = {
     "embed_dim": 32,
@@ -306,7 +307,7 @@ def run(
     if device == "cuda":
         torch.cuda.empty_cache()
     if device == "cuda" and importlib.util.find_spec("xformers") is not None:
-        # The engine's --attention xformers against the default torch SDPA, same step.
+        # The engine's attention=xformers against the default torch SDPA, same step.
         step = make_step("tinyclip_fast", teacher, images, texts, dtype)
         with xformers_attention():
             results["tinyclip_fast (xformers attention)"] = images_per_second(

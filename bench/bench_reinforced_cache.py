@@ -36,7 +36,7 @@ from tinyclip_fast.data.datasets import WebDatasetPairs
 from tinyclip_fast.data.loader import make_loader
 from tinyclip_fast.data.reinforced import CACHE_DTYPES, ReinforcedDataset, load_shard_cache
 from tinyclip_fast.data.sources import webdataset_source
-from tinyclip_fast.train.reinforced_cache import CacheTeacher, build_reinforced_cache
+from tinyclip_fast.teachers.reinforced_build import CacheTeacher, build_reinforced_shards
 
 TINY = {
     "embed_dim": 32,
@@ -130,7 +130,7 @@ def run(images: int, batch: int, workers: int, vit: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), images, shards=4)
         source = webdataset_source(urls)
-        report = build_reinforced_cache(
+        report = build_reinforced_shards(
             source,
             [CacheTeacher(teacher, tokenizer)],
             recipe,

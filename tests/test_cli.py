@@ -419,7 +419,7 @@ def test_under_torchrun_rank_zero_prints_and_errors_stay_whole(files):
     status, out, err = done
     assert status == 0, err
     assert out.count("done: student") == 1 and out.count("distilling on cpu") == 1
-    assert out.count("warning: --warmup-steps 9 >= stage 0's 2 steps") == 1
+    assert out.count("warning: optim.warmup_steps 9 >= stage 0's 2 steps") == 1
     status, out, err = failed
     ours = [line for line in err.splitlines() if "tinyclip-distill:" in line]
     assert status != 0 and len(ours) == 2, err
@@ -607,7 +607,7 @@ def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherw
     # A CSV: cache files beside it.
     csv_build = ["--build-reinforced-cache", "--set", "reinforced.augmentations=2"]
     assert run_main(base_args(files, *csv_build)) == 0
-    assert (files / "train-00000.reinforced.safetensors").is_file()
+    assert (files / "train.tsv-00000.reinforced.safetensors").is_file()
     csv = ["--data", f"reinforced:{files / 'train.tsv'}", "--set", "reinforced.caption_mode=real"]
     assert run_main(base_args(files, *csv, "--overwrite")) == 0
     # Built with another K, or training with another teacher: refused naming what differs.
@@ -763,7 +763,7 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     assert "built by 2 teacher(s), this run has 1" in one_error(capsys.readouterr().err)
     assert run_main(base_args(files, "--loss", "sigmoid", "--overwrite")) == 2
     assert "teacher 0 (" in (line := one_error(capsys.readouterr().err))
-    assert "has no logit_bias" in line and "--teacher-logit-bias" in line
+    assert "has no logit_bias" in line and "teacher.logit_bias" in line
     # A teacher that reads other inputs (64-pixel images) is refused, naming the difference.
     bigger = {**TEACHER_CFG, "vision_cfg": {**TEACHER_CFG["vision_cfg"], "image_size": 64}}
     (files / "cli-64px-teacher.json").write_text(json.dumps(bigger))

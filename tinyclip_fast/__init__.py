@@ -46,7 +46,7 @@ _EXPORTS = {
     "build_dataset": "tinyclip_fast.data.datasets",
     "make_loader": "tinyclip_fast.data.loader",
     "ZeroShotEvaluator": "tinyclip_fast.data.zero_shot",
-    "TeacherEmbeddingCache": "tinyclip_fast.train.teacher_cache",
+    "TeacherEmbeddingCache": "tinyclip_fast.teachers.embedding_cache",
     "force_backend": "tinyclip_fast.ops.backend",
 }
 

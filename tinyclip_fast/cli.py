@@ -183,47 +183,6 @@ def _suggest(unknown: list[str]) -> str:
     return ""
 
 
-def _build_teacher_cache(config: DistillConfig, rank: int) -> None:
-    from tinyclip_fast.data.datasets import build_dataset
-    from tinyclip_fast.train.engine import dataset_defaults
-    from tinyclip_fast.train.runtime import resolve_device
-    from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
-    from tinyclip_fast.train.teachers import build_teachers
-
-    device = resolve_device(config.device)
-    teachers, tokenizer, _, eval_preprocess = build_teachers(config.teacher_configs())
-    data_cfg = {**dataset_defaults(teachers[0], config.seed), **config.data.as_dict()}
-    dataset = build_dataset(data_cfg, preprocess=eval_preprocess, tokenizer=tokenizer)
-    cache = TeacherEmbeddingCache.build(
-        [teacher.to(device) for teacher in teachers],
-        dataset,
-        config.teacher.cache,
-        batch_size=config.micro_batch_size or 256,
-        device=device,
-    )
-    if rank == 0:
-        dims = ", ".join(map(str, cache.dims))
-        print(
-            f"wrote {len(cache)} teacher embeddings (dim {dims}) of {cache.teachers} teacher(s) "
-            f"to {config.teacher.cache}"
-        )
-
-
-def _build_reinforced_cache(config: DistillConfig) -> None:
-    from tinyclip_fast.train.reinforced_run import build_cache_for_run
-
-    report, rank, world_size = build_cache_for_run(config)
-    if rank == 0:
-        where = config.reinforced.cache_dir or "beside the data"
-        print(
-            f"reinforced cache ({where}): rank 0 of {world_size} built {len(report.built)} "
-            f"shard files ({report.images} images, {report.images_per_s:.1f} images/s), "
-            f"{len(report.skipped)} were already built; train with --data "
-            f"reinforced:{config.data.path}",
-            flush=True,
-        )
-
-
 def _line(message: str, rank: int, label: str = "error") -> None:
     """``tinyclip-distill: [rank r] label: message`` as ONE write to stderr: the lines of
     ranks failing at once never run together."""
@@ -270,8 +229,8 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     from tinyclip_fast.data.datasets import check_kind
     from tinyclip_fast.data.loader import BadSampleError
     from tinyclip_fast.demo.plugins import register_demo
+    from tinyclip_fast.teachers.reinforced_targets import register_reinforced_kinds
     from tinyclip_fast.train.evaluation import check_eval_kind
-    from tinyclip_fast.train.reinforced_run import register_reinforced_kinds
     from tinyclip_fast.train.runtime import check_device
 
     register_demo()
@@ -282,13 +241,14 @@ def _run(args: argparse.Namespace, rank: int) -> int:
         if config.eval.enabled:
             check_eval_kind(config.eval.kind)
         check_device(config.device)
+        from tinyclip_fast.train.cache_builds import build_embedding_cache, build_reinforced_cache
         from tinyclip_fast.train.engine import distill  # open_clip: seconds to import
 
-        if args.build_reinforced_cache:
-            _build_reinforced_cache(config)
-            return 0
-        if args.build_teacher_cache:
-            _build_teacher_cache(config, rank)
+        if args.build_reinforced_cache or args.build_teacher_cache:
+            build = build_reinforced_cache if args.build_reinforced_cache else build_embedding_cache
+            report = build(config)
+            if rank == 0:
+                print(report.line, flush=True)
             return 0
         result = distill(config)
     except BadSampleError as err:

@@ -268,7 +268,7 @@ def test_webdataset_bad_inputs(tmp_path, tokenizer):
         next(iter(data))
     with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
         next(make_loader(data, 1, seed=0, rank=1, world_size=2))
-    with pytest.raises(TypeError, match="give --data-size N"):  # not data_cfg['num_samples']
+    with pytest.raises(TypeError, match="give --set data.size=N"):  # not data_cfg['num_samples']
         len(data)
 
 

@@ -55,7 +55,8 @@ def test_open_clip_csv_names_mean_the_same_keys():
         (
             "csv",
             {"cache_dir": "/tmp"},
-            "data option 'cache_dir' is not set in data.options: use --cache-dir",
+            "data option 'cache_dir' is not set in data.options: "
+            "use --set reinforced.cache_dir=DIR",
         ),
         ("csv", {"path": "x.csv"}, "data option 'path' is not set in data.options: use --data"),
     ],

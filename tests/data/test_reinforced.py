@@ -216,7 +216,9 @@ def test_other_recipe_teacher_or_format_is_refused(source, tmp_path):
     with pytest.raises(ValueError, match=f"{path} was built with another preprocess: size") as e:
         ReinforcedDataset(source, tokenizer=WordTokenizer(), recipe=other_size)
     assert "delete" not in str(e.value)  # the file is valid for its own settings
-    assert str(e.value).endswith("in another --cache-dir (that file stays valid for its own)")
+    assert str(e.value).endswith(
+        "in another --set reinforced.cache_dir=DIR (that file stays valid for its own)"
+    )
     other_aug = AugmentRecipe(size=16, scale=(0.5, 1.0), hflip_prob=0.5)
     with pytest.raises(ValueError, match=r"another augmentation recipe: scale \[0.4, 1.0\]"):
         ReinforcedDataset(source, tokenizer=WordTokenizer(), recipe=other_aug)

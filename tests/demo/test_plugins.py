@@ -4,9 +4,9 @@ import pytest
 
 from tinyclip_fast.data.datasets import build_dataset
 from tinyclip_fast.demo.plugins import register_demo
+from tinyclip_fast.teachers.loading import build_teacher
 from tinyclip_fast.train.config import EvalConfig, TeacherConfig
 from tinyclip_fast.train.evaluation import build_evaluator
-from tinyclip_fast.train.teacher import build_teacher
 
 
 def test_demo_kinds_after_registration(tmp_path):

@@ -99,3 +99,38 @@ def test_student_pack_unpack_is_exact(tmp_path, kind):
     with torch.no_grad(), force_backend("torch"):
         for a, b in zip(model(images, texts), rebuilt(images, texts), strict=True):
             assert torch.equal(a, b)
+
+
+def test_training_state_is_a_plain_dict_on_disk_without_absent_parts(tmp_path):
+    state = checkpoint.TrainingState(
+        stage=1,
+        stage_step=3,
+        step=9,
+        student={"config": "{}", "masked": False, "state": {"w": torch.ones(2)}},
+        scaler={"scale": 1.0},
+        rng=[[torch.arange(4, dtype=torch.uint8)]],
+        history=[{"step": 9, "loss": 0.5}],
+        stage_params=[100],
+        config='{"seed": 0}',
+        optimizer={"state": {}, "param_groups": []},
+    )
+    path = state.save(tmp_path / "checkpoint.pt")
+    on_disk = load_training_state(path)
+    assert set(on_disk) == {
+        "format",
+        "stage",
+        "stage_step",
+        "step",
+        "student",
+        "scaler",
+        "rng",
+        "history",
+        "stage_params",
+        "config",
+        "optimizer",
+    }
+    loaded = checkpoint.TrainingState.load(path)
+    assert (loaded.stage, loaded.stage_step, loaded.step) == (1, 3, 9)
+    assert loaded.history == state.history and loaded.config == state.config
+    assert torch.equal(loaded.student["state"]["w"], torch.ones(2))
+    assert loaded.bad_samples is None and loaded.controller is None

@@ -31,6 +31,7 @@ from tinyclip_fast.demo.data import CompactTokenizer
 from tinyclip_fast.inheritance.student_io import load_student
 from tinyclip_fast.ops.affinity_loss import affinity_mimicking_loss
 from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.checkpoint import load_training_state
 from tinyclip_fast.train.config import (
     DataConfig,
@@ -41,7 +42,6 @@ from tinyclip_fast.train.config import (
 )
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
 from tinyclip_fast.train.students import add_logit_bias, stage_student
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 
 def test_tiny_run_loss_falls_eval_runs_and_exports(tmp_path):
@@ -120,7 +120,8 @@ def test_resume_after_interrupts_equals_uninterrupted_bitwise(tmp_path):
 
 
 def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
-    # SPEC 4: auto -> auto, targets as fractions of the ORIGINAL teacher's prunable params.
+    # docs/method.md §4: auto -> auto, targets as fractions of the ORIGINAL teacher's
+    # prunable params.
     stages = [
         StageConfig(steps=4, sparsity=0.5, prune_step=3, sparsity_warmup=2),
         StageConfig(steps=4, sparsity=0.8, prune_step=3, sparsity_warmup=2),
@@ -130,7 +131,7 @@ def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     teacher_params = sum(p.numel() for p in make_teacher().parameters())
     assert result.stage_params[1] < result.stage_params[0] < teacher_params
     assert all(torch.isfinite(torch.tensor(losses(result.history))))
-    # Case 7: each prune is a record (and a line) saying how far the masks got.
+    # Each prune is a record (and a line) saying how far the masks got.
     pruned = [h for h in result.history if h.get("event") == "pruned"]
     assert [(h["step"], h["target_sparsity"]) for h in pruned] == [(3, 0.5), (7, 0.8)]
     assert [h["params_after"] for h in pruned] == result.stage_params
@@ -160,9 +161,8 @@ def _ddp_worker(rank, world_size, init_file, tmp_path, config):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "kind", ["manual", "auto", pytest.param("sigmoid", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["manual", "auto", "sigmoid"])
 def test_two_process_ddp_equals_one_process(tmp_path, kind):
     # auto: a manual stage, then masks sampled in training (one sample per step, the same on
     # every rank), pruned at step 3 of 4, the optimizer state carried over. (Masking the
@@ -232,11 +232,11 @@ class _TurnsNaN(TensorPairDataset):
 
 
 def test_nan_stop_then_resume_logs_every_step_once(tmp_path):
-    # Case 3: steps logged after the checkpoint (here 5) appeared twice after the resume.
+    # Steps logged after the checkpoint (here 5) are logged once, by the resumed run.
     config = make_config(tmp_path, [StageConfig(steps=8, student_config=STUDENT_CFG)], save_every=2)
     with pytest.raises(FloatingPointError) as info:
         run(config, train_dataset=_TurnsNaN(good=5))
-    # Case 15: the message names the checkpoint only when there is one.
+    # The message names the checkpoint only when there is one.
     assert "loss is nan at step 6 (stage 0)" in str(info.value)
     assert "checkpoint of step 4" in str(info.value) and "--resume" in str(info.value)
     state = load_training_state(tmp_path / "run" / CHECKPOINT_NAME)
@@ -259,7 +259,7 @@ def test_nan_stop_before_any_checkpoint_says_so(tmp_path):
 
 
 def test_loss_mixes_terms_as_the_loss_api_does(tmp_path):
-    # Case 9: the engine's contrastive_weight summed the terms, the function's mixed them.
+    # The engine mixes the terms by contrastive_weight exactly as the loss function does.
     teacher = make_teacher()
     dataset = TensorPairDataset(torch.randn(16, 3, 32, 32), torch.randint(1, 999, (16, 16)))
     stage = StageConfig(steps=1, student_config=STUDENT_CFG)
@@ -321,7 +321,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         run(config, tokenizer=lambda texts: None, preprocess=lambda image: image)
     with pytest.raises(ValueError, match="no training data: give --data"):
         run(make_config(tmp_path / "none", copy.deepcopy(stages), data=DataConfig()))
-    # Case 16: a cache with webdataset asked for data_cfg['num_samples'].
+    # A cache with webdataset data says it needs map-style data.
     (tmp_path / "s.tar").write_bytes(b"")
     stream = WebDatasetPairs(str(tmp_path / "s.tar"), preprocess=None, tokenizer=None)
     config = make_config(tmp_path / "w", copy.deepcopy(stages))
@@ -447,7 +447,7 @@ def test_two_teacher_cache_equals_online_and_refuses_another_list(tmp_path):
 def test_sigmoid_and_ensemble_bad_inputs(tmp_path):
     stages = [StageConfig(steps=1, student_config=STUDENT_CFG)]
     config = make_config(tmp_path / "a", copy.deepcopy(stages), loss=_sigmoid_loss())
-    with pytest.raises(ValueError, match=r"teacher 0 .* has no logit_bias.*--teacher-logit-bias"):
+    with pytest.raises(ValueError, match=r"teacher 0 .* has no logit_bias.*teacher.logit_bias"):
         run(config)
     with pytest.raises(ValueError, match="5 teachers given; give 1 to 4"):
         run(make_config(tmp_path / "b", copy.deepcopy(stages)), [make_teacher()] * 5)

@@ -36,18 +36,18 @@ def test_labelled_csv_separator_and_label_range(labelled):
     names = str(labelled / "names.txt")
     evaluator = build(EvalConfig(kind="csv", path=str(labelled / "labels.csv"), class_names=names))
     assert len(evaluator.images) == 3  # .csv read with commas
-    # Case 11: a label outside the class list was accepted and scored as wrong.
+    # A label outside the class list is refused, naming its row.
     with pytest.raises(ValueError, match=r"row 1 has label 2, outside the 2 class names"):
         build(EvalConfig(kind="csv", path=str(labelled / "labels.tsv"), class_names=names))
 
 
 def test_kinds_and_paths_are_checked(labelled):
-    # Case 16: "--eval /dir" said "eval.path is required".
+    # A kind without its path says how to give one (--eval KIND:PATH).
     with pytest.raises(ValueError, match="eval kind 'folder' needs a path: --eval folder:DIR"):
         build(EvalConfig(kind="folder"))
     with pytest.raises(ValueError, match="unknown eval kind 'imagenet'.*kinds: folder, csv"):
         build(EvalConfig(kind="imagenet", path="x"))
-    with pytest.raises(ValueError, match="needs class names: --eval-class-names FILE"):
+    with pytest.raises(ValueError, match="needs class names: --set eval.class_names=FILE"):
         build(EvalConfig(kind="csv", path=str(labelled / "labels.csv")))
     (labelled / "red").mkdir()
     (labelled / "red" / "broken.png").write_text("not an image")

@@ -13,14 +13,14 @@ from tinyclip_fast.train.optim import carry_optimizer_state, learning_rate, make
 def test_learning_rate_ramps_up_again_after_pruning(tmp_path):
     optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=3, prune_warmup_steps=4)
     config = make_config(tmp_path, [StageConfig(steps=20, sparsity=0.5)], optim=optim)
-    plain = [learning_rate(s, 20, config) for s in range(20)]
-    pruned = [learning_rate(s, 20, config, pruned_at=8) for s in range(20)]
+    plain = [learning_rate(s, 20, config.optim) for s in range(20)]
+    pruned = [learning_rate(s, 20, config.optim, pruned_at=8) for s in range(20)]
     assert pruned[:8] == plain[:8]
     ramp = [pruned[s] / plain[s] for s in range(8, 12)]
     assert ramp == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert pruned[12:] == plain[12:]
     assert plain[2] == pytest.approx(1.0) and plain[19] > 0.1  # warmup, then cosine to min_lr
-    early = [learning_rate(s, 20, config, pruned_at=1) for s in range(3)]  # inside warmup
+    early = [learning_rate(s, 20, config.optim, pruned_at=1) for s in range(3)]  # inside warmup
     assert early == pytest.approx([plain[0], plain[1] * 0.25, plain[2] * 0.5])
 
 

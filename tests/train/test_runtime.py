@@ -10,7 +10,7 @@ from tinyclip_fast.train.runtime import MetricsLog, check_device, resolve_precis
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
-    # Case 3: steps logged after the checkpoint appeared twice after a resume.
+    # Steps logged after the checkpoint are cut, so a resume logs each step once.
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
     lines.insert(3, json.dumps({"step": 3, "top1": 0.5}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')  # killed
@@ -28,13 +28,13 @@ def test_device_and_precision():
         check_device("gpu")
     check_device("cpu")
     if not torch.cuda.is_available():
-        # Case 14: an 18-line torch traceback.
+        # One line naming the device, not a torch traceback.
         with pytest.raises(ValueError, match="no CUDA GPU is visible.*--device cpu"):
             check_device("cuda")
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             check_device(f"cuda:{torch.cuda.device_count()}")
-    # Case 8: bf16 autocast was the default on the CPU too (4x slower than fp32 there).
+    # fp32 by default on the CPU (bf16 autocast is several times slower there).
     assert resolve_precision(None, torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     if torch.cuda.is_available():

@@ -413,7 +413,7 @@ class WebDatasetPairs(IterableDataset):
 
     def __len__(self) -> int:
         if self.num_samples is None:
-            raise TypeError("webdataset length unknown: give --data-size N (data.size)")
+            raise TypeError("webdataset length unknown: give --set data.size=N")
         return self.num_samples
 
 
@@ -477,7 +477,7 @@ def build_dataset(
     if data_cfg.get("path") is not None:
         raise ValueError(f"data kind 'synthetic' reads no files, got path {data_cfg['path']!r}")
     if data_cfg.get("num_samples") is None:
-        raise ValueError("data kind 'synthetic' needs a number of samples (--data-size N)")
+        raise ValueError("data kind 'synthetic' needs a number of samples (--set data.size=N)")
     return SyntheticPairDataset(
         int(data_cfg["num_samples"]), **{key: int(value) for key, value in options.items()}
     )

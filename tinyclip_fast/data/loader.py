@@ -132,7 +132,7 @@ class BadSampleLog:
             self.announce(f"skipping bad samples{where}; the first: {record['error']}")
         if self.bad > self.max_fraction * max(self.read, self.MIN_READ):
             raise BadSampleError(
-                f"{self.bad} of {self.read} samples read were bad, more than --max-bad-fraction "
+                f"{self.bad} of {self.read} samples read were bad, more than data.max_bad_fraction "
                 f"{self.max_fraction}; the last: {record['error']}",
                 record,
             )

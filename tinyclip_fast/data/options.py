@@ -6,7 +6,7 @@ so a misspelt option cannot be ignored silently. The keys are the parameter name
 reader that uses them, whose defaults apply when a key is not given (the help states them).
 
 Keys the run sets from its own fields are not options: ``kind`` and ``path`` (``--data``),
-``num_samples`` (``--data-size``), ``skip_bad_samples``, and the reinforced cache's
+``num_samples`` (``data.size``), ``skip_bad_samples``, and the reinforced cache's
 ``cache_dir`` and ``caption_mode``.
 """
 
@@ -72,9 +72,9 @@ ALIASES = {
 RUN_KEYS = {
     "kind": "--data KIND",
     "path": "--data KIND:PATH",
-    "num_samples": "--data-size (data.size)",
-    "skip_bad_samples": "--skip-bad-samples (data.skip_bad_samples)",
-    "cache_dir": "--cache-dir (reinforced.cache_dir)",
+    "num_samples": "--set data.size=N",
+    "skip_bad_samples": "--set data.skip_bad_samples=true",
+    "cache_dir": "--set reinforced.cache_dir=DIR",
     "caption_mode": "--set reinforced.caption_mode=...",
 }
 # Keys the engine passes to every kind's builder, used by the kinds that read them.

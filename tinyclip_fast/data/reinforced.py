@@ -195,7 +195,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"reinforced cache {path} is truncated, corrupt or not a reinforced cache ({err!r}): "
             "if it is a damaged cache, move it away and build that shard again; if it is "
-            "another program's file, give the cache its own --cache-dir"
+            "another program's file, give the cache its own --set reinforced.cache_dir=DIR"
         ) from err
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -314,7 +314,7 @@ def refuse_mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any])
         raise ValueError(
             f"reinforced cache {path} was built with " + "; with ".join(problems) + ": use the "
             "settings it was built with, or build a cache for these settings in another "
-            "--cache-dir (that file stays valid for its own)"
+            "--set reinforced.cache_dir=DIR (that file stays valid for its own)"
         )
 
 
@@ -325,7 +325,8 @@ def check_shard_unchanged(shard: Any, path: Path, header: dict[str, Any]) -> Non
         raise ValueError(
             f"shard {shard} changed since its cache {path} was built, or that cache belongs to "
             f"another input of the same name (fingerprint {header.get('source_fingerprint')!r} "
-            f"then, {now!r} now): restore the shard, or build its cache in another --cache-dir"
+            f"then, {now!r} now): restore the shard, or build its cache in another "
+            "--set reinforced.cache_dir=DIR"
         )
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from tinyclip_fast.data.datasets import register_dataset
+from tinyclip_fast.teachers.loading import register_teacher
 from tinyclip_fast.train.config import EvalConfig
 from tinyclip_fast.train.evaluation import register_evaluator
-from tinyclip_fast.train.teacher import register_teacher
 
 
 def _teacher(pretrained: str | None) -> tuple:

@@ -42,6 +42,7 @@ from tinyclip_fast.demo.teacher import (
 from tinyclip_fast.inheritance.student_io import load_student, save_student
 from tinyclip_fast.losses import ClipLoss
 from tinyclip_fast.ops.backend import force_backend
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache
 from tinyclip_fast.train.config import (
     DataConfig,
     DistillConfig,
@@ -52,7 +53,6 @@ from tinyclip_fast.train.config import (
 from tinyclip_fast.train.engine import distill
 from tinyclip_fast.train.optim import learning_rate, make_optimizer
 from tinyclip_fast.train.students import count_parameters
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache
 
 STUDENT_KINDS = {
     "manual": "manual inheritance of the teacher's first layers",
@@ -128,7 +128,7 @@ def train_teacher(
     bar = tqdm(range(settings.teacher_steps), desc="teacher", unit="step", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings.teacher_steps, config)
+            group["lr"] = learning_rate(step, settings.teacher_steps, config.optim)
         batch = next(loader)
         image_f, text_f, scale = model(batch["image"].to(device), batch["text"].to(device))
         loss = loss_fn(image_f, text_f, scale)

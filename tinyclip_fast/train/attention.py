@@ -1,4 +1,4 @@
-"""The optional xformers attention route (``--attention xformers``)."""
+"""The optional xformers attention route (``--set attention=xformers``)."""
 
 from __future__ import annotations
 

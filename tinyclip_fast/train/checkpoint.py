@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,47 @@ import torch
 from torch import nn
 
 from tinyclip_fast.atomic_io import atomic_write
+from tinyclip_fast.data.loader import BadSampleLog
 from tinyclip_fast.inheritance.student_io import CompactResidualBlock, build_student, student_config
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.train.runtime import all_rng_states, gather_objects
 
 FORMAT = "tinyclip_fast.training_state/1"
+
+
+@dataclass
+class TrainingState:
+    """Everything an exact resume restores, as written at ``stage_step`` of stage ``stage``
+    (global ``step``). On disk it is a plain dict (``save_training_state``); the optional
+    parts are absent from it when None: ``bad_samples`` without data.skip_bad_samples,
+    ``optimizer`` after a stage that pruned at its last step, the mask states outside an
+    automatic-inheritance stage before its pruning."""
+
+    stage: int
+    stage_step: int
+    step: int
+    student: dict[str, Any]  # pack_student
+    scaler: dict[str, Any]
+    rng: list[list[torch.Tensor]]  # every rank's RNG states
+    history: list[dict[str, Any]]
+    stage_params: list[int]
+    config: str  # DistillConfig.to_dict() as JSON
+    bad_samples: list[dict[str, Any]] | None = None  # every rank's BadSampleLog state
+    optimizer: dict[str, Any] | None = None
+    controller: dict[str, Any] | None = None
+    mask_optimizer: dict[str, Any] | None = None
+    multiplier_optimizer: dict[str, Any] | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically to ``path`` (see :func:`save_training_state`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return save_training_state(path, {k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingState:
+        """Read ``path`` (see :func:`load_training_state`)."""
+        state = load_training_state(path)
+        return cls(**{f.name: state.get(f.name) for f in fields(cls)})
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -84,3 +122,57 @@ def unpack_student(packed: dict[str, Any]) -> nn.Module:
         model = MaskedCLIP(model)
     model.load_state_dict(packed["state"])
     return model
+
+
+class Checkpointer:
+    """Writes the run's :class:`TrainingState` to ``path``: every rank takes part (RNG
+    states and bad-sample counts are gathered), rank 0 writes. ``last_step``: the step of
+    the last checkpoint written or resumed from (None: none yet)."""
+
+    def __init__(
+        self,
+        path: Path,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        bad_samples: BadSampleLog | None,
+    ) -> None:
+        self.path, self.device, self.rank, self.world_size = path, device, rank, world_size
+        self.bad_samples = bad_samples
+        self.last_step: int | None = None
+
+    def save(
+        self,
+        *,
+        stage: int,
+        stage_step: int,
+        step: int,
+        model: nn.Module,
+        optimizer_states: dict[str, Any],
+        scaler: torch.amp.GradScaler,
+        history: list[dict[str, Any]],
+        stage_params: list[int],
+        config: dict[str, Any],
+    ) -> None:
+        """The state at ``stage_step`` of stage ``stage``; at the stage's last step it is the
+        finished stage (without optimizer state when it pruned at its end)."""
+        rng = all_rng_states(self.device, self.world_size)
+        bad = None
+        if self.bad_samples is not None:
+            bad = gather_objects(self.bad_samples.state_dict(), self.world_size)
+        self.last_step = step
+        if self.rank != 0:
+            return
+        TrainingState(
+            stage=stage,
+            stage_step=stage_step,
+            step=step,
+            student=pack_student(model),
+            scaler=scaler.state_dict(),
+            rng=rng,
+            history=history,
+            stage_params=stage_params,
+            config=json.dumps(config),
+            bad_samples=bad,
+            **optimizer_states,
+        ).save(self.path)

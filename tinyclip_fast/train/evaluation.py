@@ -56,7 +56,7 @@ def build_evaluator(
     if config.class_names is not None:
         names = zero_shot.load_names(config.class_names)
     if names is None:
-        raise ValueError("eval kind 'csv' needs class names: --eval-class-names FILE")
+        raise ValueError("eval kind 'csv' needs class names: --set eval.class_names=FILE")
     outside = next(
         (i for i, label in enumerate(images.labels) if not 0 <= label < len(names)), None
     )

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
-from tinyclip_fast.train.config import DistillConfig
+from tinyclip_fast.train.config import DistillConfig, OptimConfig
 
 
 def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.AdamW:
-    """AdamW with the authors' groups (SPEC 5): weight decay on >= 2-D weights only, none on
-    norms, biases and the logit scale. Mask parameters are not included (own optimizer)."""
+    """AdamW with the authors' groups (docs/method.md §5): weight decay on >= 2-D weights
+    only, none on norms, biases and the logit scale. Mask parameters are not included (they
+    have their own optimizer)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad or name.endswith("log_alpha"):
@@ -35,22 +36,35 @@ def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.AdamW
 
 
 def learning_rate(
-    step: int, total: int, config: DistillConfig, pruned_at: int | None = None
+    step: int,
+    total: int,
+    optim: OptimConfig,
+    pruned_at: int | None = None,
+    rewarm_steps: int | None = None,
 ) -> float:
     """Linear warmup over warmup_steps, then cosine from lr down to min_lr at ``total``.
 
     ``pruned_at``: the stage step at which the student was pruned; from there the rate
-    ramps up again over ``optim.prune_warmup_steps`` (the compact model is a new start).
+    ramps up again over ``rewarm_steps`` (default ``optim.prune_warmup_steps``: the compact
+    model is a new start).
     """
-    optim = config.optim
     if step < optim.warmup_steps:
         lr = optim.lr * (step + 1) / optim.warmup_steps
     else:
         progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
         lr = optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
-    if pruned_at is not None and step >= pruned_at and optim.prune_warmup_steps > 0:
-        lr *= min(1.0, (step - pruned_at + 1) / optim.prune_warmup_steps)
+    rewarm = optim.prune_warmup_steps if rewarm_steps is None else rewarm_steps
+    if pruned_at is not None and step >= pruned_at and rewarm > 0:
+        lr *= min(1.0, (step - pruned_at + 1) / rewarm)
     return lr
+
+
+def rewarm_steps(optim: OptimConfig, total: int, pruned_at: int) -> int:
+    """The re-warm-up after pruning at ``pruned_at`` of ``total`` stage steps: at most a
+    quarter of the steps left after pruning."""
+    if pruned_at >= total:
+        return optim.prune_warmup_steps
+    return min(optim.prune_warmup_steps, max(1, (total - pruned_at) // 4))
 
 
 def carry_optimizer_state(

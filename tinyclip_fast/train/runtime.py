@@ -1,18 +1,22 @@
-"""Run plumbing: the process group, the device and precision, stop signals, the metrics log,
-RNG states."""
+"""Run plumbing: the process group, the device and precision (autocast), stop signals, the
+metrics log, RNG states."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from tinyclip_fast.teachers.loading import AUTOCAST_DTYPES
+from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.run_folder import METRICS_NAME, TENSORBOARD_DIR, cut_jsonl
 from tinyclip_fast.train.step import rng_state
 
@@ -70,6 +74,23 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def autocast_factory(
+    device: torch.device, precision: str, attention: str
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context of every forward pass of a run: autocast to ``precision`` (and the
+    xformers attention route when ``attention`` is "xformers")."""
+    dtype = AUTOCAST_DTYPES[precision]
+
+    def autocast() -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype is not None))
+        if attention == "xformers":
+            stack.enter_context(xformers_attention())
+        return stack
+
+    return autocast
 
 
 class StopFlag:

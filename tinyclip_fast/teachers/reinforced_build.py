@@ -39,9 +39,13 @@ from tinyclip_fast.data.reinforced import (
     write_shard_cache,
 )
 from tinyclip_fast.data.sources import Shard, ShardedSource
-from tinyclip_fast.train.teacher_cache import teacher_fingerprint
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from tinyclip_fast.teachers.embedding_cache import teacher_fingerprint
+from tinyclip_fast.teachers.loading import (
+    AUTOCAST_DTYPES,
+    own_logit_bias,
+    own_logit_scale,
+    precision_autocast,
+)
 
 
 @dataclass
@@ -56,7 +60,7 @@ class CacheTeacher:
 
 @dataclass
 class BuildReport:
-    """What :func:`build_reinforced_cache` did on this rank."""
+    """What :func:`build_reinforced_shards` did on this rank."""
 
     built: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
@@ -71,18 +75,16 @@ class BuildReport:
 
 def teacher_info(teacher: CacheTeacher, dim: int) -> TeacherInfo:
     """How a cache header describes ``teacher`` (width ``dim`` of its embeddings)."""
-    model = teacher.model
-    bias = getattr(model, "logit_bias", None)
     return TeacherInfo(
         name=teacher.name,
         dim=int(dim),
-        fingerprint=teacher_fingerprint(model),
-        logit_scale=float(model.logit_scale.detach().float().reshape(-1)[0]),
-        logit_bias=None if bias is None else float(bias.detach().float().reshape(-1)[0]),
+        fingerprint=teacher_fingerprint(teacher.model),
+        logit_scale=own_logit_scale(teacher.model),
+        logit_bias=own_logit_bias(teacher.model),
     )
 
 
-def build_reinforced_cache(
+def build_reinforced_shards(
     source: ShardedSource,
     teachers: Sequence[CacheTeacher],
     recipe: AugmentRecipe,
@@ -105,17 +107,7 @@ def build_reinforced_cache(
     images (and captions). A tqdm bar (rank 0) shows images/s. Returns what was built and
     skipped on this rank.
     """
-    if not teachers:
-        raise ValueError("need at least one teacher")
-    if dtype not in CACHE_DTYPES or precision not in AUTOCAST_DTYPES:
-        raise ValueError(
-            f"dtype must be one of {sorted(CACHE_DTYPES)} and precision one of "
-            f"{sorted(AUTOCAST_DTYPES)}, got {dtype!r}, {precision!r}"
-        )
-    if num_augmentations <= 0 or batch_size <= 0:
-        raise ValueError(
-            f"need num_augmentations > 0 and batch_size > 0, got {num_augmentations}, {batch_size}"
-        )
+    _check_arguments(teachers, num_augmentations, dtype, batch_size, precision)
     if rank is None or world_size is None:
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
@@ -188,6 +180,26 @@ def build_reinforced_cache(
     return report
 
 
+def _check_arguments(
+    teachers: Sequence[CacheTeacher],
+    num_augmentations: int,
+    dtype: str,
+    batch_size: int,
+    precision: str,
+) -> None:
+    if not teachers:
+        raise ValueError("need at least one teacher")
+    if dtype not in CACHE_DTYPES or precision not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {sorted(CACHE_DTYPES)} and precision one of "
+            f"{sorted(AUTOCAST_DTYPES)}, got {dtype!r}, {precision!r}"
+        )
+    if num_augmentations <= 0 or batch_size <= 0:
+        raise ValueError(
+            f"need num_augmentations > 0 and batch_size > 0, got {num_augmentations}, {batch_size}"
+        )
+
+
 class _ShardEncoder:
     """Augments, encodes and collects one shard; :meth:`write` stores it."""
 
@@ -205,7 +217,7 @@ class _ShardEncoder:
     ) -> None:
         self.teachers, self.infos, self.recipe, self.k = teachers, infos, recipe, num_augmentations
         self.dtype, self.seed, self.batch_size, self.device = dtype, seed, batch_size, device
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        self.precision = precision
         self.keys: list[str] = []
         self.params: list[list[dict]] = []
         self.offsets, self.num_real = [0], []
@@ -273,9 +285,7 @@ class _ShardEncoder:
         rows.append(torch.cat([p.float() for p in parts], dim=1).to(CACHE_DTYPES[self.dtype]).cpu())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
+        return precision_autocast(self.device, self.precision)
 
     def write(self, path: Path, shard: Shard) -> None:
         n = len(self.keys)

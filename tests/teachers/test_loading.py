@@ -1,5 +1,5 @@
 """Teachers of a run: timm-tower teachers forward only, ensembles that must read the same
-inputs, teacher biases for the sigmoid loss, the loss's teacher arguments."""
+inputs, teacher biases for the sigmoid loss."""
 
 import json
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from support import TEACHER_CFG, TEXT
 
-from tinyclip_fast.train.config import TeacherConfig
-from tinyclip_fast.train.teacher import build_teacher, own_logit_bias
-from tinyclip_fast.train.teachers import (
-    TeacherLossArgs,
+from tinyclip_fast.teachers.loading import (
+    build_teacher,
     build_teachers,
+    own_logit_bias,
     teacher_biases,
     teacher_embeddings,
 )
+from tinyclip_fast.train.config import TeacherConfig
 
 # A sigmoid-trained-style teacher with a timm ConvNeXt image tower (timm's tiny test model,
 # no weights) and open_clip's custom text tower: what ViT-B-16-SigLIP looks like to us.
@@ -97,23 +97,9 @@ def test_teacher_biases_own_given_or_refused():
     configs[0].logit_bias = -3.0
     assert teacher_biases(configs, [-7.5, None], said.append) == [-3.0, -4.0]
     assert said == ["teacher 0 (a): logit bias -3 given, not its own -7.5"]
-    with pytest.raises(
-        ValueError, match=r"teacher 1 \(c\) has no logit_bias.*--teacher-logit-bias"
-    ):
+    with pytest.raises(ValueError, match=r"teacher 1 \(c\) has no logit_bias.*teacher.logit_bias"):
         teacher_biases([TeacherConfig(model="a"), TeacherConfig(model="c")], [1.0, None], print)
     # Teachers passed to distill() without one config entry each: their own biases only.
     assert teacher_biases([TeacherConfig()], [1.0, 2.0], print) == [1.0, 2.0]
     with pytest.raises(ValueError, match="give one entry per teacher"):
         teacher_biases([TeacherConfig(logit_bias=1.0)], [1.0, 2.0], print)
-
-
-def test_targets_are_single_for_one_teacher_and_lists_for_an_ensemble():
-    images, texts = [torch.randn(3, 4), torch.randn(3, 6)], [torch.randn(3, 4), torch.randn(3, 6)]
-    scales = [torch.tensor(2.0), torch.tensor(3.0)]
-    one = TeacherLossArgs(scales[:1], None, torch.device("cpu")).pack(images[:1], texts[:1])
-    assert len(one) == 3 and one[0] is images[0] and one[2] is scales[0]
-    both = TeacherLossArgs(scales, [-1.0, -2.0], torch.device("cpu")).pack(images, texts)
-    assert [len(part) for part in both] == [2, 2, 2, 2]
-    assert [float(b) for b in both[3]] == [-1.0, -2.0]
-    with pytest.raises(ValueError, match="expected features of 2 teachers, got 1"):
-        TeacherLossArgs(scales, None, torch.device("cpu")).pack(images[:1], texts[:1])

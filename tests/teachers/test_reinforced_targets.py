@@ -21,8 +21,8 @@ from torch.utils.data import IterableDataset
 from tinyclip_fast.data.augment import AugmentRecipe
 from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, ReinforcedDataset
 from tinyclip_fast.data.sources import webdataset_source
+from tinyclip_fast.teachers.reinforced_build import CacheTeacher, build_reinforced_shards
 from tinyclip_fast.train.config import StageConfig
-from tinyclip_fast.train.reinforced_cache import CacheTeacher, build_reinforced_cache
 
 RECIPE = AugmentRecipe(size=32, scale=(0.5, 1.0), hflip_prob=0.5, rand_augment=(2, 9, 31))
 
@@ -65,7 +65,7 @@ def build_source(tmp_path, teacher_seeds=(1,)):
     # caption of a sample change between epochs.
     write_image_shards(tmp_path / "shards", num_shards=2, per_shard=4, synthetic=2)
     source = webdataset_source(str(tmp_path / "shards" / "{00000..00001}.tar"))
-    build_reinforced_cache(
+    build_reinforced_shards(
         source,
         [CacheTeacher(make_teacher(seed=s), WordTokenizer()) for s in teacher_seeds],
         RECIPE,

@@ -34,8 +34,8 @@ from tinyclip_fast.data.reinforced import (
 from tinyclip_fast.data.sources import folder_source, webdataset_source
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.ops.backend import force_backend
-from tinyclip_fast.train.reinforced_cache import CacheTeacher, build_reinforced_cache
-from tinyclip_fast.train.teacher_cache import teacher_fingerprint
+from tinyclip_fast.teachers.embedding_cache import teacher_fingerprint
+from tinyclip_fast.teachers.reinforced_build import CacheTeacher, build_reinforced_shards
 
 RECIPE = AugmentRecipe(size=32, scale=(0.5, 1.0), hflip_prob=0.5, rand_augment=(2, 9, 31))
 # Half an ulp at 1.0 of each cache dtype, relative: what rounding once may change.
@@ -50,7 +50,7 @@ def tars(tmp_path):
 
 def build(source, teachers, **options):
     options = {"num_augmentations": 5, "batch_size": 4, "progress": False, **options}
-    return build_reinforced_cache(source, teachers, options.pop("recipe", RECIPE), **options)
+    return build_reinforced_shards(source, teachers, options.pop("recipe", RECIPE), **options)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])

@@ -8,7 +8,7 @@ import torch
 from support import PlainDataset
 
 from tinyclip_fast.data.datasets import SyntheticPairDataset, TensorPairDataset, WebDatasetPairs
-from tinyclip_fast.train.teacher_cache import TeacherEmbeddingCache, teacher_fingerprint
+from tinyclip_fast.teachers.embedding_cache import TeacherEmbeddingCache, teacher_fingerprint
 
 VOCAB, CONTEXT = 40, 8
 
@@ -101,7 +101,7 @@ def test_mismatch_and_corruption_are_clear_errors(tmp_path, dataset):
 
 
 def test_cache_is_tied_to_the_samples_and_their_order(tmp_path, dataset):
-    # Case 2: a cache built on one file was accepted for the same rows in another order.
+    # The same rows in another order are other samples: the cache is refused.
     teacher = tiny_clip()
     path = tmp_path / "teacher.safetensors"
     built = TeacherEmbeddingCache.build(teacher, dataset, path)

@@ -30,8 +30,8 @@ from torch.utils.data import Dataset, IterableDataset
 from tinyclip_fast.atomic_io import atomic_write
 from tinyclip_fast.data.datasets import check_sample_fingerprints, sample_fingerprints
 from tinyclip_fast.data.loader import collate
-from tinyclip_fast.train.config import MAX_TEACHERS
-from tinyclip_fast.train.teacher import own_logit_bias, own_logit_scale
+from tinyclip_fast.kernels.limits import MAX_TEACHERS
+from tinyclip_fast.teachers.loading import own_logit_bias, own_logit_scale
 
 FORMAT_VERSION = "3"  # 3: K teachers, their biases; 2 (one teacher, no bias) still reads
 READABLE_VERSIONS = ("2", FORMAT_VERSION)

@@ -1,0 +1,96 @@
+"""The run's output: rank-0 lines, metrics records every log_every steps, evaluations kept
+out of images/s and recorded once per step, the pruning report, the non-finite message."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from support import make_config
+
+from tinyclip_fast.train.config import StageConfig
+from tinyclip_fast.train.run_output import RunOutput
+from tinyclip_fast.train.stage import PruneReport
+
+
+def _output(tmp_path, rank=0, evaluator=None, **overrides):
+    config = make_config(tmp_path, [StageConfig(steps=4)], log_every=2, **overrides)
+    return RunOutput(config, rank, evaluator), config
+
+
+def test_only_rank_zero_speaks_and_writes(tmp_path, capsys):
+    for rank in (0, 1):
+        output, config = _output(tmp_path, rank)
+        output.say(f"hello from {rank}")
+        with output.open(0, None):
+            output.step_done(2, config.stages[0], 0, 2, 0.5, 1e-3, None, None, None)
+    assert capsys.readouterr().out == "hello from 0\n"
+    lines = (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # rank 1 recorded into its history only
+
+
+def test_records_every_log_every_steps_and_at_the_stage_end(tmp_path):
+    output, config = _output(tmp_path)
+    stage = StageConfig(steps=3)
+    sparsity, penalty = torch.tensor(0.25), torch.tensor(0.125)
+    with output.open(0, None):
+        for step in (1, 2, 3):
+            output.step_done(step, stage, 0, step, 1.0 / step, 0.1, sparsity, penalty, 4)
+    assert [r["step"] for r in output.history] == [2, 3]
+    first = output.history[0]
+    assert set(first) == {
+        "step",
+        "stage",
+        "loss",
+        "lr",
+        "images_per_s",
+        "sparsity",
+        "penalty",
+        "bad_samples",
+    }
+    assert (first["loss"], first["sparsity"], first["penalty"], first["bad_samples"]) == (
+        0.5,
+        0.25,
+        0.125,
+        4,
+    )
+    records = (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in records] == output.history
+
+
+def test_evaluation_is_recorded_once_per_step_and_untimed(tmp_path, capsys):
+    calls = []
+    output, _ = _output(tmp_path, evaluator=lambda model: calls.append(model) or 0.75)
+    with output.open(0, None):
+        output.evaluate("model", 0, 4)
+        output.evaluate("model", 0, 4)  # the stage ended on an eval step
+    assert calls == ["model"]
+    assert output.history == [{"step": 4, "stage": 0, "top1": 0.75}]
+    assert "step 4 stage 0: zero-shot top-1 0.7500" in capsys.readouterr().out
+
+
+def test_pruning_report_warns_far_below_the_target(tmp_path, capsys):
+    output, _ = _output(tmp_path)
+    stage = StageConfig(steps=4, sparsity=0.5)
+    with output.open(0, None):
+        output.pruned(PruneReport(0.45, 1000, 600), stage, 0, 3)
+        output.pruned(PruneReport(0.1, 1000, 900), stage, 0, 3)
+    said = capsys.readouterr().out
+    assert "stage 0: pruned at step 3: expected sparsity 45.0% of target 50.0%" in said
+    assert said.count("warning: stage 0 pruned far below its target sparsity") == 1
+    assert output.history[0]["event"] == "pruned" and output.history[0]["params_after"] == 600
+
+
+@pytest.mark.parametrize(
+    "checkpoint_step, save_every, expected",
+    [
+        (None, 5, "No checkpoint was written yet (the first was due at step 5)"),
+        (None, 0, "No checkpoint was written yet (save_every is 0)"),
+        (4, 2, "The checkpoint of step 4 (ck.pt) is intact"),
+    ],
+)
+def test_non_finite_message_says_how_to_go_on(tmp_path, checkpoint_step, save_every, expected):
+    output, _ = _output(tmp_path, save_every=save_every)
+    message = output.non_finite_message(float("nan"), 7, 1, checkpoint_step, Path("ck.pt"))
+    assert message.startswith("loss is nan at step 7 (stage 1); stopped before updating")
+    assert expected in message
