@@ -1,4 +1,5 @@
-"""Expected sparsity of the masked towers and the Lagrangian controller that drives it (SPEC 3b).
+"""Expected sparsity of the masked towers, the Lagrangian controller that drives it, and the
+warning when a stage prunes off its target (docs/method.md §3b).
 
 Expected remaining parameters of one tower (prunable blocks only; embeddings not counted),
 with p_h [w], p_head [L, H], p_int [L, M] the non-zero probabilities of its masks:
@@ -86,13 +87,33 @@ def expected_sparsity(towers: Iterable[TowerLike]) -> torch.Tensor:
     return 1 - expected_remaining_params(towers) / full_prunable_params(towers)
 
 
+SPARSITY_CONTROLS = ("one_sided", "two_sided")
+DEFAULT_SPARSITY_CONTROL = "two_sided"
+# The authors' initial multipliers (l1 of the two-sided form starts at 0: see SparsityController).
+INIT_MULTIPLIER = 10.0
+# An auto stage that pruned at less than this share of its target gets a warning line.
+FAR_BELOW_TARGET = 0.8
+# An auto stage whose expected sparsity is more than this above its target (a fraction of the
+# original model's prunable parameters) gets a warning line.
+OVERSHOOT_MARGIN = 0.05
+
+
 class SparsityController(nn.Module):
     """Lagrangian sparsity penalty with learnable multipliers l1, l2 (maximised, not minimised).
 
-    target t(step) = start + (target - start) * min(1, step / warmup_steps);
-    penalty = l1 * max(t - s, 0) + l2 * max(t - s, 0)^2 (one-sided, the authors' code), or with
-    ``one_sided=False`` the classic l1 (s - t) + l2 (s - t)^2. The model and log_alpha minimise
-    the penalty; l1, l2 maximise it, see ``build_optimizers``.
+    target t(step) = start + (target - start) * min(1, step / warmup_steps), s the expected
+    sparsity (docs/method.md §3b):
+
+    - ``"one_sided"`` (the authors' code): l1 max(t - s, 0) + l2 max(t - s, 0)^2, l1 = l2 = 10
+      at the start. It pushes only while s is below t: masks that move past the target are
+      not pulled back.
+    - ``"two_sided"`` (the classic Lagrangian): l1 (s - t) + l2 (s - t)^2, l1 = 0 and l2 = 10 at
+      the start. The quadratic term pulls s towards t from either side; l1, the equality
+      constraint's multiplier, turns negative by ascent while s < t (pushing s up) and grows
+      back once s passes t. (Starting l1 at 10 would first push s DOWN for 10 / lr steps.)
+
+    The model and log_alpha minimise the penalty; l1, l2 maximise it, see
+    ``build_optimizers``.
     """
 
     def __init__(
@@ -100,8 +121,8 @@ class SparsityController(nn.Module):
         target_sparsity: float,
         start_sparsity: float = 0.0,
         warmup_steps: int = 1000,
-        one_sided: bool = True,
-        init_multiplier: float = 10.0,
+        control: str = DEFAULT_SPARSITY_CONTROL,
+        init_multiplier: float = INIT_MULTIPLIER,
     ) -> None:
         super().__init__()
         if not (0 <= start_sparsity < 1 and 0 <= target_sparsity < 1):
@@ -111,9 +132,12 @@ class SparsityController(nn.Module):
             )
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if control not in SPARSITY_CONTROLS:
+            raise ValueError(f"control must be one of {SPARSITY_CONTROLS}, got {control!r}")
         self.target_sparsity, self.start_sparsity = target_sparsity, start_sparsity
-        self.warmup_steps, self.one_sided = warmup_steps, one_sided
-        self.lambda_1 = nn.Parameter(torch.tensor(float(init_multiplier)))
+        self.warmup_steps, self.control = warmup_steps, control
+        init_l1 = init_multiplier if control == "one_sided" else 0.0
+        self.lambda_1 = nn.Parameter(torch.tensor(float(init_l1)))
         self.lambda_2 = nn.Parameter(torch.tensor(float(init_multiplier)))
 
     def target_at(self, step: int) -> float:
@@ -124,7 +148,7 @@ class SparsityController(nn.Module):
     def forward(self, sparsity: torch.Tensor, step: int) -> torch.Tensor:
         """The penalty for expected sparsity ``sparsity`` at ``step``; add it to the loss."""
         gap = self.target_at(step) - sparsity
-        if self.one_sided:
+        if self.control == "one_sided":
             gap = gap.clamp_min(0.0)
             return self.lambda_1 * gap + self.lambda_2 * gap**2
         return self.lambda_1 * -gap + self.lambda_2 * gap**2
@@ -142,3 +166,43 @@ class SparsityController(nn.Module):
             [self.lambda_1, self.lambda_2], lr=multiplier_lr, weight_decay=0.0, maximize=True
         )
         return mask_optimizer, multiplier_optimizer
+
+
+def target_miss(expected: float, target: float, margin: float = OVERSHOOT_MARGIN) -> str | None:
+    """How a prune at expected sparsity ``expected`` missed ``target``: ``"under"`` below
+    FAR_BELOW_TARGET * target, ``"over"`` above target + ``margin``, None otherwise (the
+    ``target_miss`` field of the engine's prune record)."""
+    if expected < FAR_BELOW_TARGET * target:
+        return "under"
+    if expected > target + margin:
+        return "over"
+    return None
+
+
+def prune_warning(
+    stage_index: int,
+    expected: float,
+    target: float,
+    *,
+    mask_steps: int,
+    mask_lr: float,
+    lagrangian_lr: float,
+    margin: float = OVERSHOOT_MARGIN,
+) -> str | None:
+    """The one-line warning of a stage that pruned far below or too far above its target
+    sparsity (see :func:`target_miss`), or None when the prune is near enough."""
+    miss = target_miss(expected, target, margin)
+    if miss == "under":
+        return (
+            f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
+            f"had {mask_steps} steps at --mask-lr {mask_lr:g} and --lagrangian-lr "
+            f"{lagrangian_lr:g}; raise these or --prune-step"
+        )
+    if miss == "over":
+        return (
+            f"warning: stage {stage_index} pruned above its target sparsity: expected "
+            f"{expected:.1%} of target {target:.1%}, more than {margin:.1%} over; the masks "
+            "moved past the target: use sparsity_control two_sided (it pulls them back), "
+            "--prune-step auto, or a lower --mask-lr"
+        )
+    return None
