@@ -1,20 +1,16 @@
-"""Expected sparsity (docs/method.md §3b), the Lagrangian sparsity controller in both forms,
-and the warning of a prune far below or above its target."""
+"""Expected sparsity (docs/method.md §3b) and the Lagrangian sparsity controller in both forms."""
 
 import pytest
 import torch
 
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.policy import OVERSHOOT_MARGIN
 from tinyclip_fast.pruning.sparsity import (
-    FAR_BELOW_TARGET,
-    OVERSHOOT_MARGIN,
     SparsityController,
     TowerMaskProbs,
     expected_remaining_params,
     expected_sparsity,
     full_prunable_params,
-    prune_warning,
-    target_miss,
 )
 
 
@@ -201,32 +197,3 @@ def test_two_sided_pulls_back_and_holds_the_target():
     sparsities = drive_masks("two_sided", 0.3, 150)
     assert max(sparsities) > 0.3  # it went past the target...
     assert all(abs(s - 0.3) <= 0.02 for s in sparsities[-30:])  # ...and came back to hold it
-
-
-@pytest.mark.parametrize(
-    ("expected", "target", "miss"),
-    [
-        (0.1, 0.5, "under"),
-        (FAR_BELOW_TARGET * 0.5 - 1e-6, 0.5, "under"),
-        (FAR_BELOW_TARGET * 0.5, 0.5, None),
-        (0.5, 0.5, None),
-        (0.5 + OVERSHOOT_MARGIN, 0.5, None),
-        (0.5 + OVERSHOOT_MARGIN + 1e-6, 0.5, "over"),
-        (0.484, 0.25, "over"),
-    ],
-)
-def test_target_miss_in_both_directions(expected, target, miss):
-    assert target_miss(expected, target) == miss
-
-
-def test_prune_warning_lines():
-    args = {"mask_steps": 3, "mask_lr": 0.02, "lagrangian_lr": 0.05}
-    under = prune_warning(0, 0.01, 0.5, **args)
-    assert under.startswith("warning: stage 0 pruned far below its target sparsity: ")
-    assert "3 steps at --mask-lr 0.02 and --lagrangian-lr 0.05" in under
-    over = prune_warning(1, 0.484, 0.25, **args)
-    assert over.startswith("warning: stage 1 pruned above its target sparsity: expected 48.4% ")
-    assert "of target 25.0%, more than 5.0% over" in over and "two_sided" in over
-    assert "\n" not in under + over
-    assert prune_warning(0, 0.26, 0.25, **args) is None
-    assert prune_warning(0, 0.26, 0.25, margin=0.005, **args) is not None

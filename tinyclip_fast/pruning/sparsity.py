@@ -1,5 +1,5 @@
-"""Expected sparsity of the masked towers, the Lagrangian controller that drives it, and the
-warning when a stage prunes off its target (docs/method.md §3b).
+"""Expected sparsity of the masked towers and the Lagrangian controller that drives it
+(docs/method.md §3b).
 
 Expected remaining parameters of one tower (prunable blocks only; embeddings not counted),
 with p_h [w], p_head [L, H], p_int [L, M] the non-zero probabilities of its masks:
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tinyclip_fast.pruning.policy import DEFAULT_SPARSITY_CONTROL, SPARSITY_CONTROLS
 
 
 @dataclass
@@ -87,15 +89,8 @@ def expected_sparsity(towers: Iterable[TowerLike]) -> torch.Tensor:
     return 1 - expected_remaining_params(towers) / full_prunable_params(towers)
 
 
-SPARSITY_CONTROLS = ("one_sided", "two_sided")
-DEFAULT_SPARSITY_CONTROL = "two_sided"
 # The authors' initial multipliers (l1 of the two-sided form starts at 0: see SparsityController).
 INIT_MULTIPLIER = 10.0
-# An auto stage that pruned at less than this share of its target gets a warning line.
-FAR_BELOW_TARGET = 0.8
-# An auto stage whose expected sparsity is more than this above its target (a fraction of the
-# original model's prunable parameters) gets a warning line.
-OVERSHOOT_MARGIN = 0.05
 
 
 class SparsityController(nn.Module):
@@ -166,43 +161,3 @@ class SparsityController(nn.Module):
             [self.lambda_1, self.lambda_2], lr=multiplier_lr, weight_decay=0.0, maximize=True
         )
         return mask_optimizer, multiplier_optimizer
-
-
-def target_miss(expected: float, target: float, margin: float = OVERSHOOT_MARGIN) -> str | None:
-    """How a prune at expected sparsity ``expected`` missed ``target``: ``"under"`` below
-    FAR_BELOW_TARGET * target, ``"over"`` above target + ``margin``, None otherwise (the
-    ``target_miss`` field of the engine's prune record)."""
-    if expected < FAR_BELOW_TARGET * target:
-        return "under"
-    if expected > target + margin:
-        return "over"
-    return None
-
-
-def prune_warning(
-    stage_index: int,
-    expected: float,
-    target: float,
-    *,
-    mask_steps: int,
-    mask_lr: float,
-    lagrangian_lr: float,
-    margin: float = OVERSHOOT_MARGIN,
-) -> str | None:
-    """The one-line warning of a stage that pruned far below or too far above its target
-    sparsity (see :func:`target_miss`), or None when the prune is near enough."""
-    miss = target_miss(expected, target, margin)
-    if miss == "under":
-        return (
-            f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
-            f"had {mask_steps} steps at --mask-lr {mask_lr:g} and --lagrangian-lr "
-            f"{lagrangian_lr:g}; raise these or --prune-step"
-        )
-    if miss == "over":
-        return (
-            f"warning: stage {stage_index} pruned above its target sparsity: expected "
-            f"{expected:.1%} of target {target:.1%}, more than {margin:.1%} over; the masks "
-            "moved past the target: use sparsity_control two_sided (it pulls them back), "
-            "--prune-step auto, or a lower --mask-lr"
-        )
-    return None

@@ -1,11 +1,16 @@
-"""The prune step of an automatic-inheritance stage: held target, last allowed step, resume."""
+"""An auto stage's policy: the prune step (held target, last allowed step, resume) and the
+warning of a prune far below or above its target."""
 
 import pytest
 
-from tinyclip_fast.pruning.prune_trigger import (
+from tinyclip_fast.pruning.policy import (
     DEFAULT_HOLD_STEPS,
     DEFAULT_TOLERANCE,
+    FAR_BELOW_TARGET,
+    OVERSHOOT_MARGIN,
     PruneTrigger,
+    prune_warning,
+    target_miss,
 )
 
 
@@ -112,3 +117,32 @@ def test_resume_mid_hold_fires_at_the_same_step(cut):
     assert resumed.reason == whole.reason
     with pytest.raises(ValueError, match="asked after"):
         resumed.should_prune(cut - 1, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("expected", "target", "miss"),
+    [
+        (0.1, 0.5, "under"),
+        (FAR_BELOW_TARGET * 0.5 - 1e-6, 0.5, "under"),
+        (FAR_BELOW_TARGET * 0.5, 0.5, None),
+        (0.5, 0.5, None),
+        (0.5 + OVERSHOOT_MARGIN, 0.5, None),
+        (0.5 + OVERSHOOT_MARGIN + 1e-6, 0.5, "over"),
+        (0.484, 0.25, "over"),
+    ],
+)
+def test_target_miss_in_both_directions(expected, target, miss):
+    assert target_miss(expected, target) == miss
+
+
+def test_prune_warning_lines():
+    args = {"mask_steps": 3, "mask_lr": 0.02, "lagrangian_lr": 0.05}
+    under = prune_warning(0, 0.01, 0.5, **args)
+    assert under.startswith("warning: stage 0 pruned far below its target sparsity: ")
+    assert "3 steps at --mask-lr 0.02 and --lagrangian-lr 0.05" in under
+    over = prune_warning(1, 0.484, 0.25, **args)
+    assert over.startswith("warning: stage 1 pruned above its target sparsity: expected 48.4% ")
+    assert "of target 25.0%, more than 5.0% over" in over and "two_sided" in over
+    assert "\n" not in under + over
+    assert prune_warning(0, 0.26, 0.25, **args) is None
+    assert prune_warning(0, 0.26, 0.25, margin=0.005, **args) is not None

@@ -1,4 +1,6 @@
-"""When an automatic-inheritance stage prunes its masks (docs/method.md §3b).
+"""An automatic-inheritance stage's sparsity policy: the Lagrangian's form, when the stage
+prunes its masks, and whether the prune met its target (docs/method.md §3b). No torch here:
+the configuration validates against these names without importing it.
 
 ``prune_step = "auto"``: prune at the first step, once the sparsity target's warm-up is over,
 where the masks' expected sparsity has held within ``tolerance`` of the target for
@@ -15,6 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# The Lagrangian's forms (pruning/sparsity.py's SparsityController). The two-sided form holds
+# the target from both sides; the one-sided form (the authors') lets the masks overshoot.
+SPARSITY_CONTROLS = ("one_sided", "two_sided")
+DEFAULT_SPARSITY_CONTROL = "two_sided"
+# An auto stage that pruned at less than this share of its target gets a warning line.
+FAR_BELOW_TARGET = 0.8
+# An auto stage whose expected sparsity is more than this above its target (a fraction of the
+# original model's prunable parameters) gets a warning line.
+OVERSHOOT_MARGIN = 0.05
 # Within this much of the target (a fraction of the original's prunable parameters) the
 # expected sparsity counts as held.
 DEFAULT_TOLERANCE = 0.02
@@ -85,3 +96,43 @@ class PruneTrigger:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.held, self.asked = int(state["held"]), int(state["asked"])
+
+
+def target_miss(expected: float, target: float, margin: float = OVERSHOOT_MARGIN) -> str | None:
+    """How a prune at expected sparsity ``expected`` missed ``target``: ``"under"`` below
+    FAR_BELOW_TARGET * target, ``"over"`` above target + ``margin``, None otherwise (the
+    ``target_miss`` field of the engine's prune record)."""
+    if expected < FAR_BELOW_TARGET * target:
+        return "under"
+    if expected > target + margin:
+        return "over"
+    return None
+
+
+def prune_warning(
+    stage_index: int,
+    expected: float,
+    target: float,
+    *,
+    mask_steps: int,
+    mask_lr: float,
+    lagrangian_lr: float,
+    margin: float = OVERSHOOT_MARGIN,
+) -> str | None:
+    """The one-line warning of a stage that pruned far below or too far above its target
+    sparsity (see :func:`target_miss`), or None when the prune is near enough."""
+    miss = target_miss(expected, target, margin)
+    if miss == "under":
+        return (
+            f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
+            f"had {mask_steps} steps at --mask-lr {mask_lr:g} and --lagrangian-lr "
+            f"{lagrangian_lr:g}; raise these or --prune-step"
+        )
+    if miss == "over":
+        return (
+            f"warning: stage {stage_index} pruned above its target sparsity: expected "
+            f"{expected:.1%} of target {target:.1%}, more than {margin:.1%} over; the masks "
+            "moved past the target: use sparsity_control two_sided (it pulls them back), "
+            "--prune-step auto, or a lower --mask-lr"
+        )
+    return None
