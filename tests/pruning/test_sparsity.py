@@ -93,19 +93,26 @@ def test_schedule_and_penalty_values():
     gap = 0.5 - 0.3
     assert controller(torch.tensor(0.3), 2000).item() == pytest.approx(10 * gap + 10 * gap**2)
     assert controller(torch.tensor(0.7), 2000).item() == 0.0
-    classic = SparsityController(0.5, control="two_sided")
-    assert classic(torch.tensor(0.7), 2000).item() == pytest.approx(10 * 0.04)  # l1 starts at 0
+    classic = SparsityController(0.5, control="two_sided", init_multipliers=(0.0, 10.0))
+    assert classic(torch.tensor(0.7), 2000).item() == pytest.approx(10 * 0.04)
     with torch.no_grad():
         classic.lambda_1.fill_(10.0)
     assert classic(torch.tensor(0.7), 2000).item() == pytest.approx(10 * 0.2 + 10 * 0.04)
     assert classic(torch.tensor(0.3), 2000).item() == pytest.approx(-10 * 0.2 + 10 * 0.04)
 
 
-def test_initial_multipliers_of_each_form():
-    one = SparsityController(0.5, control="one_sided", init_multiplier=3.0)
-    two = SparsityController(0.5, control="two_sided", init_multiplier=3.0)
-    assert (one.lambda_1.item(), one.lambda_2.item()) == (3.0, 3.0)
-    assert (two.lambda_1.item(), two.lambda_2.item()) == (0.0, 3.0)
+@pytest.mark.parametrize(
+    ("control", "multipliers", "betas"),
+    [("one_sided", (10.0, 10.0), (0.9, 0.999)), ("two_sided", (0.0, 100.0), (0.5, 0.999))],
+)
+def test_initial_multipliers_and_mask_betas_of_each_form(control, multipliers, betas):
+    controller = SparsityController(0.5, control=control)
+    assert (controller.lambda_1.item(), controller.lambda_2.item()) == multipliers
+    mask_opt, multiplier_opt = controller.build_optimizers([torch.nn.Parameter(torch.ones(3))])
+    assert mask_opt.param_groups[0]["betas"] == betas
+    assert multiplier_opt.param_groups[0]["maximize"]
+    given = SparsityController(0.5, control=control, init_multipliers=(1.0, 2.0))
+    assert (given.lambda_1.item(), given.lambda_2.item()) == (1.0, 2.0)
 
 
 def test_unknown_control_is_refused():

@@ -89,8 +89,15 @@ def expected_sparsity(towers: Iterable[TowerLike]) -> torch.Tensor:
     return 1 - expected_remaining_params(towers) / full_prunable_params(towers)
 
 
-# The authors' initial multipliers (l1 of the two-sided form starts at 0: see SparsityController).
-INIT_MULTIPLIER = 10.0
+# Initial (l1, l2) of each form. The authors' one-sided form starts both at 10. The two-sided
+# form starts l1, the equality constraint's multiplier, at 0 (at 10 it would first push s DOWN for
+# 10 / multiplier_lr steps) and l2 at 100: a stiff spring, so the multipliers need not wind up
+# for s to settle at t (at 10 the masks overshoot and stay over while l1 unwinds).
+INIT_MULTIPLIERS = {"one_sided": (10.0, 10.0), "two_sided": (0.0, 100.0)}
+# AdamW betas of log_alpha: the authors' (torch's defaults) for the one-sided form; the
+# two-sided form's masks turn within a few steps when s crosses t (beta1 0.9 coasts on for
+# about ten steps: the overshoot the spring then has to undo).
+MASK_BETAS = {"one_sided": (0.9, 0.999), "two_sided": (0.5, 0.999)}
 
 
 class SparsityController(nn.Module):
@@ -102,10 +109,10 @@ class SparsityController(nn.Module):
     - ``"one_sided"`` (the authors' code): l1 max(t - s, 0) + l2 max(t - s, 0)^2, l1 = l2 = 10
       at the start. It pushes only while s is below t: masks that move past the target are
       not pulled back.
-    - ``"two_sided"`` (the classic Lagrangian): l1 (s - t) + l2 (s - t)^2, l1 = 0 and l2 = 10 at
-      the start. The quadratic term pulls s towards t from either side; l1, the equality
-      constraint's multiplier, turns negative by ascent while s < t (pushing s up) and grows
-      back once s passes t. (Starting l1 at 10 would first push s DOWN for 10 / lr steps.)
+    - ``"two_sided"`` (the classic Lagrangian): l1 (s - t) + l2 (s - t)^2, l1 = 0 and l2 = 100
+      at the start (``INIT_MULTIPLIERS``), log_alpha's AdamW with beta1 0.5 (``MASK_BETAS``).
+      The quadratic term pulls s towards t from either side; l1 turns negative by ascent
+      while s < t (pushing s up) and grows back once s passes t.
 
     The model and log_alpha minimise the penalty; l1, l2 maximise it, see
     ``build_optimizers``.
@@ -117,7 +124,7 @@ class SparsityController(nn.Module):
         start_sparsity: float = 0.0,
         warmup_steps: int = 1000,
         control: str = DEFAULT_SPARSITY_CONTROL,
-        init_multiplier: float = INIT_MULTIPLIER,
+        init_multipliers: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if not (0 <= start_sparsity < 1 and 0 <= target_sparsity < 1):
@@ -131,9 +138,9 @@ class SparsityController(nn.Module):
             raise ValueError(f"control must be one of {SPARSITY_CONTROLS}, got {control!r}")
         self.target_sparsity, self.start_sparsity = target_sparsity, start_sparsity
         self.warmup_steps, self.control = warmup_steps, control
-        init_l1 = init_multiplier if control == "one_sided" else 0.0
+        init_l1, init_l2 = init_multipliers or INIT_MULTIPLIERS[control]
         self.lambda_1 = nn.Parameter(torch.tensor(float(init_l1)))
-        self.lambda_2 = nn.Parameter(torch.tensor(float(init_multiplier)))
+        self.lambda_2 = nn.Parameter(torch.tensor(float(init_l2)))
 
     def target_at(self, step: int) -> float:
         """t(step) = start + (target - start) * min(1, step / warmup_steps)."""
@@ -151,12 +158,15 @@ class SparsityController(nn.Module):
     def build_optimizers(
         self, log_alphas: Iterable[nn.Parameter], lr: float = 0.02, multiplier_lr: float = 0.02
     ) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
-        """(AdamW over log_alpha, lr 0.02, no weight decay; AdamW over l1, l2 doing ASCENT).
+        """(AdamW over log_alpha, lr 0.02, no weight decay, the form's ``MASK_BETAS``; AdamW over
+        l1, l2 doing ASCENT).
 
         The authors pass lr -0.02 to AdamW; torch's AdamW rejects a negative lr, so the
         multipliers' optimiser uses ``maximize=True`` with lr 0.02: the same update.
         """
-        mask_optimizer = torch.optim.AdamW(list(log_alphas), lr=lr, weight_decay=0.0)
+        mask_optimizer = torch.optim.AdamW(
+            list(log_alphas), lr=lr, betas=MASK_BETAS[self.control], weight_decay=0.0
+        )
         multiplier_optimizer = torch.optim.AdamW(
             [self.lambda_1, self.lambda_2], lr=multiplier_lr, weight_decay=0.0, maximize=True
         )
