@@ -30,7 +30,7 @@ OVERSHOOT_MARGIN = 0.05
 # expected sparsity counts as held.
 DEFAULT_TOLERANCE = 0.02
 # Steps in a row the expected sparsity must hold within the tolerance before "auto" prunes.
-DEFAULT_HOLD_STEPS = 5
+DEFAULT_HOLD_STEPS = 3
 
 
 class PruneTrigger:
