@@ -1,9 +1,10 @@
-"""Expected sparsity (docs/method.md §3b formula) and the Lagrangian sparsity controller."""
+"""Expected sparsity (docs/method.md §3b) and the Lagrangian sparsity controller in both forms."""
 
 import pytest
 import torch
 
 from tinyclip_fast.pruning.hard_concrete import HardConcreteMask
+from tinyclip_fast.pruning.policy import OVERSHOOT_MARGIN
 from tinyclip_fast.pruning.sparsity import (
     SparsityController,
     TowerMaskProbs,
@@ -83,16 +84,40 @@ def test_tower_shape_check():
 
 
 def test_schedule_and_penalty_values():
-    controller = SparsityController(target_sparsity=0.5, start_sparsity=0.1, warmup_steps=1000)
+    controller = SparsityController(
+        target_sparsity=0.5, start_sparsity=0.1, warmup_steps=1000, control="one_sided"
+    )
     assert [controller.target_at(s) for s in (0, 250, 1000, 5000)] == pytest.approx(
         [0.1, 0.2, 0.5, 0.5]
     )
     gap = 0.5 - 0.3
     assert controller(torch.tensor(0.3), 2000).item() == pytest.approx(10 * gap + 10 * gap**2)
     assert controller(torch.tensor(0.7), 2000).item() == 0.0
-    classic = SparsityController(0.5, one_sided=False)
+    classic = SparsityController(0.5, control="two_sided", init_multipliers=(0.0, 10.0))
+    assert classic(torch.tensor(0.7), 2000).item() == pytest.approx(10 * 0.04)
+    with torch.no_grad():
+        classic.lambda_1.fill_(10.0)
     assert classic(torch.tensor(0.7), 2000).item() == pytest.approx(10 * 0.2 + 10 * 0.04)
     assert classic(torch.tensor(0.3), 2000).item() == pytest.approx(-10 * 0.2 + 10 * 0.04)
+
+
+@pytest.mark.parametrize(
+    ("control", "multipliers", "betas"),
+    [("one_sided", (10.0, 10.0), (0.9, 0.999)), ("two_sided", (0.0, 100.0), (0.5, 0.999))],
+)
+def test_initial_multipliers_and_mask_betas_of_each_form(control, multipliers, betas):
+    controller = SparsityController(0.5, control=control)
+    assert (controller.lambda_1.item(), controller.lambda_2.item()) == multipliers
+    mask_opt, multiplier_opt = controller.build_optimizers([torch.nn.Parameter(torch.ones(3))])
+    assert mask_opt.param_groups[0]["betas"] == betas
+    assert multiplier_opt.param_groups[0]["maximize"]
+    given = SparsityController(0.5, control=control, init_multipliers=(1.0, 2.0))
+    assert (given.lambda_1.item(), given.lambda_2.item()) == (1.0, 2.0)
+
+
+def test_unknown_control_is_refused():
+    with pytest.raises(ValueError, match="control must be one of"):
+        SparsityController(0.5, control="both")
 
 
 def tiny_masks():
@@ -117,10 +142,10 @@ def sparsity_of(masks):
     )
 
 
-@pytest.mark.parametrize("one_sided", [True, False])
-def test_ascent_moves_multipliers_and_raises_sparsity(one_sided):
+@pytest.mark.parametrize("control", ["one_sided", "two_sided"])
+def test_ascent_moves_multipliers_and_raises_sparsity(control):
     masks = tiny_masks()
-    controller = SparsityController(target_sparsity=0.6, warmup_steps=0, one_sided=one_sided)
+    controller = SparsityController(target_sparsity=0.6, warmup_steps=0, control=control)
     mask_opt, multiplier_opt = controller.build_optimizers([m.log_alpha for m in masks.values()])
     history = [(sparsity_of(masks).item(), controller.lambda_1.item(), controller.lambda_2.item())]
     for step in range(20):
@@ -138,10 +163,44 @@ def test_ascent_moves_multipliers_and_raises_sparsity(one_sided):
     sparsities, l1s, l2s = zip(*history, strict=True)
     assert sparsities[-1] < 0.6  # still below target: the multipliers kept moving every step
     assert all(b > a for a, b in zip(l2s, l2s[1:], strict=False))
-    if one_sided:
+    assert all(b > a for a, b in zip(sparsities, sparsities[1:], strict=False))
+    if control == "one_sided":
         assert all(b > a for a, b in zip(l1s, l1s[1:], strict=False))
-        assert all(b > a for a, b in zip(sparsities, sparsities[1:], strict=False))
     else:
-        # Classic form: d/dl1 = s - t < 0 below target, so ascent lowers l1; while l1 is still
-        # positive the l1 term pulls s down, so s need not rise at every step.
+        # Classic form: d/dl1 = s - t < 0 below target, so ascent lowers l1 (from 0: it
+        # pushes s up along with the quadratic term).
         assert all(b < a for a, b in zip(l1s, l1s[1:], strict=False))
+        assert l1s[-1] < 0
+
+
+def drive_masks(control, target, steps, lr=0.1):
+    """Expected sparsity after each of ``steps`` steps of the penalty alone on tiny masks."""
+    masks = tiny_masks()
+    controller = SparsityController(target_sparsity=target, warmup_steps=10, control=control)
+    mask_opt, multiplier_opt = controller.build_optimizers(
+        [m.log_alpha for m in masks.values()], lr=lr, multiplier_lr=0.05
+    )
+    sparsities = []
+    for step in range(steps):
+        penalty = controller(sparsity_of(masks), step)
+        for optimizer in (mask_opt, multiplier_opt):
+            optimizer.zero_grad()
+        penalty.backward()
+        for optimizer in (mask_opt, multiplier_opt):
+            optimizer.step()
+        for m in masks.values():
+            m.clamp_()
+        sparsities.append(sparsity_of(masks).item())
+    return sparsities
+
+
+def test_one_sided_overshoots_and_stays_over():
+    sparsities = drive_masks("one_sided", 0.3, 150)
+    assert sparsities[-1] > 0.3 + OVERSHOOT_MARGIN
+    assert min(sparsities[-50:]) > 0.3 + OVERSHOOT_MARGIN  # nothing pulls the masks back
+
+
+def test_two_sided_pulls_back_and_holds_the_target():
+    sparsities = drive_masks("two_sided", 0.3, 150)
+    assert max(sparsities) > 0.3  # it went past the target...
+    assert all(abs(s - 0.3) <= 0.02 for s in sparsities[-30:])  # ...and came back to hold it

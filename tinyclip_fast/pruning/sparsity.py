@@ -1,6 +1,5 @@
-"""Expected sparsity of the masked towers and the Lagrangian controller that drives it.
-
-The formulas of docs/method.md §3b.
+"""Expected sparsity of the masked towers and the Lagrangian controller that drives it
+(docs/method.md §3b).
 
 Expected remaining parameters of one tower (prunable blocks only; embeddings not counted),
 with p_h [w], p_head [L, H], p_int [L, M] the non-zero probabilities of its masks:
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tinyclip_fast.pruning.policy import DEFAULT_SPARSITY_CONTROL, SPARSITY_CONTROLS
 
 
 @dataclass
@@ -88,13 +89,33 @@ def expected_sparsity(towers: Iterable[TowerLike]) -> torch.Tensor:
     return 1 - expected_remaining_params(towers) / full_prunable_params(towers)
 
 
+# Initial (l1, l2) of each form. The authors' one-sided form starts both at 10. The two-sided
+# form starts l1, the equality constraint's multiplier, at 0 (at 10 it would first push s DOWN for
+# 10 / multiplier_lr steps) and l2 at 100: a stiff spring, so the multipliers need not wind up
+# for s to settle at t (at 10 the masks overshoot and stay over while l1 unwinds).
+INIT_MULTIPLIERS = {"one_sided": (10.0, 10.0), "two_sided": (0.0, 100.0)}
+# AdamW betas of log_alpha: the authors' (torch's defaults) for the one-sided form; the
+# two-sided form's masks turn within a few steps when s crosses t (beta1 0.9 coasts on for
+# about ten steps: the overshoot the spring then has to undo).
+MASK_BETAS = {"one_sided": (0.9, 0.999), "two_sided": (0.5, 0.999)}
+
+
 class SparsityController(nn.Module):
     """Lagrangian sparsity penalty with learnable multipliers l1, l2 (maximised, not minimised).
 
-    target t(step) = start + (target - start) * min(1, step / warmup_steps);
-    penalty = l1 * max(t - s, 0) + l2 * max(t - s, 0)^2 (one-sided, the authors' code), or with
-    ``one_sided=False`` the classic l1 (s - t) + l2 (s - t)^2. The model and log_alpha minimise
-    the penalty; l1, l2 maximise it, see ``build_optimizers``.
+    target t(step) = start + (target - start) * min(1, step / warmup_steps), s the expected
+    sparsity (docs/method.md §3b):
+
+    - ``"one_sided"`` (the authors' code): l1 max(t - s, 0) + l2 max(t - s, 0)^2, l1 = l2 = 10
+      at the start. It pushes only while s is below t: masks that move past the target are
+      not pulled back.
+    - ``"two_sided"`` (the classic Lagrangian): l1 (s - t) + l2 (s - t)^2, l1 = 0 and l2 = 100
+      at the start (``INIT_MULTIPLIERS``), log_alpha's AdamW with beta1 0.5 (``MASK_BETAS``).
+      The quadratic term pulls s towards t from either side; l1 turns negative by ascent
+      while s < t (pushing s up) and grows back once s passes t.
+
+    The model and log_alpha minimise the penalty; l1, l2 maximise it, see
+    ``build_optimizers``.
     """
 
     def __init__(
@@ -102,8 +123,8 @@ class SparsityController(nn.Module):
         target_sparsity: float,
         start_sparsity: float = 0.0,
         warmup_steps: int = 1000,
-        one_sided: bool = True,
-        init_multiplier: float = 10.0,
+        control: str = DEFAULT_SPARSITY_CONTROL,
+        init_multipliers: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if not (0 <= start_sparsity < 1 and 0 <= target_sparsity < 1):
@@ -113,10 +134,13 @@ class SparsityController(nn.Module):
             )
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if control not in SPARSITY_CONTROLS:
+            raise ValueError(f"control must be one of {SPARSITY_CONTROLS}, got {control!r}")
         self.target_sparsity, self.start_sparsity = target_sparsity, start_sparsity
-        self.warmup_steps, self.one_sided = warmup_steps, one_sided
-        self.lambda_1 = nn.Parameter(torch.tensor(float(init_multiplier)))
-        self.lambda_2 = nn.Parameter(torch.tensor(float(init_multiplier)))
+        self.warmup_steps, self.control = warmup_steps, control
+        init_l1, init_l2 = init_multipliers or INIT_MULTIPLIERS[control]
+        self.lambda_1 = nn.Parameter(torch.tensor(float(init_l1)))
+        self.lambda_2 = nn.Parameter(torch.tensor(float(init_l2)))
 
     def target_at(self, step: int) -> float:
         """t(step) = start + (target - start) * min(1, step / warmup_steps)."""
@@ -126,7 +150,7 @@ class SparsityController(nn.Module):
     def forward(self, sparsity: torch.Tensor, step: int) -> torch.Tensor:
         """The penalty for expected sparsity ``sparsity`` at ``step``; add it to the loss."""
         gap = self.target_at(step) - sparsity
-        if self.one_sided:
+        if self.control == "one_sided":
             gap = gap.clamp_min(0.0)
             return self.lambda_1 * gap + self.lambda_2 * gap**2
         return self.lambda_1 * -gap + self.lambda_2 * gap**2
@@ -134,12 +158,15 @@ class SparsityController(nn.Module):
     def build_optimizers(
         self, log_alphas: Iterable[nn.Parameter], lr: float = 0.02, multiplier_lr: float = 0.02
     ) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
-        """(AdamW over log_alpha, lr 0.02, no weight decay; AdamW over l1, l2 doing ASCENT).
+        """(AdamW over log_alpha, lr 0.02, no weight decay, the form's ``MASK_BETAS``; AdamW over
+        l1, l2 doing ASCENT).
 
         The authors pass lr -0.02 to AdamW; torch's AdamW rejects a negative lr, so the
         multipliers' optimiser uses ``maximize=True`` with lr 0.02: the same update.
         """
-        mask_optimizer = torch.optim.AdamW(list(log_alphas), lr=lr, weight_decay=0.0)
+        mask_optimizer = torch.optim.AdamW(
+            list(log_alphas), lr=lr, betas=MASK_BETAS[self.control], weight_decay=0.0
+        )
         multiplier_optimizer = torch.optim.AdamW(
             [self.lambda_1, self.lambda_2], lr=multiplier_lr, weight_decay=0.0, maximize=True
         )
