@@ -289,8 +289,8 @@ class ReinforcedConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot top-1 on a labelled set, every ``every`` steps and after each stage; on when
-    ``kind`` names the set (``--eval KIND:PATH``)."""
+    """Zero-shot top-1 on a labelled set, or image-text retrieval recall@k on caption pairs,
+    every ``every`` steps and after each stage; on when ``kind`` names the set (``--eval``)."""
 
     every: int = setting(
         1000, help="evaluate every K steps when an eval set is given (--eval); 0: off"
@@ -298,8 +298,9 @@ class EvalConfig:
     kind: str | None = setting(
         None,
         help="folder (one subfolder per class), csv (filepath,label; .csv comma, else tab), "
-        "demo, or a registered kind; null: no evaluation; the flag --eval KIND:PATH sets kind "
-        "and path",
+        "retrieval (filepath,title pairs, several captions per image allowed: recall@1/5/10 "
+        "both ways), demo, or a registered kind; null: no evaluation; the flag --eval "
+        "KIND:PATH sets kind and path",
     )
     path: str | None = setting(None, help="the eval set's folder or file")
     class_names: str | None = setting(
@@ -326,7 +327,8 @@ class EvalConfig:
             if f.name not in ("kind", "batch_size") and value not in (f.default, 0):
                 raise ValueError(
                     f"eval.{f.name}={value} sets up an evaluation, but no --eval given: add "
-                    "--eval folder:DIR, csv:FILE or demo (eval.kind in a config file)"
+                    "--eval folder:DIR, csv:FILE, retrieval:FILE or demo (eval.kind in a "
+                    "config file)"
                 )
 
 

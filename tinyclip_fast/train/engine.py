@@ -41,7 +41,7 @@ from tinyclip_fast.teachers.targets import TeacherTargets
 from tinyclip_fast.train.attention import check_attention
 from tinyclip_fast.train.checkpoint import Checkpointer, TrainingState, unpack_student
 from tinyclip_fast.train.config import DistillConfig, StageConfig
-from tinyclip_fast.train.evaluation import build_evaluator
+from tinyclip_fast.train.evaluation import Evaluator, build_evaluator
 from tinyclip_fast.train.objective import build_objective
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
@@ -70,9 +70,10 @@ class DistillResult:
     """What :func:`distill` returns.
 
     history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
-        "bad_samples"]} every log_every steps, {"step", "stage", "top1"} after every
-        evaluation, and {"step", "stage", "event": "pruned", "expected_sparsity",
-        "target_sparsity", "params_before", "params_after"} when an auto stage prunes.
+        "bad_samples"]} every log_every steps, {"step", "stage", METRIC: value...} after
+        every evaluation ("top1" for zero-shot, the recall@k of retrieval), and {"step",
+        "stage", "event": "pruned", "expected_sparsity", "target_sparsity", "params_before",
+        "params_after"} when an auto stage prunes.
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -122,7 +123,7 @@ def distill(
     teacher: nn.Module | list[nn.Module] | None = None,
     student: nn.Module | None = None,
     train_dataset: torch.utils.data.Dataset | None = None,
-    evaluator: Callable[[nn.Module], float] | None = None,
+    evaluator: Evaluator | None = None,
     tokenizer: Callable | None = None,
     preprocess: Callable | None = None,
     device: str | torch.device | None = None,
@@ -134,7 +135,8 @@ def distill(
     config.teacher / config.teachers, the data
     from config.data, the evaluator from config.eval. ``student`` replaces stage 0's
     construction: trained as given (manual/scratch), or masked then pruned (auto).
-    ``evaluator(model) -> top1`` runs every config.eval.every steps and after each stage.
+    ``evaluator(model) -> top1`` (or a dict of named metrics) runs every config.eval.every
+    steps and after each stage.
     Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight
     (docs/method.md §2), of config.loss.family (softmax affinity mimicking, or sigmoid:
     train/objective.py).
@@ -211,7 +213,7 @@ def _assemble(
     precision: str,
     teachers: list[nn.Module],
     dataset: torch.utils.data.Dataset,
-    evaluator: Callable[[nn.Module], float] | None,
+    evaluator: Evaluator | None,
     device: torch.device,
     rank: int,
     world_size: int,
