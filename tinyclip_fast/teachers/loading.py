@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from tinyclip_fast.inheritance import HF_PREFIX
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 
-HF_PREFIX = "hf:"  # teacher.model = "hf:DIR": a transformers CLIPModel folder
 TeacherBuilder = Callable[[str | None], tuple[nn.Module, Callable, Callable, Callable]]
 _TEACHERS: dict[str, TeacherBuilder] = {}
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tinyclip_fast.inheritance import HF_PREFIX
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.train.config_io import (
     apply_override,
@@ -86,7 +87,7 @@ class StageConfig:
       (docs/method.md §3b);
     - ``from_scratch``: random init with ``preset``/``student_config``'s architecture;
     - none of them: keep training the previous stage's student.
-    Later manual/auto stages start from the previous stage's student, never from the teacher.
+    Later stages start from the previous stage's student, never the teacher; ``init`` instead.
     """
 
     steps: int = setting(1000, flag=True, help="training steps of the stage")
@@ -132,6 +133,14 @@ class StageConfig:
         False,
         flag=True,
         help="random init with preset/student_config's architecture (a baseline)",
+    )
+    init: str | None = setting(
+        None,
+        flag=True,
+        metavar="hf:DIR|DIR",
+        help=f"start from {HF_PREFIX}DIR (a transformers CLIPModel folder: a released TinyCLIP "
+        "model) or a student folder, not the previous stage's student (stage 0: the teacher); "
+        "trained on, or what preset/student_config/sparsity inherit from",
     )
 
     @property
@@ -193,6 +202,10 @@ class StageConfig:
                 )
         if self.from_scratch and self.preset is None and self.student_config is None:
             raise ValueError(f"{where}: from_scratch needs preset or student_config")
+        if self.init is not None and self.from_scratch:
+            raise ValueError(f"{where}: from_scratch starts from random weights, not init")
+        if self.init is not None and not Path(self.init.removeprefix(HF_PREFIX)).is_dir():
+            raise FileNotFoundError(f"{where}.init: no model folder {self.init}")
 
 
 @dataclass
@@ -474,20 +487,25 @@ class DistillConfig:
     )
     num_workers: int = setting(0, flag=True, help="data loader worker processes")
     progress: bool = setting(True, help="tqdm progress bar")
+    export_hf: bool = setting(
+        False,
+        help="also write student-hf/, a transformers CLIPModel folder (tinyclip-fast[hf]); "
+        "per-layer widths (automatic inheritance) stay in student/ only",
+    )
 
     def validate(self, student: bool = True) -> None:
         """ValueError naming the first invalid field or stage; ``student=False`` accepts a
         config that names no student (building a teacher cache trains none)."""
         if not self.stages:
             raise ValueError("stages is empty: give at least one stage")
-        if student and self.stages[0].kind == "continue":
+        if student and self.stages[0].kind == "continue" and self.stages[0].init is None:
             from tinyclip_fast.inheritance.presets import PRESETS
 
             raise ValueError(
                 "no student: give --preset NAME (manual inheritance; "
                 f"{', '.join(PRESETS)}), --student-config FILE (manual, any open_clip "
-                "architecture), --sparsity S (automatic inheritance), or --from-scratch with "
-                "--preset/--student-config (stages[0] in a config file)"
+                "architecture), --sparsity S (automatic inheritance), --from-scratch with "
+                "--preset/--student-config, or --init hf:DIR (stages[0] in a config file)"
             )
         for i, stage in enumerate(self.stages):
             stage.validate(i)

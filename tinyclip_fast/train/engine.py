@@ -32,7 +32,7 @@ from torch import nn
 
 from tinyclip_fast.data.datasets import build_dataset
 from tinyclip_fast.data.loader import BadSampleLog, make_loader
-from tinyclip_fast.inheritance.student_io import save_student
+from tinyclip_fast.inheritance.student_io import check_export_format, save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.factory import build_targets
 from tinyclip_fast.teachers.loading import build_teachers, check_teacher_count, dataset_defaults
@@ -45,6 +45,8 @@ from tinyclip_fast.train.evaluation import Evaluator, build_evaluator
 from tinyclip_fast.train.objective import build_objective
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
+    STUDENT_DIR,
+    STUDENT_HF_DIR,
     bad_samples_name,
     check_run_folder,
     cut_jsonl,
@@ -62,7 +64,12 @@ from tinyclip_fast.train.runtime import (
 )
 from tinyclip_fast.train.stage import Stage, StageContext
 from tinyclip_fast.train.step import set_rng_state
-from tinyclip_fast.train.students import add_logit_bias, count_parameters, stage_student
+from tinyclip_fast.train.students import (
+    add_logit_bias,
+    count_parameters,
+    export_hf,
+    stage_student,
+)
 
 
 @dataclass
@@ -102,6 +109,7 @@ class _Run:
     checkpoints: Checkpointer
     bad_samples: BadSampleLog | None
     stage_params: list[int] = field(default_factory=list)
+    tokenizer: Callable | None = None  # the student's (the teachers'): for export_hf
 
     def save(self, stage: Stage, stage_step: int, step: int) -> None:
         self.checkpoints.save(
@@ -140,7 +148,8 @@ def distill(
     Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight
     (docs/method.md §2), of config.loss.family (softmax affinity mimicking, or sigmoid:
     train/objective.py).
-    Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir, which
+    Checkpoints, metrics.jsonl and the final ``student/`` export (and ``student-hf/``, a
+    transformers CLIPModel folder, with config.export_hf) go to config.out_dir, which
     must not hold another run's files unless ``config.overwrite`` (they are replaced);
     ``config.resume`` continues the run there exactly (same data order, same RNG), its
     metrics cut back to the checkpoint's step; the last stage may be given more steps.
@@ -149,6 +158,8 @@ def distill(
     config.validate()
     if train_dataset is None:
         config.data.require()
+    if config.export_hf:
+        check_export_format("hf")  # transformers missing: say so now, not after training
     check_device(device or config.device)
     rank, world_size, created_group = init_distributed(device or config.device)
     try:
@@ -187,6 +198,7 @@ def distill(
         run = _assemble(
             config, precision, teachers, train_dataset, evaluator, device, rank, world_size
         )
+        run.tokenizer = tokenizer
         return _train(run, student, resume)
     finally:
         if created_group:
@@ -302,7 +314,10 @@ def _train(run: _Run, student: nn.Module | None, resume: TrainingState | None) -
     if bad is not None and bad.bad:
         output.say(f"skipped {bad.bad} bad samples of {bad.read} read (rank 0's are in {bad.path})")
     if not result.interrupted and run.rank == 0:
-        save_student(student, Path(config.out_dir) / "student")
+        save_student(student, Path(config.out_dir) / STUDENT_DIR)
+        if config.export_hf:
+            path = Path(config.out_dir) / STUDENT_HF_DIR
+            output.say(export_hf(student, path, run.tokenizer, run.ctx.teacher))
     result.student = student.eval()
     result.params = count_parameters(student)
     return result
