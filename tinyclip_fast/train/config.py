@@ -49,10 +49,10 @@ class TeacherConfig:
         "ViT-B-32",
         flag="--teacher",
         metavar="NAME",
-        help="open_clip model name (ViT-B-32), a path to an open_clip model-config JSON, or "
-        f"'demo' (the built-in demo teacher); --teacher repeated (up to {MAX_TEACHERS}) is an "
-        "ensemble, each followed by its --pretrained; weight inheritance reads the FIRST "
-        "teacher",
+        help="open_clip model name (ViT-B-32), a path to an open_clip model-config JSON, "
+        f"{HF_PREFIX}DIR (a transformers CLIPModel folder, no --pretrained) or 'demo'; --teacher "
+        f"repeated (up to {MAX_TEACHERS}) is an ensemble, each followed by its --pretrained; "
+        "weight inheritance reads the FIRST teacher",
     )
     pretrained: str | None = setting(
         None,
