@@ -128,6 +128,22 @@ def make_teacher(seed: int = 1) -> open_clip.model.CLIP:
         return open_clip.model.CLIP(**TEACHER_CFG).eval()
 
 
+# Hugging Face CLIPModel folders: open_clip's CLIP BPE (vocabulary 49,408), whose tokenizer
+# files the export writes.
+HF_TEACHER_CFG = {**TEACHER_CFG, "text_cfg": {**TEACHER_CFG["text_cfg"], "vocab_size": 49408}}
+
+
+def write_hf_clip(folder, model_cfg=HF_TEACHER_CFG, seed: int = 1):
+    """A transformers CLIPModel folder (weights, tokenizer, image processor) of a random open_clip
+    CLIP of ``model_cfg``; returns (the folder, the model)."""
+    from tinyclip_fast.inheritance.hf import save_hf_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = open_clip.model.CLIP(**model_cfg).eval()
+    return save_hf_clip(model, folder), model
+
+
 def make_config(tmp_path, stages, **overrides) -> DistillConfig:
     values = dict(
         stages=stages,

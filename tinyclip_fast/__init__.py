@@ -38,6 +38,9 @@ _EXPORTS = {
     "MaskedCLIP": "tinyclip_fast.pruning.masked_clip",
     "save_student": "tinyclip_fast.inheritance.student_io",
     "load_student": "tinyclip_fast.inheritance.student_io",
+    "save_hf_clip": "tinyclip_fast.inheritance.hf",
+    "load_hf_clip": "tinyclip_fast.inheritance.hf",
+    "load_hf_teacher": "tinyclip_fast.inheritance.hf",
     "distill": "tinyclip_fast.train.engine",
     "DistillResult": "tinyclip_fast.train.engine",
     "DistillConfig": "tinyclip_fast.train.config",
@@ -46,6 +49,8 @@ _EXPORTS = {
     "build_dataset": "tinyclip_fast.data.datasets",
     "make_loader": "tinyclip_fast.data.loader",
     "ZeroShotEvaluator": "tinyclip_fast.data.zero_shot",
+    "RetrievalEvaluator": "tinyclip_fast.data.retrieval",
+    "retrieval_recalls": "tinyclip_fast.data.retrieval",
     "TeacherEmbeddingCache": "tinyclip_fast.teachers.embedding_cache",
     "force_backend": "tinyclip_fast.ops.backend",
 }

@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--eval",
         metavar="KIND[:PATH]",
-        help=f"zero-shot evaluation every eval.every steps (default: {EvalConfig().every}) "
+        help=f"evaluation every eval.every steps (default: {EvalConfig().every}) "
         "and after each stage: folder:DIR (one subfolder per class), csv:FILE (filepath,label; "
-        ".csv comma, else tab), or demo",
+        ".csv comma, else tab), retrieval:FILE (filepath,title pairs: image-text recall@1/5/10), "
+        "or demo",
     )
     for flag, entry in flag_settings().items():
         group = groups[_GROUPS.get(entry.path.split(".")[0], _RUN_GROUP)]

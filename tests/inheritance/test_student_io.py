@@ -217,3 +217,24 @@ def test_pruned_student_without_zeros_loads_in_open_clip(tmp_path):
     plain.load_state_dict(load_file(str(tmp_path / WEIGHTS_NAME)))
     for a, e in zip(_outputs(plain, image, text), expected, strict=True):
         assert (a - e).norm() <= 1e-5 * e.norm()
+
+
+def test_hf_format_writes_a_clip_model_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from tinyclip_fast.inheritance.hf import load_hf_clip
+
+    clip_bpe = {**STUDENT, "text_cfg": {**STUDENT["text_cfg"], "vocab_size": 49408}}
+    student = _randomized(clip_bpe).eval()
+    assert save_student(student, tmp_path, format="hf") == tmp_path
+    assert (tmp_path / "config.json").is_file() and not (tmp_path / CONFIG_NAME).exists()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = student.encode_image(images)
+        actual = load_hf_clip(tmp_path).eval().encode_image(images)
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown student format 'onnx'; formats: native, hf"):
+        save_student(_randomized(STUDENT), tmp_path, format="onnx")
+    assert not any(tmp_path.iterdir())

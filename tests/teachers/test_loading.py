@@ -2,11 +2,12 @@
 inputs, teacher biases for the sigmoid loss."""
 
 import json
+import sys
 
 import open_clip
 import pytest
 import torch
-from support import TEACHER_CFG, TEXT
+from support import TEACHER_CFG, TEXT, write_hf_clip
 
 from tinyclip_fast.teachers.loading import (
     build_teacher,
@@ -103,3 +104,40 @@ def test_teacher_biases_own_given_or_refused():
     assert teacher_biases([TeacherConfig()], [1.0, 2.0], print) == [1.0, 2.0]
     with pytest.raises(ValueError, match="give one entry per teacher"):
         teacher_biases([TeacherConfig(logit_bias=1.0)], [1.0, 2.0], print)
+
+
+def test_hf_folder_teacher_has_the_folders_weights_tokens_and_preprocessing(tmp_path):
+    pytest.importorskip("transformers")
+    from tinyclip_fast.inheritance.hf import load_hf_teacher
+
+    folder, model = write_hf_clip(tmp_path / "hf")
+    teacher, tokenizer, train_tf, eval_tf = build_teacher(TeacherConfig(model=f"hf:{folder}"))
+    _, want_tokenizer, want_train, want_eval = load_hf_teacher(folder)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = tokenizer(["a photo of a cat.", "two dogs"])
+    assert torch.equal(tokens, want_tokenizer(["a photo of a cat.", "two dogs"]))
+    assert (repr(train_tf), repr(eval_tf)) == (repr(want_train), repr(want_eval))
+    with torch.no_grad():
+        assert torch.allclose(teacher.encode_image(images), model.encode_image(images), atol=1e-5)
+        assert torch.allclose(teacher.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model, pretrained, message",
+    [
+        pytest.param("hf:", None, "teacher 'hf:': name the folder", id="no-folder"),
+        pytest.param(
+            "hf:x", "w.pt", "teacher hf:x holds its own weights: give it no pretrained", id="pt"
+        ),
+    ],
+)
+def test_hf_teacher_mistakes(model, pretrained, message):
+    with pytest.raises(ValueError, match=message):
+        build_teacher(TeacherConfig(model=model, pretrained=pretrained))
+
+
+def test_hf_teacher_without_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "tinyclip_fast.inheritance.hf", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'tinyclip-fast\[hf\]'"):
+        build_teacher(TeacherConfig(model="hf:some/folder"))

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from tinyclip_fast.inheritance.student_io import CompactResidualBlock
+from tinyclip_fast.inheritance.architecture import CompactResidualBlock
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.train import checkpoint

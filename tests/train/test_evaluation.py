@@ -54,3 +54,34 @@ def test_kinds_and_paths_are_checked(labelled):
     evaluator = build(EvalConfig(kind="folder", path=str(labelled)))
     with pytest.raises(BadSampleError, match="evaluation image .*broken.png cannot be read"):
         evaluator.images[0]
+
+
+class MeanColour(torch.nn.Module):
+    """Image features: the mean colour; text features: the first three token ids."""
+
+    def encode_image(self, images):
+        return images.mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return tokens[:, :3].float()
+
+
+def test_retrieval_kind_scores_caption_pairs(labelled):
+    pairs = labelled / "pairs.csv"
+    pairs.write_text("filepath,title\n0.png,a red\n0.png,a blue\n1.png,red\n2.png,blue\n")
+    evaluator = build(EvalConfig(kind="retrieval", path=str(pairs)))
+    assert len(evaluator.images) == 3 and evaluator.text_image.tolist() == [0, 0, 1, 2]
+    metrics = evaluator(MeanColour())
+    assert sorted(metrics) == sorted(
+        f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in (1, 5, 10)
+    )
+    assert metrics["image_retrieval_recall@5"] == metrics["text_retrieval_recall@5"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["class_names", "templates"])
+def test_retrieval_kind_refuses_zero_shot_settings(labelled, name):
+    (labelled / "pairs.csv").write_text("filepath,title\n0.png,a red\n")
+    config = EvalConfig(kind="retrieval", path=str(labelled / "pairs.csv"))
+    setattr(config, name, str(labelled / "names.txt"))
+    with pytest.raises(ValueError, match=f"eval.{name} is for zero-shot classification"):
+        build(config)

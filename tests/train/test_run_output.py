@@ -69,6 +69,20 @@ def test_evaluation_is_recorded_once_per_step_and_untimed(tmp_path, capsys):
     assert "step 4 stage 0: zero-shot top-1 0.7500" in capsys.readouterr().out
 
 
+def test_evaluation_metrics_dict_is_recorded_and_shown(tmp_path, capsys):
+    recalls = {"image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.25}
+    output, config = _output(tmp_path, evaluator=lambda model: recalls)
+    with output.open(0, None):
+        output.step_done(4, config.stages[0], 0, 4, 0.5, 1e-3, None, None, None)
+        output.evaluate("model", 0, 4)
+        output.evaluate("model", 0, 4)
+    assert output.history[1:] == [{"step": 4, "stage": 0, **recalls}]
+    assert (
+        "step 4 stage 0: image_retrieval_recall@1 0.5000, text_retrieval_recall@1 0.2500"
+        in capsys.readouterr().out
+    )
+
+
 def test_pruning_report_warns_far_below_the_target(tmp_path, capsys):
     output, _ = _output(tmp_path)
     stage = StageConfig(steps=4, sparsity=0.5)

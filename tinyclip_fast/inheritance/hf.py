@@ -30,7 +30,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors import SafetensorError
 from torch import nn
 
-from tinyclip_fast.inheritance.student_io import student_config
+from tinyclip_fast.inheritance.architecture import student_config
 
 try:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

@@ -17,7 +17,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from tinyclip_fast.inheritance.student_io import CompactResidualBlock, block_dims
+from tinyclip_fast.inheritance.architecture import CompactResidualBlock, block_dims
 
 LAYER_SELECTIONS = ("every_k", "even")
 SUPPORTED = (

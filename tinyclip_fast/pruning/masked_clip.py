@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from tinyclip_fast.inheritance.student_io import (
+from tinyclip_fast.inheritance.architecture import (
     CompactResidualBlock,
     block_dims,
     build_student,

@@ -1,9 +1,11 @@
 """The frozen teachers of a run, one or an ensemble of K <= MAX_TEACHERS: building them,
 their logit scales and biases, and their embeddings of a batch.
 
-A teacher is an open_clip model built from a name or model-config file; other teachers plug
-in by name with :func:`register_teacher` (the built-in demo registers ``"demo"`` this way),
-so this module never imports the code that provides them.
+A teacher is an open_clip model built from a name or model-config file, or a Hugging Face
+``transformers`` CLIPModel folder (``hf:DIR``: a released TinyCLIP model, any CLIP-architecture
+checkpoint; needs ``pip install 'tinyclip-fast[hf]'``); other teachers plug in by name with
+:func:`register_teacher` (the built-in demo registers ``"demo"`` this way), so this
+module never imports the code that provides them.
 
 Weight inheritance (manual and automatic) reads the FIRST teacher only. Every teacher scores
 the same images and tokens, so each must share the first teacher's tokenizer and
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from tinyclip_fast.inheritance import HF_PREFIX
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 
 TeacherBuilder = Callable[[str | None], tuple[nn.Module, Callable, Callable, Callable]]
@@ -59,12 +62,15 @@ def register_teacher(name: str, builder: TeacherBuilder) -> None:
 def build_teacher(config: TeacherSpec) -> tuple[nn.Module, Callable, Callable, Callable]:
     """(teacher, tokenizer, train preprocess, eval preprocess) from an open_clip name.
 
-    ``model`` may also be a path to an open_clip model-config JSON (registered under its stem)
-    or a name given to :func:`register_teacher`. ``pretrained`` is a local checkpoint file
-    (works offline) or an open_clip pretrained tag.
+    ``model`` may also be a path to an open_clip model-config JSON (registered under its stem),
+    ``hf:DIR`` (a transformers CLIPModel folder, its weights, tokenizer and preprocessing) or a
+    name given to :func:`register_teacher`. ``pretrained`` is a local checkpoint file (works
+    offline) or an open_clip pretrained tag.
     """
     if config.model in _TEACHERS:
         return _TEACHERS[config.model](config.pretrained)
+    if config.model.startswith(HF_PREFIX):
+        return _hf_teacher(config)
     import open_clip  # seconds to import: only when an open_clip teacher is asked for
 
     name = config.model
@@ -92,6 +98,20 @@ def build_teacher(config: TeacherSpec) -> tuple[nn.Module, Callable, Callable, C
         # open_clip raises RuntimeError for unknown tags, failed downloads, bad state dicts.
         raise ValueError(f"cannot load teacher {name} from {pretrained!r}: {err}") from err
     return model, open_clip.get_tokenizer(name), train_tf, eval_tf
+
+
+def _hf_teacher(config: TeacherSpec) -> tuple[nn.Module, Callable, Callable, Callable]:
+    directory = config.model.removeprefix(HF_PREFIX)
+    if not directory:
+        raise ValueError(f"teacher {config.model!r}: name the folder, e.g. hf:./TinyCLIP-ViT-61M")
+    if config.pretrained is not None:
+        raise ValueError(
+            f"teacher {config.model} holds its own weights: give it no pretrained "
+            f"({config.pretrained!r} given)"
+        )
+    from tinyclip_fast.inheritance.hf import load_hf_teacher  # transformers: the optional extra
+
+    return load_hf_teacher(directory)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -21,7 +21,11 @@ from torch import nn
 
 from tinyclip_fast.atomic_io import atomic_write
 from tinyclip_fast.data.loader import BadSampleLog
-from tinyclip_fast.inheritance.student_io import CompactResidualBlock, build_student, student_config
+from tinyclip_fast.inheritance.architecture import (
+    CompactResidualBlock,
+    build_student,
+    student_config,
+)
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.train.runtime import all_rng_states, gather_objects
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tinyclip_fast.inheritance import HF_PREFIX
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.train.config_io import (
     apply_override,
@@ -48,10 +49,10 @@ class TeacherConfig:
         "ViT-B-32",
         flag="--teacher",
         metavar="NAME",
-        help="open_clip model name (ViT-B-32), a path to an open_clip model-config JSON, or "
-        f"'demo' (the built-in demo teacher); --teacher repeated (up to {MAX_TEACHERS}) is an "
-        "ensemble, each followed by its --pretrained; weight inheritance reads the FIRST "
-        "teacher",
+        help="open_clip model name (ViT-B-32), a path to an open_clip model-config JSON, "
+        f"{HF_PREFIX}DIR (a transformers CLIPModel folder, no --pretrained) or 'demo'; --teacher "
+        f"repeated (up to {MAX_TEACHERS}) is an ensemble, each followed by its --pretrained; "
+        "weight inheritance reads the FIRST teacher",
     )
     pretrained: str | None = setting(
         None,
@@ -86,7 +87,7 @@ class StageConfig:
       (docs/method.md §3b);
     - ``from_scratch``: random init with ``preset``/``student_config``'s architecture;
     - none of them: keep training the previous stage's student.
-    Later manual/auto stages start from the previous stage's student, never from the teacher.
+    Later stages start from the previous stage's student, never the teacher; ``init`` instead.
     """
 
     steps: int = setting(1000, flag=True, help="training steps of the stage")
@@ -132,6 +133,14 @@ class StageConfig:
         False,
         flag=True,
         help="random init with preset/student_config's architecture (a baseline)",
+    )
+    init: str | None = setting(
+        None,
+        flag=True,
+        metavar="hf:DIR|DIR",
+        help=f"start from {HF_PREFIX}DIR (a transformers CLIPModel folder: a released TinyCLIP "
+        "model) or a student folder, not the previous stage's student (stage 0: the teacher); "
+        "trained on, or what preset/student_config/sparsity inherit from",
     )
 
     @property
@@ -193,6 +202,10 @@ class StageConfig:
                 )
         if self.from_scratch and self.preset is None and self.student_config is None:
             raise ValueError(f"{where}: from_scratch needs preset or student_config")
+        if self.init is not None and self.from_scratch:
+            raise ValueError(f"{where}: from_scratch starts from random weights, not init")
+        if self.init is not None and not Path(self.init.removeprefix(HF_PREFIX)).is_dir():
+            raise FileNotFoundError(f"{where}.init: no model folder {self.init}")
 
 
 @dataclass
@@ -289,8 +302,8 @@ class ReinforcedConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot top-1 on a labelled set, every ``every`` steps and after each stage; on when
-    ``kind`` names the set (``--eval KIND:PATH``)."""
+    """Zero-shot top-1 on a labelled set, or image-text retrieval recall@k on caption pairs,
+    every ``every`` steps and after each stage; on when ``kind`` names the set (``--eval``)."""
 
     every: int = setting(
         1000, help="evaluate every K steps when an eval set is given (--eval); 0: off"
@@ -298,8 +311,9 @@ class EvalConfig:
     kind: str | None = setting(
         None,
         help="folder (one subfolder per class), csv (filepath,label; .csv comma, else tab), "
-        "demo, or a registered kind; null: no evaluation; the flag --eval KIND:PATH sets kind "
-        "and path",
+        "retrieval (filepath,title pairs, several captions per image allowed: recall@1/5/10 "
+        "both ways), demo, or a registered kind; null: no evaluation; the flag --eval "
+        "KIND:PATH sets kind and path",
     )
     path: str | None = setting(None, help="the eval set's folder or file")
     class_names: str | None = setting(
@@ -326,7 +340,8 @@ class EvalConfig:
             if f.name not in ("kind", "batch_size") and value not in (f.default, 0):
                 raise ValueError(
                     f"eval.{f.name}={value} sets up an evaluation, but no --eval given: add "
-                    "--eval folder:DIR, csv:FILE or demo (eval.kind in a config file)"
+                    "--eval folder:DIR, csv:FILE, retrieval:FILE or demo (eval.kind in a "
+                    "config file)"
                 )
 
 
@@ -472,20 +487,25 @@ class DistillConfig:
     )
     num_workers: int = setting(0, flag=True, help="data loader worker processes")
     progress: bool = setting(True, help="tqdm progress bar")
+    export_hf: bool = setting(
+        False,
+        help="also write student-hf/, a transformers CLIPModel folder (tinyclip-fast[hf]); "
+        "per-layer widths (automatic inheritance) stay in student/ only",
+    )
 
     def validate(self, student: bool = True) -> None:
         """ValueError naming the first invalid field or stage; ``student=False`` accepts a
         config that names no student (building a teacher cache trains none)."""
         if not self.stages:
             raise ValueError("stages is empty: give at least one stage")
-        if student and self.stages[0].kind == "continue":
+        if student and self.stages[0].kind == "continue" and self.stages[0].init is None:
             from tinyclip_fast.inheritance.presets import PRESETS
 
             raise ValueError(
                 "no student: give --preset NAME (manual inheritance; "
                 f"{', '.join(PRESETS)}), --student-config FILE (manual, any open_clip "
-                "architecture), --sparsity S (automatic inheritance), or --from-scratch with "
-                "--preset/--student-config (stages[0] in a config file)"
+                "architecture), --sparsity S (automatic inheritance), --from-scratch with "
+                "--preset/--student-config, or --init hf:DIR (stages[0] in a config file)"
             )
         for i, stage in enumerate(self.stages):
             stage.validate(i)

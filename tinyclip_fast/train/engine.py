@@ -32,7 +32,7 @@ from torch import nn
 
 from tinyclip_fast.data.datasets import build_dataset
 from tinyclip_fast.data.loader import BadSampleLog, make_loader
-from tinyclip_fast.inheritance.student_io import save_student
+from tinyclip_fast.inheritance.student_io import check_export_format, save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.factory import build_targets
 from tinyclip_fast.teachers.loading import build_teachers, check_teacher_count, dataset_defaults
@@ -41,10 +41,12 @@ from tinyclip_fast.teachers.targets import TeacherTargets
 from tinyclip_fast.train.attention import check_attention
 from tinyclip_fast.train.checkpoint import Checkpointer, TrainingState, unpack_student
 from tinyclip_fast.train.config import DistillConfig, StageConfig
-from tinyclip_fast.train.evaluation import build_evaluator
+from tinyclip_fast.train.evaluation import Evaluator, build_evaluator
 from tinyclip_fast.train.objective import build_objective
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
+    STUDENT_DIR,
+    STUDENT_HF_DIR,
     bad_samples_name,
     check_run_folder,
     cut_jsonl,
@@ -62,7 +64,12 @@ from tinyclip_fast.train.runtime import (
 )
 from tinyclip_fast.train.stage import Stage, StageContext
 from tinyclip_fast.train.step import set_rng_state
-from tinyclip_fast.train.students import add_logit_bias, count_parameters, stage_student
+from tinyclip_fast.train.students import (
+    add_logit_bias,
+    count_parameters,
+    export_hf,
+    stage_student,
+)
 
 
 @dataclass
@@ -70,9 +77,10 @@ class DistillResult:
     """What :func:`distill` returns.
 
     history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
-        "bad_samples"]} every log_every steps, {"step", "stage", "top1"} after every
-        evaluation, and {"step", "stage", "event": "pruned", "expected_sparsity",
-        "target_sparsity", "params_before", "params_after"} when an auto stage prunes.
+        "bad_samples"]} every log_every steps, {"step", "stage", METRIC: value...} after
+        every evaluation ("top1" for zero-shot, the recall@k of retrieval), and {"step",
+        "stage", "event": "pruned", "expected_sparsity", "target_sparsity", "params_before",
+        "params_after"} when an auto stage prunes.
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -101,6 +109,7 @@ class _Run:
     checkpoints: Checkpointer
     bad_samples: BadSampleLog | None
     stage_params: list[int] = field(default_factory=list)
+    tokenizer: Callable | None = None  # the student's (the teachers'): for export_hf
 
     def save(self, stage: Stage, stage_step: int, step: int) -> None:
         self.checkpoints.save(
@@ -122,7 +131,7 @@ def distill(
     teacher: nn.Module | list[nn.Module] | None = None,
     student: nn.Module | None = None,
     train_dataset: torch.utils.data.Dataset | None = None,
-    evaluator: Callable[[nn.Module], float] | None = None,
+    evaluator: Evaluator | None = None,
     tokenizer: Callable | None = None,
     preprocess: Callable | None = None,
     device: str | torch.device | None = None,
@@ -134,11 +143,13 @@ def distill(
     config.teacher / config.teachers, the data
     from config.data, the evaluator from config.eval. ``student`` replaces stage 0's
     construction: trained as given (manual/scratch), or masked then pruned (auto).
-    ``evaluator(model) -> top1`` runs every config.eval.every steps and after each stage.
+    ``evaluator(model) -> top1`` (or a dict of named metrics) runs every config.eval.every
+    steps and after each stage.
     Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight
     (docs/method.md §2), of config.loss.family (softmax affinity mimicking, or sigmoid:
     train/objective.py).
-    Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir, which
+    Checkpoints, metrics.jsonl and the final ``student/`` export (and ``student-hf/``, a
+    transformers CLIPModel folder, with config.export_hf) go to config.out_dir, which
     must not hold another run's files unless ``config.overwrite`` (they are replaced);
     ``config.resume`` continues the run there exactly (same data order, same RNG), its
     metrics cut back to the checkpoint's step; the last stage may be given more steps.
@@ -147,6 +158,8 @@ def distill(
     config.validate()
     if train_dataset is None:
         config.data.require()
+    if config.export_hf:
+        check_export_format("hf")  # transformers missing: say so now, not after training
     check_device(device or config.device)
     rank, world_size, created_group = init_distributed(device or config.device)
     try:
@@ -185,6 +198,7 @@ def distill(
         run = _assemble(
             config, precision, teachers, train_dataset, evaluator, device, rank, world_size
         )
+        run.tokenizer = tokenizer
         return _train(run, student, resume)
     finally:
         if created_group:
@@ -211,7 +225,7 @@ def _assemble(
     precision: str,
     teachers: list[nn.Module],
     dataset: torch.utils.data.Dataset,
-    evaluator: Callable[[nn.Module], float] | None,
+    evaluator: Evaluator | None,
     device: torch.device,
     rank: int,
     world_size: int,
@@ -300,7 +314,10 @@ def _train(run: _Run, student: nn.Module | None, resume: TrainingState | None) -
     if bad is not None and bad.bad:
         output.say(f"skipped {bad.bad} bad samples of {bad.read} read (rank 0's are in {bad.path})")
     if not result.interrupted and run.rank == 0:
-        save_student(student, Path(config.out_dir) / "student")
+        save_student(student, Path(config.out_dir) / STUDENT_DIR)
+        if config.export_hf:
+            path = Path(config.out_dir) / STUDENT_HF_DIR
+            output.say(export_hf(student, path, run.tokenizer, run.ctx.teacher))
     result.student = student.eval()
     result.params = count_parameters(student)
     return result

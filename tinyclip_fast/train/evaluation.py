@@ -1,6 +1,8 @@
-"""The zero-shot evaluator a run's ``eval`` configuration asks for.
+"""The evaluator a run's ``eval`` configuration asks for: ``evaluator(model)`` returns zero-shot
+top-1 (a float) or a dict of named metrics (retrieval's recall@k).
 
-Built-in kinds: a class-per-folder tree and a CSV of (filepath, label); others plug in with
+Built-in kinds: zero-shot classification on a class-per-folder tree or a CSV of (filepath,
+label), and image-text retrieval on a CSV of (filepath, title) pairs; others plug in with
 :func:`register_evaluator` (the built-in demo registers ``"demo"``).
 """
 
@@ -13,7 +15,9 @@ from torch import nn
 
 from tinyclip_fast.train.config import EvalConfig
 
-EvaluatorBuilder = Callable[[EvalConfig, torch.device], Callable[[nn.Module], float]]
+Evaluator = Callable[[nn.Module], float | dict[str, float]]
+EvaluatorBuilder = Callable[[EvalConfig, torch.device], Evaluator]
+BUILT_IN_KINDS = ("folder", "csv", "retrieval")
 _EVALUATORS: dict[str, EvaluatorBuilder] = {}
 
 
@@ -24,7 +28,7 @@ def register_evaluator(kind: str, builder: EvaluatorBuilder) -> None:
 
 def eval_kinds() -> list[str]:
     """The built-in and registered ``eval.kind`` values."""
-    return ["folder", "csv", *sorted(_EVALUATORS)]
+    return [*BUILT_IN_KINDS, *sorted(_EVALUATORS)]
 
 
 def check_eval_kind(kind: str) -> None:
@@ -36,9 +40,9 @@ def check_eval_kind(kind: str) -> None:
 
 def build_evaluator(
     config: EvalConfig, *, tokenizer: Callable, preprocess: Callable, device: torch.device
-) -> Callable[[nn.Module], float]:
-    """Zero-shot top-1 on a class-per-folder tree, a CSV of (filepath, label) or a registered
-    kind."""
+) -> Evaluator:
+    """Zero-shot top-1 on a class-per-folder tree or a CSV of (filepath, label), recall@k on a
+    CSV of (filepath, title) pairs, or a registered kind."""
     from tinyclip_fast.data import zero_shot
 
     check_eval_kind(config.kind)
@@ -48,7 +52,9 @@ def build_evaluator(
         example = "DIR" if config.kind == "folder" else "FILE"
         raise ValueError(f"eval kind {config.kind!r} needs a path: --eval {config.kind}:{example}")
     if tokenizer is None or preprocess is None:
-        raise ValueError("zero-shot evaluation needs the teacher's tokenizer and preprocess")
+        raise ValueError("evaluation needs the teacher's tokenizer and preprocess")
+    if config.kind == "retrieval":
+        return _retrieval_evaluator(config, tokenizer, preprocess, device)
     if config.kind == "folder":
         images, names = zero_shot.load_image_folder(config.path, preprocess)
     else:
@@ -73,3 +79,18 @@ def build_evaluator(
     return zero_shot.ZeroShotEvaluator(
         images, None, names, templates, tokenizer, device, config.batch_size
     )
+
+
+def _retrieval_evaluator(
+    config: EvalConfig, tokenizer: Callable, preprocess: Callable, device: torch.device
+) -> Evaluator:
+    from tinyclip_fast.data.retrieval import RetrievalEvaluator, load_retrieval_pairs
+
+    for name in ("class_names", "templates"):
+        if getattr(config, name) is not None:
+            raise ValueError(
+                f"eval.{name} is for zero-shot classification; eval kind 'retrieval' scores "
+                "the captions of its CSV"
+            )
+    images, captions, text_image = load_retrieval_pairs(config.path, preprocess)
+    return RetrievalEvaluator(images, captions, text_image, tokenizer, device, config.batch_size)

@@ -14,6 +14,7 @@ from tinyclip_fast.atomic_io import atomic_write
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 STUDENT_DIR = "student"
+STUDENT_HF_DIR = "student-hf"  # export_hf: the student as a transformers CLIPModel folder
 TENSORBOARD_DIR = "tensorboard"
 BAD_SAMPLES_PATTERN = "bad_samples*.jsonl"  # rank 0: bad_samples.jsonl, rank r: .rank{r}
 
@@ -24,7 +25,8 @@ def bad_samples_name(rank: int) -> str:
 
 def run_files(out_dir: Path) -> list[Path]:
     """The files and folders of a run found in ``out_dir`` (nothing else there counts)."""
-    named = [out_dir / n for n in (CHECKPOINT_NAME, METRICS_NAME, STUDENT_DIR, TENSORBOARD_DIR)]
+    names = (CHECKPOINT_NAME, METRICS_NAME, STUDENT_DIR, STUDENT_HF_DIR, TENSORBOARD_DIR)
+    named = [out_dir / n for n in names]
     found = [path for path in named if path.exists()]
     return found + (sorted(out_dir.glob(BAD_SAMPLES_PATTERN)) if out_dir.is_dir() else [])
 

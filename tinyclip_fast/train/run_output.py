@@ -1,13 +1,13 @@
 """What a run shows and records, in one place: rank-0 lines (above the progress bar), the
-metrics.jsonl records and their history, the progress bar with loss and images/s, zero-shot
-evaluations (their time kept out of images/s), the pruning report and the message of a loss
-that stopped being finite."""
+metrics.jsonl records and their history, the progress bar with loss and images/s, evaluations
+(zero-shot top-1 or retrieval recalls, their time kept out of images/s), the pruning report
+and the message of a loss that stopped being finite."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinyclip_fast.train.config import DistillConfig, StageConfig
+from tinyclip_fast.train.evaluation import Evaluator
 from tinyclip_fast.train.runtime import MetricsLog
 from tinyclip_fast.train.stage import PruneReport
 
 # An auto stage that pruned at less than this share of its target gets a warning line.
 FAR_BELOW_TARGET = 0.8
+METRIC_NAMES = {"top1": "zero-shot top-1"}  # how a run's line names an evaluation metric
 
 
 class RunOutput:
@@ -30,7 +32,7 @@ class RunOutput:
         self,
         config: DistillConfig,
         rank: int,
-        evaluator: Callable[[nn.Module], float] | None,
+        evaluator: Evaluator | None,
     ) -> None:
         self.config, self.rank, self.evaluator = config, rank, evaluator
         self.out_dir = Path(config.out_dir)
@@ -119,17 +121,20 @@ class RunOutput:
         self.progress.update(1)
 
     def evaluate(self, model: nn.Module, stage_index: int, step: int) -> None:
-        """Zero-shot top-1 into the history (rank 0), once per step, untimed."""
+        """The evaluator's metrics (zero-shot top-1, or a dict such as retrieval's recalls)
+        into the history and one line (rank 0), once per step, untimed."""
         if self.evaluator is None or self.rank != 0:
             return
         last = self.history[-1] if self.history else {}
-        if last.get("step") == step and "top1" in last:
+        if last.get("step") == step and not {"loss", "event"} & last.keys():
             return  # the stage ended on an eval step
         with self.untimed():
-            top1 = float(self.evaluator(model))
-            record = {"step": step, "stage": stage_index, "top1": top1}
-            self.record(record)
-            self.say(f"step {step} stage {stage_index}: zero-shot top-1 {top1:.4f}")
+            value = self.evaluator(model)
+            metrics = value if isinstance(value, dict) else {"top1": value}
+            metrics = {name: float(v) for name, v in metrics.items()}
+            self.record({"step": step, "stage": stage_index, **metrics})
+            shown = ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.4f}" for k, v in metrics.items())
+            self.say(f"step {step} stage {stage_index}: {shown}")
 
     def pruned(self, report: PruneReport, stage: StageConfig, stage_index: int, step: int) -> None:
         """Say (and record) how far the masks of an auto stage got when it pruned."""
