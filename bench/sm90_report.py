@@ -51,12 +51,14 @@ class Variant:
     kernel: str
     dtype: str
     label: str
-    pointers: tuple[tuple[str, str], ...]  # (argument, Triton pointer type) for pointer args
+    pointers: tuple[tuple[str, str], ...]  # (argument, Triton type) of pointer and float args
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int
     unit: tuple[str, ...] = ()  # int arguments equal to 1 at launch
     odd: tuple[str, ...] = ()  # int arguments not divisible by 16 at launch
+    # Tuple arguments: (argument, element types), an element "1" being an int equal to 1.
+    tuples: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -96,6 +98,8 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
     }  # fmt: skip
     for num_teachers in teachers:
         count = kernels._teacher_class(num_teachers)
+        # Each teacher's features as a launch passes them: contiguous, unit dim strides.
+        strides = ("i32", "1", "i32", "1") * num_teachers
         passes = [
             ("_affinity_stats_kernel", kernels._STATS_SHAPES),
             ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
@@ -111,6 +115,12 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                     for name in fn.arg_names
                     if name.endswith("_ptr")
                 }
+                tuples = (
+                    ("teacher_x", (f"*{dtype}",) * num_teachers),
+                    ("teacher_y", (f"*{dtype}",) * num_teachers),
+                    ("teacher_dims", ("i32",) * num_teachers),
+                    ("teacher_strides", strides),
+                )
                 kind = "fp32" if dtype == "fp32" else "half"
                 for bm, bn, bd, warps, stages in shapes[kind, count]:
                     consts = dict(
@@ -122,7 +132,7 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                         family, module, kernel, dtype,
                         f"K={num_teachers} {bm}x{bn}x{bd} w{warps} s{stages}",
                         tuple(pointers.items()), tuple(consts.items()), warps, stages,
-                        unit=tuple(unit),
+                        unit=tuple(unit), tuples=tuples,
                     )  # fmt: skip
 
 
@@ -208,9 +218,7 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
     module = "tinyclip_fast.kernels.sigmoid_loss"
     fn = kernels._sigmoid_loss_kernel
     scalars = {"affine_ptr": "*fp32", "teacher_affine_ptr": "*fp32", "partial_ptr": "*fp32"}
-    units = [f"stride_{p}d" for p in ("x", "y")] + [
-        f"stride_t{k}{p}d" for k in range(kernels.MAX_TEACHERS) for p in ("x", "y")
-    ]
+    units = [f"stride_{p}d" for p in ("x", "y")]
     forms = (
         ("siglip", kernels._CONTRASTIVE_SHAPES, 0, 1),
         *(
@@ -222,7 +230,14 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
         pointers = {
             name: scalars.get(name, f"*{dtype}") for name in fn.arg_names if name.endswith("_ptr")
         }
+        pointers.update(weight_c="fp32", weight_d="fp32")
         for form, shapes, kind, teachers in forms:
+            tuples = (
+                ("teacher_x", (f"*{dtype}",) * teachers),
+                ("teacher_y", (f"*{dtype}",) * teachers),
+                ("teacher_dims", ("i32",) * teachers),
+                ("teacher_strides", ("i32", "1", "i32", "1") * teachers),
+            )
             if dtype == "fp32":
                 shapes = {
                     id(kernels._DISTILL_SHAPES): kernels._DISTILL_FP32_SHAPES,
@@ -238,7 +253,7 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
                     "sigmoid_loss", module, fn.__name__, dtype,
                     f"{form} {bm}x{bn}x{bd} w{warps} s{stages}", tuple(pointers.items()),
                     tuple(consts.items()), warps, stages, unit=tuple(units),
-                    odd=("label_offset", "row_start"),
+                    odd=("label_offset", "row_start"), tuples=tuples,
                 )  # fmt: skip
 
 
@@ -290,16 +305,24 @@ def compile_variant(variant: Variant) -> Report:
     try:
         fn = _kernel_fn(variant)
         consts = {**dict(variant.constexprs), **{name: 1 for name in variant.unit}}
-        pointers = dict(variant.pointers)
-        signature = {
-            name: "constexpr" if name in consts else pointers.get(name, "i32")
-            for name in fn.arg_names
-        }
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, name in enumerate(fn.arg_names)
-            if signature[name] != "constexpr" and name not in variant.odd
-        }
+        pointers, tuples = dict(variant.pointers), dict(variant.tuples)
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                signature[name] = "constexpr"
+                continue
+            if name not in tuples:
+                signature[name] = pointers.get(name, "i32")
+                if name not in variant.odd and not signature[name].startswith("fp"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                continue
+            # Triton specialises tuple elements as it does arguments: 1 becomes a constant.
+            signature[name] = tuple("constexpr" if t == "1" else t for t in tuples[name])
+            for j, element in enumerate(tuples[name]):
+                if element == "1":
+                    consts[(i, j)] = 1
+                else:
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
         compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
             target=GPUTarget("cuda", 90, 32),

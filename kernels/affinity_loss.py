@@ -1,17 +1,21 @@
 """Triton kernels of the affinity (distillation + contrastive) loss; raw tensors in and out.
 
-Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= 4 teachers
-(each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at a time,
-flash-attention style: the forward kernel computes each student tile once and streams the K
-teacher tiles beside it, keeping an online softmax per row and teacher (exp2, log2(e) folded
-into the scale, fp32 accumulation), and writes per-row statistics. The soft cross-entropy
-against the averaged target mean_k softmax(B_k) decomposes per teacher: lse(A_i) -
-mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from the
-statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
+Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= MAX_TEACHERS
+teachers (each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at
+a time, flash-attention style: the forward kernel computes each student tile once and
+streams the K teacher tiles beside it, keeping an online softmax per row and teacher (exp2,
+log2(e) folded into the scale, fp32 accumulation), and writes per-row statistics. The soft
+cross-entropy against the averaged target mean_k softmax(B_k) decomposes per teacher:
+lse(A_i) - mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from
+the statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
 cuBLAS GEMMs per chunk then give dX = a dA Y and dY += a dA^T X. That keeps every gradient
 product on the tensor cores at full rate without [BLOCK, d] register accumulators or d-wide
-atomics (d is often 512 or more). NUM_TEACHERS is a constexpr: one teacher compiles to the
-single-teacher kernel, no per-teacher loop or extra work.
+atomics (d is often 512 or more).
+
+The teachers reach a kernel as tuples of K pointers, dims and strides, walked by
+``tl.static_range(NUM_TEACHERS)``: NUM_TEACHERS is a constexpr, so each K compiles to
+straight-line code (one teacher is the single-teacher kernel, no per-teacher loop or extra
+work) and each teacher's running statistics are registers of their own.
 
 Column statistics of the square problem come out of the same pass over the tiles: each
 tile's column sums are taken relative to the tile's own column max and added with fp64
@@ -34,87 +38,56 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING
+from . import INTERPRETING, common
+from .common import (
+    LN2,
+    LOG2E,
+    autotuned,
+    block_args,
+    dot_flags,
+    dot_tile,
+    grad_chunk_rows,
+    one_dtype,
+    strides,
+    xlogx,
+)
+from .limits import MAX_TEACHERS
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # A column sum (fp64, relative to its shift) below this is treated as underflowed and
 # recomputed exactly; 1e-280 leaves room for ~1e20 tile contributions in fp64's normal range.
 _UNDERFLOW = 1e-280
 
-# Budget of the dA chunk the backward pass materialises before its two GEMMs.
-_GRAD_CHUNK_BYTES = 1 << 29
-
-_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
-
-MAX_TEACHERS = 4
-# Column programs per row block of the entropy pass; each loops over its share of the
-# column tiles, so its partial sums stay O(m) however large N is.
-_COLUMN_PROGRAMS = 64
-
 
 @triton.jit
-def _dot_tile(
-    x_ptr, y_ptr, row_start, col_start, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
+def _teacher_tile(
+    teacher_x, teacher_y, teacher_dims, teacher_strides, k: tl.constexpr,
+    row_start, col_start, m, n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_M, BLOCK_N] fp32 tile of X[rows] Y[cols]^T, looping over dim in BLOCK_D chunks.
-
-    The block origin goes into a 64-bit base pointer and the in-tile offsets stay 32-bit:
-    64-bit offset tiles would double the registers the address arithmetic needs.
-    """
-    local_m = tl.arange(0, BLOCK_M)
-    local_n = tl.arange(0, BLOCK_N)
-    row_ok = row_start + local_m < m
-    col_ok = col_start + local_n < n
-    x_base = x_ptr + row_start.to(tl.int64) * stride_xm
-    y_base = y_ptr + col_start.to(tl.int64) * stride_ym
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, dim, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
-        d_ok = offs < dim
-        x = tl.load(
-            x_base + local_m[:, None] * stride_xm + offs[None, :] * stride_xd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            y_base + local_n[None, :] * stride_ym + offs[:, None] * stride_yd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(x, y, acc)
-    return acc
+    """Teacher k's unscaled [BLOCK_M, BLOCK_N] tile Xt_k Yt_k^T; its strides are entries
+    4k .. 4k + 3 of ``teacher_strides`` (rows, dim of Xt_k, then of Yt_k)."""
+    return dot_tile(
+        teacher_x[k], teacher_y[k], row_start, col_start, m, n, teacher_dims[k],
+        teacher_strides[4 * k], teacher_strides[4 * k + 1],
+        teacher_strides[4 * k + 2], teacher_strides[4 * k + 3],
+        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit
 def _teacher_stats_step(
-    xt_ptr, yt_ptr, b2, logits_a, row_start, start, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
-    max_b, sum_b, w_a, w_b, col_shift_ptr, col_acc_ptr,
+    logits_b, logits_a, row_start, start, m, n, state, col_shift_ptr, col_acc_ptr,
     INDEX: tl.constexpr, DOT_B: tl.constexpr, COLUMNS: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Teacher INDEX's tile beside the student's: its online row softmax statistics (max,
-    sum, sum P A and with DOT_B sum P B) and, with COLUMNS, its column sums (shift row
-    1 + INDEX, accumulator rows 1 + 2 INDEX .. 3 + 2 INDEX)."""
+    """Teacher INDEX's tile beside the student's: its online row softmax statistics
+    ``state`` = (max, sum, sum P A, and with DOT_B sum P B) and, with COLUMNS, its column
+    sums (shift row 1 + INDEX, accumulator rows 1 + 2 INDEX .. 3 + 2 INDEX)."""
+    max_b, sum_b, w_a, w_b = state
     row_ok = row_start + tl.arange(0, BLOCK_M) < m
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n
-    logits_b = b2 * _dot_tile(
-        xt_ptr, yt_ptr, row_start, start, m, n, dim,
-        stride_xm, stride_xd, stride_ym, stride_yd,
-        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
-    )  # fmt: skip
     row_b = tl.where(col_ok[None, :], logits_b, float("-inf"))
     new_max_b = tl.maximum(max_b, tl.max(row_b, axis=1))
     rescale = tl.exp2(max_b - new_max_b)
@@ -146,20 +119,9 @@ def _teacher_stats_step(
 
 
 @triton.jit
-def _store_teacher_rows(
-    row_out_ptr, rows, row_ok, m, max_b, sum_b, w_a,
-    INDEX: tl.constexpr, NUM_TEACHERS: tl.constexpr,
-):  # fmt: skip
-    """lse_b of teacher INDEX into row 2 + INDEX, p_dot_a into row 2 + K + INDEX."""
-    ln2 = 0.6931471805599453
-    tl.store(row_out_ptr + (2 + INDEX) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
-    tl.store(row_out_ptr + (2 + NUM_TEACHERS + INDEX) * m + rows, w_a / sum_b * ln2, mask=row_ok)
-
-
-@triton.jit
 def _affinity_stats_kernel(
     x_ptr, y_ptr, scale_ptr,
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
     # [2 + 2K (+ 1 if K = 1), m] fp32, natural log units: lse_a, target_a, lse_b of each
     # teacher, p_dot_a of each teacher, and for one teacher p_dot_b
@@ -168,12 +130,9 @@ def _affinity_stats_kernel(
     # [1 + 2K (+ 1 if K = 1), N] fp64: sum 2^(A-c), then per teacher sum 2^(B-c'),
     # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
     col_acc_ptr,
-    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset,
+    m, n, d_s, teacher_dims, label_offset,
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -188,28 +147,14 @@ def _affinity_stats_kernel(
     max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_a = tl.zeros((BLOCK_M,), tl.float32)
     target_a = tl.zeros((BLOCK_M,), tl.float32)
-    # Per teacher: running max, sum, sum 2^B A and (one teacher only) sum 2^B B of each row.
-    if NUM_TEACHERS > 0:
-        b2_0 = tl.load(teacher_scale_ptr).to(tl.float32) * log2e
-        max_b0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b0 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a0 = tl.zeros((BLOCK_M,), tl.float32)
-        w_b0 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 1:
-        b2_1 = tl.load(teacher_scale_ptr + 1).to(tl.float32) * log2e
-        max_b1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b1 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a1 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 2:
-        b2_2 = tl.load(teacher_scale_ptr + 2).to(tl.float32) * log2e
-        max_b2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b2 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a2 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 3:
-        b2_3 = tl.load(teacher_scale_ptr + 3).to(tl.float32) * log2e
-        max_b3 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b3 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a3 = tl.zeros((BLOCK_M,), tl.float32)
+    # Per teacher: its scale in log2 units and the running max, sum, sum 2^B A and (one
+    # teacher only) sum 2^B B of each row.
+    scales = ()
+    states = ()
+    for k in tl.static_range(NUM_TEACHERS):
+        scales = scales + (tl.load(teacher_scale_ptr + k).to(tl.float32) * log2e,)
+        zeros = tl.zeros((BLOCK_M,), tl.float32)
+        states = states + ((tl.full((BLOCK_M,), float("-inf"), tl.float32), zeros, zeros, zeros),)
     num_tiles = tl.cdiv(n, BLOCK_N)
     for step in range(0, num_tiles):
         # Programs start on different column tiles so that their column atomics rarely
@@ -219,7 +164,7 @@ def _affinity_stats_kernel(
         col_ok = cols < n
         # Logits in log2 units: exp2 of them is exp of the natural logits. The student tile
         # is computed once and stays live while the teachers' tiles stream past it.
-        logits_a = a2 * _dot_tile(
+        logits_a = a2 * dot_tile(
             x_ptr, y_ptr, row_start, start, m, n, d_s,
             stride_xm, stride_xd, stride_ym, stride_yd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
@@ -239,55 +184,36 @@ def _affinity_stats_kernel(
             shift_a = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0)
             factor_a = tl.exp2((tile_max_a - shift_a).to(tl.float64))
             tl.atomic_add(col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok)
-        if NUM_TEACHERS > 0:
-            max_b0, sum_b0, w_a0, w_b0 = _teacher_stats_step(
-                xt0_ptr, yt0_ptr, b2_0, logits_a, row_start, start, m, n, d_t0,
-                stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-                max_b0, sum_b0, w_a0, w_b0, col_shift_ptr, col_acc_ptr,
-                0, NUM_TEACHERS == 1, COLUMNS,
-                UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        stepped = ()
+        for k in tl.static_range(NUM_TEACHERS):
+            logits_b = scales[k] * _teacher_tile(
+                teacher_x, teacher_y, teacher_dims, teacher_strides, k, row_start, start, m, n,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
             )  # fmt: skip
-        if NUM_TEACHERS > 1:
-            max_b1, sum_b1, w_a1, _ = _teacher_stats_step(
-                xt1_ptr, yt1_ptr, b2_1, logits_a, row_start, start, m, n, d_t1,
-                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-                max_b1, sum_b1, w_a1, w_a1, col_shift_ptr, col_acc_ptr,
-                1, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            stepped = stepped + (
+                _teacher_stats_step(
+                    logits_b, logits_a, row_start, start, m, n, states[k], col_shift_ptr,
+                    col_acc_ptr, k, NUM_TEACHERS == 1, COLUMNS, BLOCK_M, BLOCK_N,
+                ),
             )  # fmt: skip
-        if NUM_TEACHERS > 2:
-            max_b2, sum_b2, w_a2, _ = _teacher_stats_step(
-                xt2_ptr, yt2_ptr, b2_2, logits_a, row_start, start, m, n, d_t2,
-                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-                max_b2, sum_b2, w_a2, w_a2, col_shift_ptr, col_acc_ptr,
-                2, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-        if NUM_TEACHERS > 3:
-            max_b3, sum_b3, w_a3, _ = _teacher_stats_step(
-                xt3_ptr, yt3_ptr, b2_3, logits_a, row_start, start, m, n, d_t3,
-                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-                max_b3, sum_b3, w_a3, w_a3, col_shift_ptr, col_acc_ptr,
-                3, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
+        states = stepped
     ln2 = 0.6931471805599453
     tl.store(row_out_ptr + rows, (max_a + tl.log2(sum_a)) * ln2, mask=row_ok)
     tl.store(row_out_ptr + m + rows, target_a * ln2, mask=row_ok)
-    if NUM_TEACHERS > 0:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b0, sum_b0, w_a0, 0, NUM_TEACHERS)
-    if NUM_TEACHERS == 1:
-        tl.store(row_out_ptr + 4 * m + rows, w_b0 / sum_b0 * ln2, mask=row_ok)
-    if NUM_TEACHERS > 1:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b1, sum_b1, w_a1, 1, NUM_TEACHERS)
-    if NUM_TEACHERS > 2:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b2, sum_b2, w_a2, 2, NUM_TEACHERS)
-    if NUM_TEACHERS > 3:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b3, sum_b3, w_a3, 3, NUM_TEACHERS)
+    # lse_b of teacher k into row 2 + k, p_dot_a into row 2 + K + k, one teacher's p_dot_b
+    # into row 4.
+    for k in tl.static_range(NUM_TEACHERS):
+        max_b, sum_b, w_a, w_b = states[k]
+        tl.store(row_out_ptr + (2 + k) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
+        tl.store(row_out_ptr + (2 + NUM_TEACHERS + k) * m + rows, w_a / sum_b * ln2, mask=row_ok)
+        if NUM_TEACHERS == 1:
+            tl.store(row_out_ptr + 4 * m + rows, w_b / sum_b * ln2, mask=row_ok)
 
 
 @triton.jit
 def _teacher_softmax_tiles(
-    xt_ptr, yt_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-    block_row, col_start, row_end, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
+    teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
+    row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
     INDEX: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -297,9 +223,9 @@ def _teacher_softmax_tiles(
     log2e = 1.4426950408889634
     rows = block_row + tl.arange(0, BLOCK_M)
     cols = col_start + tl.arange(0, BLOCK_N)
-    logits_b = _dot_tile(
-        xt_ptr, yt_ptr, block_row, col_start, row_end, n, dim,
-        stride_xm, stride_xd, stride_ym, stride_yd,
+    logits_b = _teacher_tile(
+        teacher_x, teacher_y, teacher_dims, teacher_strides, INDEX,
+        block_row, col_start, row_end, n,
         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
     ) * (tl.load(teacher_scale_ptr + INDEX).to(tl.float32) * log2e)  # fmt: skip
     lse_b = tl.load(row_lse_ptr + (1 + INDEX) * m + rows, mask=rows < row_end, other=0.0)
@@ -314,19 +240,16 @@ def _teacher_softmax_tiles(
 @triton.jit
 def _affinity_grad_logits_kernel(
     x_ptr, y_ptr, scale_ptr,
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
     row_lse_ptr,  # [1 + K, m] fp32: lse of A and of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: lse of A and of each B_k per column (COLUMNS only)
     coeff_ptr,  # [5] fp32: row Q, row P_k, column Q, column P_k, one-hot coefficients
     grad_ptr,  # [chunk, N] contiguous, features' dtype: a dL/dA of rows row_start + [0, chunk)
     dscale_ptr,  # [programs] fp32: per-program sum(dA * X Y^T)
-    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset, row_start, chunk,
+    m, n, d_s, teacher_dims, label_offset, row_start, chunk,
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -341,7 +264,7 @@ def _affinity_grad_logits_kernel(
     cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     log2e = 1.4426950408889634
-    dots = _dot_tile(
+    dots = dot_tile(
         x_ptr, y_ptr, block_row, col_start, row_end, n, d_s,
         stride_xm, stride_xd, stride_ym, stride_yd,
         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
@@ -357,41 +280,11 @@ def _affinity_grad_logits_kernel(
     if NUM_TEACHERS > 0:
         coeff_p = tl.load(coeff_ptr + 1)
         coeff_col_p = tl.load(coeff_ptr + 3)
+    for k in tl.static_range(NUM_TEACHERS):
         probs, col_probs = _teacher_softmax_tiles(
-            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t0,
-            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 1:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t1,
-            stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-            1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 2:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t2,
-            stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-            2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 3:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t3,
-            stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-            3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
+            row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
+            k, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         grad -= coeff_p * probs
         if COLUMNS:
@@ -411,23 +304,14 @@ def _affinity_grad_logits_kernel(
 
 
 @triton.jit
-def _xlogx(p):
-    """p ln p with 0 ln 0 = 0."""
-    return tl.where(p > 0, p * tl.log2(p) * 0.6931471805599453, 0.0)
-
-
-@triton.jit
 def _mixture_entropy_kernel(
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (K >= 2) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
     row_lse_ptr,  # [1 + K, m] fp32: row 0 unused, then lse of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: the same per column (COLUMNS only)
     partial_ptr,  # [programs, 2] fp32: per-program sum P ln P of the rows and of the columns
-    m, n, d_t0, d_t1, d_t2, d_t3,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    m, n, teacher_dims,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -442,56 +326,24 @@ def _mixture_entropy_kernel(
     for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_N) - pid_n, column_programs)):
         col_start = (pid_n + step * column_programs) * BLOCK_N
         ok = row_ok[:, None] & (col_start + tl.arange(0, BLOCK_N) < n)[None, :]
-        mix, col_mix = _teacher_softmax_tiles(
-            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, m, m, n, d_t0,
-            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        if NUM_TEACHERS > 1:
+        mix = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        col_mix = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in tl.static_range(NUM_TEACHERS):
             probs, col_probs = _teacher_softmax_tiles(
-                xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t1,
-                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-                1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        if NUM_TEACHERS > 2:
-            probs, col_probs = _teacher_softmax_tiles(
-                xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t2,
-                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-                2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        if NUM_TEACHERS > 3:
-            probs, col_probs = _teacher_softmax_tiles(
-                xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t3,
-                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-                3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
+                row_lse_ptr, col_lse_ptr, block_row, col_start, m, m, n,
+                k, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
             )  # fmt: skip
             mix += probs
             col_mix += col_probs
         mix = mix * (1.0 / NUM_TEACHERS)
-        row_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(mix), 0.0), axis=1), axis=0)
+        row_sum += tl.sum(tl.sum(tl.where(ok, xlogx(mix), 0.0), axis=1), axis=0)
         if COLUMNS:
             col_mix = col_mix * (1.0 / NUM_TEACHERS)
-            col_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(col_mix), 0.0), axis=1), axis=0)
+            col_sum += tl.sum(tl.sum(tl.where(ok, xlogx(col_mix), 0.0), axis=1), axis=0)
     slot = partial_ptr + (pid_m * column_programs + pid_n) * 2
     tl.store(slot, row_sum)
     tl.store(slot + 1, col_sum)
-
-
-def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
-    """CUDA autotuning over (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) candidates."""
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bm, bn, bd, w, s in shapes
-    ]
-    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel)
 
 
 # Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
@@ -504,8 +356,8 @@ def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
 # BLOCK_D / BLOCK_N candidates of its own. Each teacher streamed beside the student adds its
 # running statistics and (backward) its softmax tile: the larger tiles spill from K = 2
 # (64x128 stats, 128x64 fp32 grad: 8-84 B) or K = 4 (every 64x128 / 128x64 tile, 16-1000 B;
-# fp32 stats even at 64x64, hence 64x32). With the K-teacher signature, fp32 64x128x16 stats
-# spill 4 B at K = 1 on Triton 3.6 (clean before): dropped from the one-teacher candidates.
+# fp32 stats even at 64x64, hence 64x32). fp32 64x128x16 stats spill 4 B at K = 1 on
+# Triton 3.6: not among the one-teacher candidates.
 _STATS_SHAPES = {
     ("half", "one"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
     ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
@@ -534,7 +386,7 @@ _ENTROPY_SHAPES = {
     ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
     ("fp32", "four"): ((64, 64, 16, 8, 3),),
 }
-_KEY = ["m", "n", "d_t0", "d_t1", "d_t2", "d_t3"]
+_KEY = ["m", "n", "teacher_dims"]
 
 
 def _shape_class(features: torch.Tensor) -> str:
@@ -549,42 +401,18 @@ if INTERPRETING:
     _STATS_KERNELS = dict.fromkeys(_STATS_SHAPES, _affinity_stats_kernel)
     _GRAD_KERNELS = dict.fromkeys(_GRAD_SHAPES, _affinity_grad_logits_kernel)
     _ENTROPY_KERNELS = dict.fromkeys(_ENTROPY_SHAPES, _mixture_entropy_kernel)
-    _SMALLEST_BLOCK = _INTERPRETER_BLOCKS["BLOCK_M"]
 else:
     _STATS_KERNELS = {
-        kind: _autotuned(_affinity_stats_kernel, shapes, ["d_s", *_KEY], ["col_acc_ptr"])
+        kind: autotuned(_affinity_stats_kernel, shapes, ["d_s", *_KEY], ["col_acc_ptr"])
         for kind, shapes in _STATS_SHAPES.items()
     }
     _GRAD_KERNELS = {
-        kind: _autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *_KEY], ["dscale_ptr"])
+        kind: autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *_KEY], ["dscale_ptr"])
         for kind, shapes in _GRAD_SHAPES.items()
     }
     _ENTROPY_KERNELS = {
-        kind: _autotuned(_mixture_entropy_kernel, shapes, _KEY, ["partial_ptr"])
+        kind: autotuned(_mixture_entropy_kernel, shapes, _KEY, ["partial_ptr"])
         for kind, shapes in _ENTROPY_SHAPES.items()
-    }
-    _SMALLEST_BLOCK = 64
-
-
-def _block_args() -> dict:
-    return dict(_INTERPRETER_BLOCKS) if INTERPRETING else {}
-
-
-def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """All features in one dtype (one tl.dot flavour): their shared fp32/half type, else fp32."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and torch.float64 not in dtypes:
-        return list(tensors)
-    return [t.float() for t in tensors]
-
-
-def _dot_flags(features: torch.Tensor) -> dict:
-    fp32 = features.dtype == torch.float32
-    return {
-        "UPCAST": INTERPRETING,
-        "FP32_DOT": INTERPRETING or fp32,
-        # Under the interpreter tl.dot is numpy fp32; on CUDA, 3xTF32 keeps fp32 accuracy.
-        "DOT_PRECISION": "ieee" if INTERPRETING else "tf32x3",
     }
 
 
@@ -599,27 +427,28 @@ def _teacher_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Te
     return scales.detach().reshape(-1).to(device=like.device, dtype=torch.float32).contiguous()
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for tensor in tensors for s in tensor.stride()]
-
-
 class _Operands:
     """The student pair and up to MAX_TEACHERS teacher pairs as one dot flavour, with the
-    kernels' padded teacher arguments: absent teachers repeat the student (never read),
-    dim 0."""
+    kernels' teacher tuples (pointers, dims, strides); without teachers the tuples hold the
+    student once, never read."""
 
     def __init__(self, rows, cols, teachers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if len(teachers) > MAX_TEACHERS:
             raise ValueError(f"at most {MAX_TEACHERS} teachers, got {len(teachers)}")
-        flat = _common_dtype(rows, cols, *(t for pair in teachers for t in pair))
+        flat = one_dtype([rows, cols, *(t for pair in teachers for t in pair)])
         self.rows, self.cols = flat[:2]
         self.teachers = [(flat[2 + 2 * k], flat[3 + 2 * k]) for k in range(len(teachers))]
         self.num_teachers = len(teachers)
-        padded = self.teachers + [(self.rows, self.cols)] * (MAX_TEACHERS - len(teachers))
-        self.pointers = [t for pair in padded for t in pair]
-        self.dims = [pair[0].shape[1] if k < len(teachers) else 0 for k, pair in enumerate(padded)]
-        self.strides = _strides(*self.pointers)
+        pairs = self.teachers or [(self.rows, self.cols)]
+        self.teacher_x = tuple(pair[0] for pair in pairs)
+        self.teacher_y = tuple(pair[1] for pair in pairs)
+        self.teacher_dims = tuple(pair[0].shape[1] for pair in pairs)
+        self.teacher_strides = strides([t for pair in pairs for t in pair])
         self.kernel_class = (_shape_class(self.rows), _teacher_class(len(teachers)))
+
+    def flags(self) -> dict:
+        """The launch's constexprs besides COLUMNS: teacher count, dot flavour, blocks."""
+        return {"NUM_TEACHERS": self.num_teachers, **dot_flags(self.rows.dtype), **block_args()}
 
 
 def _column_shifts(rows, cols, scale, teachers, teacher_scales) -> torch.Tensor:
@@ -645,12 +474,12 @@ def affinity_stats_forward(
 ) -> tuple[tuple, tuple | None]:
     """Per-row (and, if ``column_stats``, per-column) softmax statistics, fp32.
 
-    ``teachers`` = [(teacher_rows_k, teacher_cols_k)] for K = 0..4, ``teacher_scales`` their
-    [K] scales. Returns ``(lse_a, target_a, lse_b, p_dot_a, p_dot_b)`` for the rows and, for
-    the square problem, the same for the columns (target = the diagonal): lse = log-sum-exp,
-    lse_b and p_dot_a [K, r] per teacher with p_dot_a_k = sum_j softmax(B_k)_ij A_ij, and
-    p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher (None otherwise, and teacher
-    entries None without teachers).
+    ``teachers`` = [(teacher_rows_k, teacher_cols_k)] for K = 0..MAX_TEACHERS,
+    ``teacher_scales`` their [K] scales. Returns ``(lse_a, target_a, lse_b, p_dot_a,
+    p_dot_b)`` for the rows and, for the square problem, the same for the columns (target =
+    the diagonal): lse = log-sum-exp, lse_b and p_dot_a [K, r] per teacher with p_dot_a_k =
+    sum_j softmax(B_k)_ij A_ij, and p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher
+    (None otherwise, and teacher entries None without teachers).
     """
     m, n = rows.shape[0], cols.shape[0]
     ops = _Operands(rows, cols, teachers)
@@ -664,10 +493,10 @@ def affinity_stats_forward(
         shifts = col_acc = row_out  # never read: COLUMNS is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _STATS_KERNELS[ops.kernel_class][grid](
-        ops.rows, ops.cols, a, *ops.pointers, b, row_out, shifts, col_acc,
-        m, n, ops.rows.shape[1], *ops.dims, label_offset,
-        *_strides(ops.rows, ops.cols), *ops.strides,
-        NUM_TEACHERS=k, COLUMNS=column_stats, **_dot_flags(ops.rows), **_block_args(),
+        ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, row_out, shifts, col_acc,
+        m, n, ops.rows.shape[1], ops.teacher_dims, label_offset,
+        *strides([ops.rows, ops.cols]), ops.teacher_strides,
+        COLUMNS=column_stats, **ops.flags(),
     )  # fmt: skip
     row = _unpack(row_out, k)
     if not column_stats:
@@ -731,15 +560,16 @@ def mixture_entropy(
     # Row 0 of the lse buffers is the student's in the other kernels; unused here.
     row_lse = torch.cat([row_lse_b[:1], row_lse_b]).float().contiguous()
     col_lse = torch.cat([col_lse_b[:1], col_lse_b]).float().contiguous() if columns else row_lse
-    programs = triton.cdiv(m, _SMALLEST_BLOCK) * _COLUMN_PROGRAMS
+    column_programs = common.COLUMN_PROGRAMS
+    programs = triton.cdiv(m, common.SMALLEST_BLOCK) * column_programs
     partials = torch.zeros(programs, 2, dtype=torch.float32, device=device)
     grid = lambda meta: (
         triton.cdiv(m, meta["BLOCK_M"]),
-        min(triton.cdiv(n, meta["BLOCK_N"]), _COLUMN_PROGRAMS),
+        min(triton.cdiv(n, meta["BLOCK_N"]), column_programs),
     )
     _ENTROPY_KERNELS[ops.kernel_class][grid](
-        *ops.pointers, b, row_lse, col_lse, partials, m, n, *ops.dims, *ops.strides,
-        NUM_TEACHERS=ops.num_teachers, COLUMNS=columns, **_dot_flags(ops.rows), **_block_args(),
+        ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, partials, m, n, ops.teacher_dims,
+        ops.teacher_strides, COLUMNS=columns, **ops.flags(),
     )  # fmt: skip
     sums = partials.sum(dim=0, dtype=torch.float64)
     return sums[0], (sums[1] if columns else None)
@@ -783,9 +613,10 @@ def affinity_grad_backward(
     coeffs = coeffs.float() * torch.tensor([1, 1 / max(k, 1), 1, 1 / max(k, 1), 1], device=device)
     # dA in the features' dtype (fp32 features keep fp32): the two products below run in
     # cuBLAS at the full tensor-core rate, accumulating in fp32, as in flash attention.
-    chunk = _grad_chunk_rows(m, n, rows.element_size())
+    chunk = grad_chunk_rows(m, n, rows.element_size())
     grad = torch.empty(chunk, n, dtype=rows.dtype, device=device)
-    programs = triton.cdiv(chunk, _SMALLEST_BLOCK) * triton.cdiv(n, _SMALLEST_BLOCK)
+    smallest = common.SMALLEST_BLOCK
+    programs = triton.cdiv(chunk, smallest) * triton.cdiv(n, smallest)
     dscale = torch.zeros(triton.cdiv(m, chunk), programs, dtype=torch.float32, device=device)
     dx = torch.empty(m, rows.shape[1], dtype=rows.dtype, device=device)
     dy = None
@@ -796,10 +627,9 @@ def affinity_grad_backward(
             triton.cdiv(n, meta["BLOCK_N"]),
         )
         _GRAD_KERNELS[ops.kernel_class][grid](
-            rows, cols, a, *ops.pointers, b, row_lse, col_lse, coeffs, grad, dscale[index],
-            m, n, rows.shape[1], *ops.dims, label_offset, start, size,
-            *_strides(rows, cols), *ops.strides,
-            NUM_TEACHERS=k, COLUMNS=columns, **_dot_flags(rows), **_block_args(),
+            rows, cols, a, ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, coeffs, grad,
+            dscale[index], m, n, rows.shape[1], ops.teacher_dims, label_offset, start, size,
+            *strides([rows, cols]), ops.teacher_strides, COLUMNS=columns, **ops.flags(),
         )  # fmt: skip
         torch.matmul(grad[:size], cols, out=dx[start : start + size])
         part = grad[:size].T @ rows[start : start + size]
@@ -809,10 +639,3 @@ def affinity_grad_backward(
         else:
             dy.add_(part)
     return dx, dy, dscale.sum()
-
-
-def _grad_chunk_rows(m: int, n: int, element_size: int) -> int:
-    """Rows of dA materialised at once: at most ~512 MB, and all of them for small problems."""
-    rows = _GRAD_CHUNK_BYTES // (n * element_size) // _SMALLEST_BLOCK * _SMALLEST_BLOCK
-    rows = max(_SMALLEST_BLOCK, rows)
-    return min(m, rows)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from support import KERNEL_DEVICE, ensemble_reference, rel_err
 
-import tinyclip_fast.ops.affinity_loss as affinity_module
+import tinyclip_fast.ops.chunking as chunking
 from tinyclip_fast.ops.affinity_loss import (
     KINDS,
     affinity_loss_rows,
@@ -121,8 +121,8 @@ def check(
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many row chunks so the online column softmax of the PyTorch path is exercised."""
-    monkeypatch.setattr(affinity_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(affinity_module, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "MIN_CHUNK_ROWS", 8)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -292,10 +292,10 @@ def test_triton(case):
 
 
 def test_triton_backward_in_row_chunks(monkeypatch):
-    import tinyclip_fast.kernels.affinity_loss as kernels
+    import tinyclip_fast.kernels.common as common
 
     # A one-byte budget rounds up to one block of rows: m = 70 takes several chunks.
-    monkeypatch.setattr(kernels, "_GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(common, "GRAD_CHUNK_BYTES", 1)
     check(square=True, m=70, n=70, d_s=16, d_t=16, backend="triton", device=KERNEL_DEVICE)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from support import KERNEL_DEVICE, rel_err
 
+import tinyclip_fast.ops.chunking as chunking
 import tinyclip_fast.ops.sigmoid_loss as sigmoid_module
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.ops.sigmoid_loss import (
@@ -101,8 +102,8 @@ def check(
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Many row chunks in the PyTorch path."""
-    monkeypatch.setattr(sigmoid_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(sigmoid_module, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "MIN_CHUNK_ROWS", 8)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -322,12 +323,13 @@ def test_triton(case):
 
 
 def test_triton_in_row_chunks_and_column_loops(monkeypatch):
+    import tinyclip_fast.kernels.common as common
     import tinyclip_fast.kernels.sigmoid_loss as kernels
 
     # A one-byte budget rounds up to one block of rows: m = 70 takes three chunks; one
     # column program per row block walks every column tile.
-    monkeypatch.setattr(kernels, "_GRAD_CHUNK_BYTES", 1)
-    monkeypatch.setattr(kernels, "_COLUMN_PROGRAMS", 1)
+    monkeypatch.setattr(common, "GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(common, "COLUMN_PROGRAMS", 1)
     check(m=70, n=70, d_s=16, teacher_dims=(16, 8), kind="kl", backend="triton",
           device=KERNEL_DEVICE, label_offset=0)  # fmt: skip
     monkeypatch.setattr(kernels, "_LOSS_CHUNK_ROWS", 32)

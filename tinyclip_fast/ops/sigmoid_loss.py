@@ -28,16 +28,12 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
 from tinyclip_fast.ops.backend import use_triton
+from tinyclip_fast.ops.chunking import chunk_rows
 
 KINDS = ("bce", "kl", "mobileclip")
-MAX_TEACHERS = 4
-
-# Elements of one [chunk, N] workspace buffer of the PyTorch path (8 MB in fp32).
-_CHUNK_ELEMENTS = 1 << 21
-_MIN_CHUNK_ROWS = 32
-_MAX_CHUNK_ROWS = 2048
 
 Scalar = float | torch.Tensor
 Teacher = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -124,11 +120,6 @@ def _check_teachers(
 # ----------------------------------------------------------------------------- PyTorch path
 
 
-def _chunk_rows(num_cols: int) -> int:
-    rows = _CHUNK_ELEMENTS // max(num_cols, 1)
-    return max(_MIN_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, rows))
-
-
 def _torch_tiles(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -158,7 +149,7 @@ def _torch_tiles(
     ]
     distill = kind is not None
     w_c, w_d = weights
-    step = min(m, _chunk_rows(n))
+    step = min(m, chunk_rows(n))
     buffers = 2 + distill + (kind == "mobileclip")
     workspace = torch.empty(buffers, step, n, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
