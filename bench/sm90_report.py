@@ -88,8 +88,8 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
     """The affinity kernels with K teachers and the column terms on (their heaviest form),
     and for K >= 2 the mixture-entropy pass of the ensemble KL."""
     import tinyclip_fast.kernels.affinity_loss as kernels
+    import tinyclip_fast.kernels.mixture_entropy as entropy
 
-    module = "tinyclip_fast.kernels.affinity_loss"
     scalars = {
         "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
         "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
@@ -101,13 +101,14 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
         # Each teacher's features as a launch passes them: contiguous, unit dim strides.
         strides = ("i32", "1", "i32", "1") * num_teachers
         passes = [
-            ("_affinity_stats_kernel", kernels._STATS_SHAPES),
-            ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
+            (kernels, "_affinity_stats_kernel", kernels._STATS_SHAPES),
+            (kernels, "_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
         ]
         if num_teachers > 1:
-            passes.append(("_mixture_entropy_kernel", kernels._ENTROPY_SHAPES))
-        for kernel, shapes in passes:
-            fn = getattr(kernels, kernel)
+            passes.append((entropy, "_mixture_entropy_kernel", entropy._ENTROPY_SHAPES))
+        for source, kernel, shapes in passes:
+            module = source.__name__
+            fn = getattr(source, kernel)
             unit = [n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")]
             for dtype in dtypes:
                 pointers = {

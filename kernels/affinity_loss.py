@@ -26,8 +26,8 @@ student or any teacher) are recomputed exactly by a second pass (the row kernel 
 transposed problem, those columns only).
 
 The KL form of an ensemble needs the entropy of the mixture mean_k P_k, which does not
-decompose per teacher: ``mixture_entropy`` computes it exactly by one more pass over the
-teacher tiles once their log-sum-exps are known (one teacher needs no such pass).
+decompose per teacher: ``kernels.mixture_entropy`` computes it exactly by one more pass over
+the teacher tiles once their log-sum-exps are known (one teacher needs no such pass).
 
 Feature dtypes: bf16/fp16 dots on the tensor cores, fp32 ones as 3xTF32; every statistic
 and accumulation is fp32. Float64 features are cast to fp32 here: the kernels compute in
@@ -49,7 +49,6 @@ from .common import (
     grad_chunk_rows,
     one_dtype,
     strides,
-    xlogx,
 )
 from .limits import MAX_TEACHERS
 
@@ -211,7 +210,7 @@ def _affinity_stats_kernel(
 
 
 @triton.jit
-def _teacher_softmax_tiles(
+def teacher_softmax_tiles(
     teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
     row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
     INDEX: tl.constexpr, COLUMNS: tl.constexpr,
@@ -281,7 +280,7 @@ def _affinity_grad_logits_kernel(
         coeff_p = tl.load(coeff_ptr + 1)
         coeff_col_p = tl.load(coeff_ptr + 3)
     for k in tl.static_range(NUM_TEACHERS):
-        probs, col_probs = _teacher_softmax_tiles(
+        probs, col_probs = teacher_softmax_tiles(
             teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
             row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
             k, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -301,49 +300,6 @@ def _affinity_grad_logits_kernel(
         (grad * scale).to(grad_ptr.dtype.element_ty),
         mask=ok,
     )
-
-
-@triton.jit
-def _mixture_entropy_kernel(
-    teacher_x, teacher_y,  # K-tuples (K >= 2) of teacher row / column features
-    teacher_scale_ptr,  # [K] fp32
-    row_lse_ptr,  # [1 + K, m] fp32: row 0 unused, then lse of each B_k per row
-    col_lse_ptr,  # [1 + K, N] fp32: the same per column (COLUMNS only)
-    partial_ptr,  # [programs, 2] fp32: per-program sum P ln P of the rows and of the columns
-    m, n, teacher_dims,
-    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
-    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    block_row = pid_m * BLOCK_M
-    row_ok = block_row + tl.arange(0, BLOCK_M) < m
-    row_sum = 0.0
-    col_sum = 0.0
-    column_programs = tl.num_programs(1)
-    for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_N) - pid_n, column_programs)):
-        col_start = (pid_n + step * column_programs) * BLOCK_N
-        ok = row_ok[:, None] & (col_start + tl.arange(0, BLOCK_N) < n)[None, :]
-        mix = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        col_mix = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in tl.static_range(NUM_TEACHERS):
-            probs, col_probs = _teacher_softmax_tiles(
-                teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
-                row_lse_ptr, col_lse_ptr, block_row, col_start, m, m, n,
-                k, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        mix = mix * (1.0 / NUM_TEACHERS)
-        row_sum += tl.sum(tl.sum(tl.where(ok, xlogx(mix), 0.0), axis=1), axis=0)
-        if COLUMNS:
-            col_mix = col_mix * (1.0 / NUM_TEACHERS)
-            col_sum += tl.sum(tl.sum(tl.where(ok, xlogx(col_mix), 0.0), axis=1), axis=0)
-    slot = partial_ptr + (pid_m * column_programs + pid_n) * 2
-    tl.store(slot, row_sum)
-    tl.store(slot + 1, col_sum)
 
 
 # Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
@@ -378,15 +334,7 @@ _GRAD_SHAPES = {
     ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
     ("fp32", "four"): ((64, 64, 16, 8, 3), (64, 32, 32, 8, 3)),
 }  # fmt: skip
-# The entropy pass of an ensemble's KL (K >= 2 only); fp32 64x64x32 spills 16 B at K = 4
-# on Triton 3.6.
-_ENTROPY_SHAPES = {
-    ("half", "two"): ((64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
-    ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
-    ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
-    ("fp32", "four"): ((64, 64, 16, 8, 3),),
-}
-_KEY = ["m", "n", "teacher_dims"]
+TUNE_KEY = ["m", "n", "teacher_dims"]
 
 
 def _shape_class(features: torch.Tensor) -> str:
@@ -400,19 +348,14 @@ def _teacher_class(num_teachers: int) -> str:
 if INTERPRETING:
     _STATS_KERNELS = dict.fromkeys(_STATS_SHAPES, _affinity_stats_kernel)
     _GRAD_KERNELS = dict.fromkeys(_GRAD_SHAPES, _affinity_grad_logits_kernel)
-    _ENTROPY_KERNELS = dict.fromkeys(_ENTROPY_SHAPES, _mixture_entropy_kernel)
 else:
     _STATS_KERNELS = {
-        kind: autotuned(_affinity_stats_kernel, shapes, ["d_s", *_KEY], ["col_acc_ptr"])
+        kind: autotuned(_affinity_stats_kernel, shapes, ["d_s", *TUNE_KEY], ["col_acc_ptr"])
         for kind, shapes in _STATS_SHAPES.items()
     }
     _GRAD_KERNELS = {
-        kind: autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *_KEY], ["dscale_ptr"])
+        kind: autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *TUNE_KEY], ["dscale_ptr"])
         for kind, shapes in _GRAD_SHAPES.items()
-    }
-    _ENTROPY_KERNELS = {
-        kind: autotuned(_mixture_entropy_kernel, shapes, _KEY, ["partial_ptr"])
-        for kind, shapes in _ENTROPY_SHAPES.items()
     }
 
 
@@ -420,14 +363,14 @@ def _scalar(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.detach().reshape(1).to(device=like.device, dtype=torch.float32)
 
 
-def _teacher_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def device_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """[K] fp32 scales on the features' device; a [1] placeholder without teachers."""
     if scales is None:
         return torch.ones(1, dtype=torch.float32, device=like.device)
     return scales.detach().reshape(-1).to(device=like.device, dtype=torch.float32).contiguous()
 
 
-class _Operands:
+class TeacherOperands:
     """The student pair and up to MAX_TEACHERS teacher pairs as one dot flavour, with the
     kernels' teacher tuples (pointers, dims, strides); without teachers the tuples hold the
     student once, never read."""
@@ -482,9 +425,9 @@ def affinity_stats_forward(
     (None otherwise, and teacher entries None without teachers).
     """
     m, n = rows.shape[0], cols.shape[0]
-    ops = _Operands(rows, cols, teachers)
+    ops = TeacherOperands(rows, cols, teachers)
     k = ops.num_teachers
-    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
+    a, b = _scalar(scale, rows), device_scales(teacher_scales, rows)
     row_out = torch.empty(2 + 2 * k + (k == 1), m, dtype=torch.float32, device=rows.device)
     if column_stats:
         shifts = _column_shifts(ops.rows, ops.cols, a, ops.teachers, b)
@@ -541,40 +484,6 @@ def _exact_column_stats(col, bad, rows, cols, a, teachers, b) -> None:
         col[4][bad] = exact[4]
 
 
-def mixture_entropy(
-    teachers: list[tuple[torch.Tensor, torch.Tensor]],
-    teacher_scales: torch.Tensor,
-    row_lse_b: torch.Tensor,
-    col_lse_b: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum_ij Pbar_ij ln Pbar_ij with Pbar = mean_k softmax_row(B_k) (fp64 0-d), and with
-    ``col_lse_b`` the same for the column softmaxes: an exact pass over the teacher tiles
-    given their [K, m] row (and [K, N] column) log-sum-exps. K >= 2 (one teacher's entropy
-    is lse_b - p_dot_b per row)."""
-    teacher_rows, teacher_cols = teachers[0]
-    m, n = teacher_rows.shape[0], teacher_cols.shape[0]
-    device = teacher_rows.device
-    ops = _Operands(teacher_rows, teacher_cols, teachers)
-    b = _teacher_scales(teacher_scales, teacher_rows)
-    columns = col_lse_b is not None
-    # Row 0 of the lse buffers is the student's in the other kernels; unused here.
-    row_lse = torch.cat([row_lse_b[:1], row_lse_b]).float().contiguous()
-    col_lse = torch.cat([col_lse_b[:1], col_lse_b]).float().contiguous() if columns else row_lse
-    column_programs = common.COLUMN_PROGRAMS
-    programs = triton.cdiv(m, common.SMALLEST_BLOCK) * column_programs
-    partials = torch.zeros(programs, 2, dtype=torch.float32, device=device)
-    grid = lambda meta: (
-        triton.cdiv(m, meta["BLOCK_M"]),
-        min(triton.cdiv(n, meta["BLOCK_N"]), column_programs),
-    )
-    _ENTROPY_KERNELS[ops.kernel_class][grid](
-        ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, partials, m, n, ops.teacher_dims,
-        ops.teacher_strides, COLUMNS=columns, **ops.flags(),
-    )  # fmt: skip
-    sums = partials.sum(dim=0, dtype=torch.float64)
-    return sums[0], (sums[1] if columns else None)
-
-
 def affinity_grad_backward(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -597,11 +506,11 @@ def affinity_grad_backward(
     dscale = sum(dA * rows cols^T).
     """
     m, n = rows.shape[0], cols.shape[0]
-    ops = _Operands(rows, cols, teachers)
+    ops = TeacherOperands(rows, cols, teachers)
     k = ops.num_teachers
     columns = col_lse_a is not None
     rows, cols = ops.rows, ops.cols
-    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
+    a, b = _scalar(scale, rows), device_scales(teacher_scales, rows)
     device = rows.device
     row_lse = torch.cat([row_lse_a[None], row_lse_b]) if k else row_lse_a[None]
     row_lse = row_lse.float().contiguous()

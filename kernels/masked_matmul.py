@@ -1,4 +1,4 @@
-"""Masked structured-pruning matmul in its compact form (SPEC 8), forward and backward.
+"""Masked structured-pruning matmul in its compact form (docs/method.md §8), forward and backward.
 
 A mask sample is shared by the whole batch, so the activations stay dense and contiguous at
 the kept width and the masks live on the weight, which the kernels read through index

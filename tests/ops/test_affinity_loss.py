@@ -248,6 +248,7 @@ def test_bad_inputs(case):
         call()
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cpu_without_interpreter_never_touches_triton():
     script = (
         "import torch, tinyclip_fast.kernels as k\n"

@@ -284,6 +284,7 @@ def test_bad_inputs(case):
         call()
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cpu_without_interpreter_never_touches_triton():
     script = (
         "import sys, torch, tinyclip_fast.kernels as k\n"
@@ -350,41 +351,3 @@ def test_nan_propagates_triton(where):
         contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, tx, ty, 5.0, 1.0)
     assert torch.isnan(distill)
     assert torch.isnan(contrastive) == (where == "student")
-
-
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-import tinyclip_fast.kernels.sigmoid_loss as kernels
-
-fn = kernels._sigmoid_loss_kernel
-scalars = {"affine_ptr": "*fp32", "teacher_affine_ptr": "*fp32", "partial_ptr": "*fp32"}
-for features, teachers, kind, shape in (
-    ("*bf16", 4, "kl", kernels._DISTILL_SHAPES[0]),
-    ("*fp32", 1, None, kernels._CONTRASTIVE_SHAPES[0]),
-):
-    bm, bn, bd, warps, stages = shape
-    consts = dict(NUM_TEACHERS=teachers, CONTRASTIVE=True, KIND=kernels.KINDS.get(kind, 0),
-                  GRAD=True, UPCAST=False, FP32_DOT=features == "*fp32",
-                  TEACHER_FP32_DOT=features == "*fp32", DOT_PRECISION="tf32x3",
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    signature = {
-        name: "constexpr" if name in consts else scalars.get(name, features)
-        if name.endswith("_ptr") else "fp32" if name.startswith("weight_") else "i32"
-        for name in fn.arg_names
-    }
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": stages})
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
-def test_kernels_compile_for_cuda_without_a_gpu():
-    """The interpreter never compiles: build the kernel for sm_90 ahead of time instead."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, check=True, timeout=300)

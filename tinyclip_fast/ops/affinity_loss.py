@@ -61,7 +61,8 @@ Scale = float | torch.Tensor
 def _forward_stats(rows, cols, scale, teachers, square, offset, kind):
     if not use_triton(rows):
         return torch_forward(rows, cols, scale, teachers, square, offset, kind)
-    from tinyclip_fast.kernels.affinity_loss import affinity_stats_forward, mixture_entropy
+    from tinyclip_fast.kernels.affinity_loss import affinity_stats_forward
+    from tinyclip_fast.kernels.mixture_entropy import mixture_entropy
 
     pairs = [(t_rows, t_cols) for t_rows, t_cols, _ in teachers]
     scales = torch.stack([b.float() for _, _, b in teachers]) if teachers else None
