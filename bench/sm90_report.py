@@ -94,7 +94,7 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
         "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
         "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
         "col_lse_ptr": "*fp32", "coeff_ptr": "*fp32", "dscale_ptr": "*fp32",
-        "partial_ptr": "*fp32",
+        "partial_ptr": "*fp32", "row_active_ptr": "*i8",
     }  # fmt: skip
     for num_teachers in teachers:
         count = kernels._teacher_class(num_teachers)
@@ -124,8 +124,10 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                 )
                 kind = "fp32" if dtype == "fp32" else "half"
                 for bm, bn, bd, warps, stages in shapes[kind, count]:
+                    # The stats kernel as the forward launches it: every row needed.
+                    active = {"ACTIVE_ROWS": False} if "ACTIVE_ROWS" in fn.arg_names else {}
                     consts = dict(
-                        NUM_TEACHERS=num_teachers, COLUMNS=True, UPCAST=False,
+                        NUM_TEACHERS=num_teachers, COLUMNS=True, **active, UPCAST=False,
                         FP32_DOT=dtype == "fp32", DOT_PRECISION="tf32x3",
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                     )  # fmt: skip

@@ -102,17 +102,24 @@ def _teacher_stats_step(
         shift_b = tl.load(col_shift_ptr + (1 + INDEX) * n + cols, mask=col_ok, other=0.0)
         factor_b = tl.exp2((tile_max_b - shift_b).to(tl.float64))
         acc_ptr = col_acc_ptr + (1 + 2 * INDEX) * n + cols
-        tl.atomic_add(acc_ptr, tl.sum(col_weights, axis=0).to(tl.float64) * factor_b, mask=col_ok)
+        tl.atomic_add(
+            acc_ptr,
+            tl.sum(col_weights, axis=0).to(tl.float64) * factor_b,
+            mask=col_ok,
+            sem="relaxed",
+        )
         tl.atomic_add(
             acc_ptr + n,
             tl.sum(col_weights * logits_a, axis=0).to(tl.float64) * factor_b,
             mask=col_ok,
+            sem="relaxed",
         )
         if DOT_B:
             tl.atomic_add(
                 acc_ptr + 2 * n,
                 tl.sum(col_weights * logits_b, axis=0).to(tl.float64) * factor_b,
                 mask=col_ok,
+                sem="relaxed",
             )
     return new_max_b, sum_b, w_a, w_b
 
@@ -129,10 +136,11 @@ def _affinity_stats_kernel(
     # [1 + 2K (+ 1 if K = 1), N] fp64: sum 2^(A-c), then per teacher sum 2^(B-c'),
     # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
     col_acc_ptr,
+    row_active_ptr,  # [m] int8, ACTIVE_ROWS only: 1 for the rows whose statistics are needed
     m, n, d_s, teacher_dims, label_offset,
     stride_xm, stride_xd, stride_ym, stride_yd,
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
-    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
+    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr, ACTIVE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -140,11 +148,20 @@ def _affinity_stats_kernel(
     row_start = pid * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    num_tiles = tl.cdiv(n, BLOCK_N)
+    # The sums start at 1 in a skipped block, so that its (unused) outputs stay finite.
+    idle = 0.0
+    if ACTIVE_ROWS:
+        # A row block with no needed row skips every tile (its outputs are left undefined):
+        # the launch keeps its shape whichever rows are needed.
+        active = tl.max(tl.load(row_active_ptr + rows, mask=row_ok, other=0), axis=0)
+        num_tiles *= active.to(tl.int32)
+        idle = (1 - active).to(tl.float32)
     label = rows + label_offset
     log2e = 1.4426950408889634
     a2 = tl.load(scale_ptr).to(tl.float32) * log2e
     max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    sum_a = tl.zeros((BLOCK_M,), tl.float32)
+    sum_a = tl.zeros((BLOCK_M,), tl.float32) + idle
     target_a = tl.zeros((BLOCK_M,), tl.float32)
     # Per teacher: its scale in log2 units and the running max, sum, sum 2^B A and (one
     # teacher only) sum 2^B B of each row.
@@ -153,8 +170,8 @@ def _affinity_stats_kernel(
     for k in tl.static_range(NUM_TEACHERS):
         scales = scales + (tl.load(teacher_scale_ptr + k).to(tl.float32) * log2e,)
         zeros = tl.zeros((BLOCK_M,), tl.float32)
-        states = states + ((tl.full((BLOCK_M,), float("-inf"), tl.float32), zeros, zeros, zeros),)
-    num_tiles = tl.cdiv(n, BLOCK_N)
+        max_b = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        states = states + ((max_b, zeros + idle, zeros, zeros),)
     for step in range(0, num_tiles):
         # Programs start on different column tiles so that their column atomics rarely
         # collide; the online softmax does not depend on the order.
@@ -182,7 +199,9 @@ def _affinity_stats_kernel(
             tile_sum_a = tl.sum(tl.exp2(col_a - tile_max_a[None, :]), axis=0)
             shift_a = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0)
             factor_a = tl.exp2((tile_max_a - shift_a).to(tl.float64))
-            tl.atomic_add(col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok)
+            tl.atomic_add(
+                col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok, sem="relaxed"
+            )
         stepped = ()
         for k in tl.static_range(NUM_TEACHERS):
             logits_b = scales[k] * _teacher_tile(
@@ -243,7 +262,7 @@ def _affinity_grad_logits_kernel(
     teacher_scale_ptr,  # [K] fp32
     row_lse_ptr,  # [1 + K, m] fp32: lse of A and of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: lse of A and of each B_k per column (COLUMNS only)
-    coeff_ptr,  # [5] fp32: row Q, row P_k, column Q, column P_k, one-hot coefficients
+    coeff_ptr,  # [5] fp32: row Q, row P (mean of the P_k), column Q, column P, one-hot
     grad_ptr,  # [chunk, N] contiguous, features' dtype: a dL/dA of rows row_start + [0, chunk)
     dscale_ptr,  # [programs] fp32: per-program sum(dA * X Y^T)
     m, n, d_s, teacher_dims, label_offset, row_start, chunk,
@@ -275,10 +294,10 @@ def _affinity_grad_logits_kernel(
     if COLUMNS:
         col_lse_a = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * log2e
         grad += tl.load(coeff_ptr + 2) * tl.exp2(logits_a - col_lse_a[None, :])
-    # The teachers' coefficients carry the 1 / K of their mean.
+    # The teachers' coefficients take the 1 / K of their mean.
     if NUM_TEACHERS > 0:
-        coeff_p = tl.load(coeff_ptr + 1)
-        coeff_col_p = tl.load(coeff_ptr + 3)
+        coeff_p = tl.load(coeff_ptr + 1) * (1.0 / NUM_TEACHERS)
+        coeff_col_p = tl.load(coeff_ptr + 3) * (1.0 / NUM_TEACHERS)
     for k in tl.static_range(NUM_TEACHERS):
         probs, col_probs = teacher_softmax_tiles(
             teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
@@ -414,6 +433,7 @@ def affinity_stats_forward(
     *,
     column_stats: bool,
     label_offset: int = 0,
+    active_rows: torch.Tensor | None = None,
 ) -> tuple[tuple, tuple | None]:
     """Per-row (and, if ``column_stats``, per-column) softmax statistics, fp32.
 
@@ -422,7 +442,8 @@ def affinity_stats_forward(
     p_dot_b)`` for the rows and, for the square problem, the same for the columns (target =
     the diagonal): lse = log-sum-exp, lse_b and p_dot_a [K, r] per teacher with p_dot_a_k =
     sum_j softmax(B_k)_ij A_ij, and p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher
-    (None otherwise, and teacher entries None without teachers).
+    (None otherwise, and teacher entries None without teachers). With ``active_rows`` (bool
+    [m]) only those rows' statistics are defined: row blocks without one skip their tiles.
     """
     m, n = rows.shape[0], cols.shape[0]
     ops = TeacherOperands(rows, cols, teachers)
@@ -434,12 +455,13 @@ def affinity_stats_forward(
         col_acc = torch.zeros(1 + 2 * k + (k == 1), n, dtype=torch.float64, device=rows.device)
     else:
         shifts = col_acc = row_out  # never read: COLUMNS is off
+    active = row_out if active_rows is None else active_rows.to(torch.int8)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _STATS_KERNELS[ops.kernel_class][grid](
         ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, row_out, shifts, col_acc,
-        m, n, ops.rows.shape[1], ops.teacher_dims, label_offset,
+        active, m, n, ops.rows.shape[1], ops.teacher_dims, label_offset,
         *strides([ops.rows, ops.cols]), ops.teacher_strides,
-        COLUMNS=column_stats, **ops.flags(),
+        COLUMNS=column_stats, ACTIVE_ROWS=active_rows is not None, **ops.flags(),
     )  # fmt: skip
     row = _unpack(row_out, k)
     if not column_stats:
@@ -454,9 +476,7 @@ def affinity_stats_forward(
         if k == 1:
             col[4] = (col_acc[3] / col_acc[1] * LN2).float()
         underflow |= (sums < _UNDERFLOW).any(dim=0)
-    bad = underflow.nonzero().squeeze(1)
-    if bad.numel() > 0:
-        _exact_column_stats(col, bad, ops.rows, ops.cols, a, ops.teachers, b)
+    _exact_column_stats(col, underflow, ops.rows, ops.cols, a, ops.teachers, b)
     return row, tuple(col)
 
 
@@ -470,18 +490,19 @@ def _unpack(row_out: torch.Tensor, num_teachers: int) -> tuple:
     return lse_a, target_a, row_out[2 : 2 + k], row_out[2 + k : 2 + 2 * k], p_dot_b
 
 
-def _exact_column_stats(col, bad, rows, cols, a, teachers, b) -> None:
-    """Overwrite the statistics of the columns ``bad`` by the row kernel on the transpose."""
-    transposed = [(teacher_cols[bad], teacher_rows) for teacher_rows, teacher_cols in teachers]
+def _exact_column_stats(col, underflow, rows, cols, a, teachers, b) -> None:
+    """Replace the statistics of the columns flagged in ``underflow`` (bool [N]) by the row
+    kernel's on the transposed problem. Shape-static: the launch covers every column and
+    its row blocks without a flagged column skip their tiles, so nothing is read on the host
+    and nearly nothing runs when no column underflows."""
+    transposed = [(teacher_cols, teacher_rows) for teacher_rows, teacher_cols in teachers]
     exact, _ = affinity_stats_forward(
-        cols[bad], rows, a, transposed, b if teachers else None, column_stats=False
-    )
-    col[0][bad] = exact[0]
-    for index in (2, 3):
+        cols, rows, a, transposed, b if teachers else None, column_stats=False,
+        active_rows=underflow,
+    )  # fmt: skip
+    for index in (0, 2, 3, 4):
         if col[index] is not None:
-            col[index][:, bad] = exact[index]
-    if col[4] is not None:
-        col[4][bad] = exact[4]
+            col[index] = torch.where(underflow, exact[index], col[index])
 
 
 def affinity_grad_backward(
@@ -518,8 +539,7 @@ def affinity_grad_backward(
     if columns:
         col_lse = torch.cat([col_lse_a[None], col_lse_b]) if k else col_lse_a[None]
         col_lse = col_lse.float().contiguous()
-    # The mean over the teachers goes into their coefficients.
-    coeffs = coeffs.float() * torch.tensor([1, 1 / max(k, 1), 1, 1 / max(k, 1), 1], device=device)
+    coeffs = coeffs.float().contiguous()
     # dA in the features' dtype (fp32 features keep fp32): the two products below run in
     # cuBLAS at the full tensor-core rate, accumulating in fp32, as in flash attention.
     chunk = grad_chunk_rows(m, n, rows.element_size())

@@ -330,7 +330,10 @@ def test_column_underflow_falls_back_to_exact_pass(monkeypatch):
     monkeypatch.setattr(
         kernels,
         "_exact_column_stats",
-        lambda col, bad, *args: (recomputed.append(bad.tolist()), exact(col, bad, *args)),
+        lambda col, underflow, *args: (
+            recomputed.append(underflow.nonzero().flatten().tolist()),
+            exact(col, underflow, *args),
+        ),
     )
     check(square=True, m=37, n=37, scale=100.0, backend="triton", device=KERNEL_DEVICE,
           inputs=inputs)  # fmt: skip

@@ -7,7 +7,12 @@ import math
 import torch
 
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
-from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
+from tinyclip_fast.ops.arguments import (
+    as_list,
+    check_features,
+    check_on_device,
+    scalar_argument,
+)
 
 KINDS = ("soft_ce", "kl")
 # One teacher as the op sees it: its row features, column features and 0-d scale.
@@ -17,18 +22,18 @@ Teacher = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def check_scale(name: str, scale: object, device: torch.device) -> torch.Tensor:
     """A finite positive Python number or one-element floating tensor, as a 0-d tensor on
     device. A scale is multiplicative (``exp(logit_scale)``): 0, a negative or a non-finite
-    value is a mistake (often the log-space parameter passed as is); checking a tensor's value
-    reads it on the host once per call."""
-    tensor, value = scalar_argument(name, scale, read_device=True)
+    value is a mistake (often the log-space parameter passed as is). A Python number is
+    checked on the host, a tensor on its device without a host read (``check_on_device``)."""
+    value = scalar_argument(name, scale)
+    message = f"{name} must be a finite multiplicative scale > 0 (exp of the log-space logit_scale)"
+    if isinstance(value, torch.Tensor):
+        detached = value.detach()
+        check_on_device(torch.isfinite(detached) & (detached > 0), message)
+        return value.reshape(()).to(device)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"{name} must be a finite multiplicative scale > 0 (exp of the log-space "
-            f"logit_scale), got {value}"
-        )
-    if tensor is None:
-        # float64 keeps the scale exact for float64 features; the other paths cast it down.
-        return torch.tensor(value, dtype=torch.float64, device=device)
-    return tensor.reshape(()).to(device)
+        raise ValueError(f"{message}, got {value}")
+    # float64 keeps the scale exact for float64 features; the other paths cast it down.
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def _validate_teachers(
