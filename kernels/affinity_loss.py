@@ -263,8 +263,8 @@ def _affinity_grad_logits_kernel(
     row_lse_ptr,  # [1 + K, m] fp32: lse of A and of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: lse of A and of each B_k per column (COLUMNS only)
     coeff_ptr,  # [5] fp32: row Q, row P (mean of the P_k), column Q, column P, one-hot
-    grad_ptr,  # [chunk, N] contiguous, features' dtype: a dL/dA of rows row_start + [0, chunk)
-    dscale_ptr,  # [programs] fp32: per-program sum(dA * X Y^T)
+    grad_ptr,  # [chunk, N] contiguous, features' dtype: G of rows row_start + [0, chunk)
+    dscale_ptr,  # [programs] fp32: per-program sum(G * X Y^T)
     m, n, d_s, teacher_dims, label_offset, row_start, chunk,
     stride_xm, stride_xd, stride_ym, stride_yd,
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
@@ -312,11 +312,11 @@ def _affinity_grad_logits_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     grad = tl.where(ok, grad, 0.0)
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(grad * dots, 1), 0))
-    # Stored times a, so that the GEMMs that follow give the feature gradients directly.
+    # Stored without the scale a (applied after the GEMMs, in fp32).
     tile_ptr = grad_ptr + (pid_m * BLOCK_M).to(tl.int64) * n + col_start
     tl.store(
         tile_ptr + tl.arange(0, BLOCK_M)[:, None] * n + tl.arange(0, BLOCK_N)[None, :],
-        (grad * scale).to(grad_ptr.dtype.element_ty),
+        grad.to(grad_ptr.dtype.element_ty),
         mask=ok,
     )
 
@@ -518,13 +518,16 @@ def affinity_grad_backward(
     coeffs: torch.Tensor,
     *,
     label_offset: int = 0,
+    coeff_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/drows, dL/dcols, dL/dscale) for dA = the coefficient mix of Q, P, Q', P'.
+    """(dL/drows, dL/dcols, dL/dscale) for dA = s G, G the coefficient mix of Q, P, Q', P'.
 
-    coeffs = (cq, cp, cq', cp', c1): dA = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q
+    coeffs = (cq, cp, cq', cp', c1): G = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q
     the row softmax of A, P = mean_k softmax_row(B_k) the teachers' mean, Q', P' the column
-    ones; row_lse_b / col_lse_b are [K, m] / [K, N]. drows = a dA cols, dcols = a dA^T rows,
-    dscale = sum(dA * rows cols^T).
+    ones; s = ``coeff_scale``; row_lse_b / col_lse_b are [K, m] / [K, N]. drows = a dA cols,
+    dcols = a dA^T rows, dscale = sum(dA * rows cols^T). G is stored in the features' dtype
+    without a and s (a / (2n) would sink fp16 entries into subnormals at large n), and a s
+    is applied in fp32 to the GEMMs' products.
     """
     m, n = rows.shape[0], cols.shape[0]
     ops = TeacherOperands(rows, cols, teachers)
@@ -567,4 +570,5 @@ def affinity_grad_backward(
             dy = part if size == m else part.float()
         else:
             dy.add_(part)
-    return dx, dy, dscale.sum()
+    factor = a[0] * coeff_scale  # fp32, on the device: the multiplies below run in fp32
+    return dx.mul_(factor), dy.mul_(factor), dscale.sum() * coeff_scale

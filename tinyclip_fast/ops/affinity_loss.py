@@ -89,8 +89,11 @@ def _kernel_stats(lse_a, target_a, lse_b, p_dot_a, p_dot_b, kind: str) -> Affini
     return stats
 
 
-def _backward_grads(rows, cols, scale, teachers, row_stats, col_stats, coeffs, offset):
+def _backward_grads(rows, cols, scale, teachers, row_stats, col_stats, coeffs, factor, offset):
+    """Gradients for dA = factor * (the coefficient mix): the kernels keep the mix at its
+    own magnitude and apply ``factor`` (1 / the rows averaged over) after the GEMMs."""
     if not use_triton(rows):
+        coeffs = coeffs * factor
         return torch_backward(rows, cols, scale, teachers, row_stats, col_stats, coeffs, offset)
     from tinyclip_fast.kernels.affinity_loss import affinity_grad_backward
 
@@ -100,7 +103,7 @@ def _backward_grads(rows, cols, scale, teachers, row_stats, col_stats, coeffs, o
         row_stats.lse_a, row_stats.lse_b,
         col_stats.lse_a if col_stats is not None else None,
         col_stats.lse_b if col_stats is not None else None,
-        coeffs, label_offset=offset,
+        coeffs, label_offset=offset, coeff_scale=factor,
     )  # fmt: skip
 
 
@@ -186,13 +189,13 @@ class _AffinityLoss(torch.autograd.Function):
         g_d = grad_distill.to(dtype) if compute_distill else grad_distill.new_zeros((), dtype=dtype)
         g_c = grad_contrastive.to(dtype) if compute_contrastive else g_d.new_zeros(())
         num = rows.shape[0] * (2 if square else 1)
-        row_q, row_p = (g_d + g_c) / num, g_d / num
+        row_q, row_p = g_d + g_c, g_d
         col_q, col_p = (row_q, row_p) if square else (row_q * 0, row_p * 0)
-        onehot = g_c * (2 if square else 1) / num
+        onehot = g_c * (2 if square else 1)
         coeffs = torch.stack([row_q, row_p, col_q, col_p, onehot])
         with torch.autocast(rows.device.type, enabled=False):  # as in the forward
             grad_rows, grad_cols, grad_scale = _backward_grads(
-                rows, cols, scale, teachers, row_stats, col_stats, coeffs, label_offset
+                rows, cols, scale, teachers, row_stats, col_stats, coeffs, 1 / num, label_offset
             )
         return (
             grad_rows.to(rows.dtype) if ctx.needs_input_grad[0] else None,
