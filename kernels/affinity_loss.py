@@ -48,6 +48,7 @@ from .common import (
     dot_tile,
     grad_chunk_rows,
     one_dtype,
+    size_class,
     strides,
 )
 from .limits import MAX_TEACHERS
@@ -137,7 +138,7 @@ def _affinity_stats_kernel(
     # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
     col_acc_ptr,
     row_active_ptr,  # [m] int8, ACTIVE_ROWS only: 1 for the rows whose statistics are needed
-    m, n, d_s, teacher_dims, label_offset,
+    m, n, m_class, n_class, d_s, teacher_dims, label_offset,  # *_class: autotune keys only
     stride_xm, stride_xd, stride_ym, stride_yd,
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr, ACTIVE_ROWS: tl.constexpr,
@@ -265,7 +266,7 @@ def _affinity_grad_logits_kernel(
     coeff_ptr,  # [5] fp32: row Q, row P (mean of the P_k), column Q, column P, one-hot
     grad_ptr,  # [chunk, N] contiguous, features' dtype: G of rows row_start + [0, chunk)
     dscale_ptr,  # [programs] fp32: per-program sum(G * X Y^T)
-    m, n, d_s, teacher_dims, label_offset, row_start, chunk,
+    m, n, m_class, n_class, d_s, teacher_dims, label_offset, row_start, chunk,
     stride_xm, stride_xd, stride_ym, stride_yd,
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
@@ -353,7 +354,9 @@ _GRAD_SHAPES = {
     ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
     ("fp32", "four"): ((64, 64, 16, 8, 3), (64, 32, 32, 8, 3)),
 }  # fmt: skip
-TUNE_KEY = ["m", "n", "teacher_dims"]
+# Power-of-two classes of m and n (size_class), not their exact values: a last, shorter
+# batch or the underflow pass over a few columns does not re-tune mid-training.
+TUNE_KEY = ["m_class", "n_class", "teacher_dims"]
 
 
 def _shape_class(features: torch.Tensor) -> str:
@@ -459,7 +462,8 @@ def affinity_stats_forward(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _STATS_KERNELS[ops.kernel_class][grid](
         ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, row_out, shifts, col_acc,
-        active, m, n, ops.rows.shape[1], ops.teacher_dims, label_offset,
+        active, m, n, size_class(m), size_class(n), ops.rows.shape[1], ops.teacher_dims,
+        label_offset,
         *strides([ops.rows, ops.cols]), ops.teacher_strides,
         COLUMNS=column_stats, ACTIVE_ROWS=active_rows is not None, **ops.flags(),
     )  # fmt: skip
@@ -560,7 +564,8 @@ def affinity_grad_backward(
         )
         _GRAD_KERNELS[ops.kernel_class][grid](
             rows, cols, a, ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, coeffs, grad,
-            dscale[index], m, n, rows.shape[1], ops.teacher_dims, label_offset, start, size,
+            dscale[index], m, n, size_class(m), size_class(n), rows.shape[1], ops.teacher_dims,
+            label_offset, start, size,
             *strides([rows, cols]), ops.teacher_strides, COLUMNS=columns, **ops.flags(),
         )  # fmt: skip
         torch.matmul(grad[:size], cols, out=dx[start : start + size])

@@ -107,6 +107,12 @@ def one_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.float() for t in tensors]
 
 
+def size_class(n: int) -> int:
+    """The power of two >= n the autotuners key on: a last, shorter batch of an epoch (or
+    any size within the class) reuses the tuned configuration instead of re-tuning."""
+    return triton.next_power_of_2(max(n, 1))
+
+
 def grad_chunk_rows(m: int, n: int, element_size: int) -> int:
     """Rows of an [rows, n] gradient block materialised at once: at most GRAD_CHUNK_BYTES
     (whole blocks of rows), and all m rows for small problems."""

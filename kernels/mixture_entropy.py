@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import INTERPRETING, common
 from .affinity_loss import TUNE_KEY, TeacherOperands, device_scales, teacher_softmax_tiles
-from .common import autotuned, xlogx
+from .common import autotuned, size_class, xlogx
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def _mixture_entropy_kernel(
     row_lse_ptr,  # [1 + K, m] fp32: row 0 unused, then lse of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: the same per column (COLUMNS only)
     partial_ptr,  # [programs, 2] fp32: per-program sum P ln P of the rows and of the columns
-    m, n, teacher_dims,
+    m, n, m_class, n_class, teacher_dims,  # *_class: autotune keys only
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -104,7 +104,8 @@ def mixture_entropy(
         min(triton.cdiv(n, meta["BLOCK_N"]), column_programs),
     )
     _ENTROPY_KERNELS[ops.kernel_class][grid](
-        ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, partials, m, n, ops.teacher_dims,
+        ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, partials, m, n, size_class(m),
+        size_class(n), ops.teacher_dims,
         ops.teacher_strides, COLUMNS=columns, **ops.flags(),
     )  # fmt: skip
     sums = partials.sum(dim=0, dtype=torch.float64)

@@ -25,7 +25,16 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING, common
-from .common import autotuned, block_args, dot_flags, dot_tile, grad_chunk_rows, one_dtype, xlogx
+from .common import (
+    autotuned,
+    block_args,
+    dot_flags,
+    dot_tile,
+    grad_chunk_rows,
+    one_dtype,
+    size_class,
+    xlogx,
+)
 from .common import strides as flat_strides
 from .limits import MAX_TEACHERS
 
@@ -73,7 +82,7 @@ def _sigmoid_loss_kernel(
     teacher_affine_ptr,  # [K, 2] fp32 (b_k, c_k)
     grad_ptr,  # [chunk, n] contiguous, features' dtype: G of rows row_start + [0, chunk)
     partial_ptr,  # [programs, 4] fp32, summed over chunks: loss_c, loss_d, sum G, sum G XY^T
-    n, d_s, teacher_dims, label_offset, row_start, chunk,
+    n, n_class, d_s, teacher_dims, label_offset, row_start, chunk,  # n_class: autotune key
     stride_xm, stride_xd, stride_ym, stride_yd,
     teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     weight_c, weight_d,
@@ -179,7 +188,7 @@ _DISTILL_SHAPES = ((64, 64, 32, 8, 4), (64, 64, 32, 8, 3), (64, 64, 64, 8, 2))
 # alone on triton 3.6, and beside four teacher tiles everything wider than 64 x 32 x 16 does.
 _CONTRASTIVE_FP32_SHAPES = ((64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (64, 64, 16, 8, 4))
 _DISTILL_FP32_SHAPES = ((64, 32, 16, 8, 4), (64, 32, 16, 8, 3))
-_KEY = ["n", "d_s", "teacher_dims", "NUM_TEACHERS", "KIND", "GRAD"]
+_KEY = ["n_class", "d_s", "teacher_dims", "NUM_TEACHERS", "KIND", "GRAD"]
 
 if INTERPRETING:
     _contrastive_kernel = _distill_kernel = _sigmoid_loss_kernel
@@ -263,7 +272,7 @@ def sigmoid_loss_tiles(
         )
         kernel[grid](
             rows, cols, affine, tuple(pairs[0::2]), tuple(pairs[1::2]), teacher_affine, g_chunk,
-            partials, n, rows.shape[1], teacher_dims, label_offset, start, size,
+            partials, n, size_class(n), rows.shape[1], teacher_dims, label_offset, start, size,
             *flat_strides([rows, cols]), flat_strides(pairs), float(weights[0]),
             float(weights[1]), NUM_TEACHERS=max(num_teachers, 1), CONTRASTIVE=contrastive,
             KIND=KINDS[kind] if num_teachers else 0, GRAD=grad,
