@@ -69,6 +69,8 @@ class Report:
     spill_loads: int = -1
     shared_bytes: int = -1
     wgmma: bool = False
+    # Ordered memory operations in the PTX: acq_rel / acquire / release atomics and fences.
+    ordered: int = 0
     seconds: float = 0.0
     error: str = ""
 
@@ -283,6 +285,12 @@ def _ptxas() -> str:
 
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
+# Atomics with acquire/release semantics and memory fences (not wgmma's proxy fences): a
+# column sum or a partial needs none of them (Triton's default atomic is acq_rel; the
+# kernels ask for relaxed ones).
+_ORDERED = re.compile(
+    r"\b(?:atom|red)\.[\w.]*(?:acq_rel|acquire|release)|\bmembar\.|\bfence\.(?:acq_rel|sc)\b"
+)
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -333,6 +341,7 @@ def compile_variant(variant: Variant) -> Report:
         )
         ptx = compiled.asm["ptx"]
         report.wgmma = "wgmma.mma_async" in ptx
+        report.ordered = len(_ORDERED.findall(ptx))
         report.shared_bytes = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as folder:
             source = Path(folder) / "kernel.ptx"
@@ -363,23 +372,24 @@ def table(reports: list[Report], versions: str, families: list[str]) -> str:
         "",
         f"{versions}; families: {', '.join(families)}. Compiled ahead of time for sm_90a (no "
         "GPU), registers and spills from the bundled ptxas -v, shared memory from Triton's "
-        "metadata, wgmma = the PTX uses wgmma.mma_async. Every autotune configuration a CUDA "
+        "metadata, wgmma = the PTX uses wgmma.mma_async, ordered = its acq_rel / acquire / "
+        "release atomics and fences. Every autotune configuration a CUDA "
         "launch may pick; bf16/fp16 variants must not spill, nor the fp32 ones of the "
         "affinity, ensemble and sigmoid kernels (tests/kernels/test_sm90_report.py).",
         "",
         "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
-        "| wgmma | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| wgmma | ordered | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         v = r.variant
         if r.error:
-            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | |")
+            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | | |")
             continue
         spill = f"{r.spill_stores} / {r.spill_loads}" + (" **SPILL**" if r.spills else "")
         lines.append(
             f"| {v.kernel} | {v.dtype} | {v.label} | {r.registers} | {spill} | "
-            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.seconds:.1f} |"
+            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.ordered} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -426,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             v = report.variant
             status = report.error or (
                 f"{report.registers} regs, spills {report.spill_stores}/{report.spill_loads}, "
-                f"wgmma {'yes' if report.wgmma else 'no'}"
+                f"wgmma {'yes' if report.wgmma else 'no'}, ordered {report.ordered}"
             )
             print(f"  {v.kernel} {v.dtype} {v.label}: {status} ({report.seconds:.1f} s)")
             reports.append(report)
