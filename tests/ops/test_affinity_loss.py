@@ -214,6 +214,12 @@ def test_nan_propagates_torch(small_chunks, where):
         assert torch.isnan(clip)
 
 
+def _case_id(case) -> str:
+    """A bad call's test id: the error it raises and what its message names."""
+    _, error, fragment = case
+    return f"{error.__name__}-{fragment}"
+
+
 def _bad_calls():
     x, y, xt, yt = make_inputs(8, 8, 4, 6, torch.float32, "cpu")
     sq = affinity_loss_square
@@ -241,7 +247,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(14), ids=lambda i: _case_id(_bad_calls()[i]))
 def test_bad_inputs(case):
     call, error, fragment = _bad_calls()[case]
     with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -457,7 +463,7 @@ def _bad_ensemble_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(10), ids=lambda i: _case_id(_bad_ensemble_calls()[i]))
 def test_bad_ensembles(case):
     call, error, pattern = _bad_ensemble_calls()[case]
     with pytest.raises(error, match=pattern):

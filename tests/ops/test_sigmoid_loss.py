@@ -240,6 +240,12 @@ def test_nan_propagates_torch(small_chunks, where):
     assert torch.isnan(contrastive) == (where == "student")
 
 
+def _case_id(case) -> str:
+    """A bad call's test id: the error it raises and what its message names."""
+    _, error, fragment = case
+    return f"{error.__name__}-{fragment}"
+
+
 def _bad_calls():
     x, y, tx, ty = (unit(8, d, torch.float32, "cpu") for d in (4, 4, 6, 6))
     rows = sigmoid_loss_rows
@@ -275,7 +281,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(24), ids=lambda i: _case_id(_bad_calls()[i]))
 def test_bad_inputs(case):
     call, error, fragment = _bad_calls()[case]
     if not fragment.startswith("\\"):
