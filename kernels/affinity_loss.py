@@ -164,8 +164,7 @@ def _affinity_stats_kernel(
     max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_a = tl.zeros((BLOCK_M,), tl.float32) + idle
     target_a = tl.zeros((BLOCK_M,), tl.float32)
-    # Per teacher: its scale in log2 units and the running max, sum, sum 2^B A and (one
-    # teacher only) sum 2^B B of each row.
+    # Per teacher: log2-unit scale; per row running max, sum, sum 2^B A, (K = 1) sum 2^B B.
     scales = ()
     states = ()
     for k in tl.static_range(NUM_TEACHERS):
@@ -219,8 +218,7 @@ def _affinity_stats_kernel(
     ln2 = 0.6931471805599453
     tl.store(row_out_ptr + rows, (max_a + tl.log2(sum_a)) * ln2, mask=row_ok)
     tl.store(row_out_ptr + m + rows, target_a * ln2, mask=row_ok)
-    # lse_b of teacher k into row 2 + k, p_dot_a into row 2 + K + k, one teacher's p_dot_b
-    # into row 4.
+    # Teacher k: lse_b into row 2 + k, p_dot_a into row 2 + K + k; (K = 1) p_dot_b row 4.
     for k in tl.static_range(NUM_TEACHERS):
         max_b, sum_b, w_a, w_b = states[k]
         tl.store(row_out_ptr + (2 + k) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
