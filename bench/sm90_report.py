@@ -51,12 +51,14 @@ class Variant:
     kernel: str
     dtype: str
     label: str
-    pointers: tuple[tuple[str, str], ...]  # (argument, Triton pointer type) for pointer args
+    pointers: tuple[tuple[str, str], ...]  # (argument, Triton type) of pointer and float args
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int
     unit: tuple[str, ...] = ()  # int arguments equal to 1 at launch
     odd: tuple[str, ...] = ()  # int arguments not divisible by 16 at launch
+    # Tuple arguments: (argument, element types), an element "1" being an int equal to 1.
+    tuples: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Report:
     spill_loads: int = -1
     shared_bytes: int = -1
     wgmma: bool = False
+    # Ordered memory operations in the PTX: acq_rel / acquire / release atomics and fences.
+    ordered: int = 0
     seconds: float = 0.0
     error: str = ""
 
@@ -86,24 +90,27 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
     """The affinity kernels with K teachers and the column terms on (their heaviest form),
     and for K >= 2 the mixture-entropy pass of the ensemble KL."""
     import tinyclip_fast.kernels.affinity_loss as kernels
+    import tinyclip_fast.kernels.mixture_entropy as entropy
 
-    module = "tinyclip_fast.kernels.affinity_loss"
     scalars = {
         "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
         "col_shift_ptr": "*fp32", "col_acc_ptr": "*fp64", "row_lse_ptr": "*fp32",
         "col_lse_ptr": "*fp32", "coeff_ptr": "*fp32", "dscale_ptr": "*fp32",
-        "partial_ptr": "*fp32",
+        "partial_ptr": "*fp32", "row_active_ptr": "*i8",
     }  # fmt: skip
     for num_teachers in teachers:
         count = kernels._teacher_class(num_teachers)
+        # Each teacher's features as a launch passes them: contiguous, unit dim strides.
+        strides = ("i32", "1", "i32", "1") * num_teachers
         passes = [
-            ("_affinity_stats_kernel", kernels._STATS_SHAPES),
-            ("_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
+            (kernels, "_affinity_stats_kernel", kernels._STATS_SHAPES),
+            (kernels, "_affinity_grad_logits_kernel", kernels._GRAD_SHAPES),
         ]
         if num_teachers > 1:
-            passes.append(("_mixture_entropy_kernel", kernels._ENTROPY_SHAPES))
-        for kernel, shapes in passes:
-            fn = getattr(kernels, kernel)
+            passes.append((entropy, "_mixture_entropy_kernel", entropy._ENTROPY_SHAPES))
+        for source, kernel, shapes in passes:
+            module = source.__name__
+            fn = getattr(source, kernel)
             unit = [n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")]
             for dtype in dtypes:
                 pointers = {
@@ -111,10 +118,18 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                     for name in fn.arg_names
                     if name.endswith("_ptr")
                 }
+                tuples = (
+                    ("teacher_x", (f"*{dtype}",) * num_teachers),
+                    ("teacher_y", (f"*{dtype}",) * num_teachers),
+                    ("teacher_dims", ("i32",) * num_teachers),
+                    ("teacher_strides", strides),
+                )
                 kind = "fp32" if dtype == "fp32" else "half"
                 for bm, bn, bd, warps, stages in shapes[kind, count]:
+                    # The stats kernel as the forward launches it: every row needed.
+                    active = {"ACTIVE_ROWS": False} if "ACTIVE_ROWS" in fn.arg_names else {}
                     consts = dict(
-                        NUM_TEACHERS=num_teachers, COLUMNS=True, UPCAST=False,
+                        NUM_TEACHERS=num_teachers, COLUMNS=True, **active, UPCAST=False,
                         FP32_DOT=dtype == "fp32", DOT_PRECISION="tf32x3",
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                     )  # fmt: skip
@@ -122,7 +137,7 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                         family, module, kernel, dtype,
                         f"K={num_teachers} {bm}x{bn}x{bd} w{warps} s{stages}",
                         tuple(pointers.items()), tuple(consts.items()), warps, stages,
-                        unit=tuple(unit),
+                        unit=tuple(unit), tuples=tuples,
                     )  # fmt: skip
 
 
@@ -208,9 +223,7 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
     module = "tinyclip_fast.kernels.sigmoid_loss"
     fn = kernels._sigmoid_loss_kernel
     scalars = {"affine_ptr": "*fp32", "teacher_affine_ptr": "*fp32", "partial_ptr": "*fp32"}
-    units = [f"stride_{p}d" for p in ("x", "y")] + [
-        f"stride_t{k}{p}d" for k in range(kernels.MAX_TEACHERS) for p in ("x", "y")
-    ]
+    units = [f"stride_{p}d" for p in ("x", "y")]
     forms = (
         ("siglip", kernels._CONTRASTIVE_SHAPES, 0, 1),
         *(
@@ -222,7 +235,14 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
         pointers = {
             name: scalars.get(name, f"*{dtype}") for name in fn.arg_names if name.endswith("_ptr")
         }
+        pointers.update(weight_c="fp32", weight_d="fp32")
         for form, shapes, kind, teachers in forms:
+            tuples = (
+                ("teacher_x", (f"*{dtype}",) * teachers),
+                ("teacher_y", (f"*{dtype}",) * teachers),
+                ("teacher_dims", ("i32",) * teachers),
+                ("teacher_strides", ("i32", "1", "i32", "1") * teachers),
+            )
             if dtype == "fp32":
                 shapes = {
                     id(kernels._DISTILL_SHAPES): kernels._DISTILL_FP32_SHAPES,
@@ -238,7 +258,7 @@ def sigmoid_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
                     "sigmoid_loss", module, fn.__name__, dtype,
                     f"{form} {bm}x{bn}x{bd} w{warps} s{stages}", tuple(pointers.items()),
                     tuple(consts.items()), warps, stages, unit=tuple(units),
-                    odd=("label_offset", "row_start"),
+                    odd=("label_offset", "row_start"), tuples=tuples,
                 )  # fmt: skip
 
 
@@ -265,6 +285,12 @@ def _ptxas() -> str:
 
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
+# Atomics with acquire/release semantics and memory fences (not wgmma's proxy fences): a
+# column sum or a partial needs none of them (Triton's default atomic is acq_rel; the
+# kernels ask for relaxed ones).
+_ORDERED = re.compile(
+    r"\b(?:atom|red)\.[\w.]*(?:acq_rel|acquire|release)|\bmembar\.|\bfence\.(?:acq_rel|sc)\b"
+)
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -290,16 +316,24 @@ def compile_variant(variant: Variant) -> Report:
     try:
         fn = _kernel_fn(variant)
         consts = {**dict(variant.constexprs), **{name: 1 for name in variant.unit}}
-        pointers = dict(variant.pointers)
-        signature = {
-            name: "constexpr" if name in consts else pointers.get(name, "i32")
-            for name in fn.arg_names
-        }
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, name in enumerate(fn.arg_names)
-            if signature[name] != "constexpr" and name not in variant.odd
-        }
+        pointers, tuples = dict(variant.pointers), dict(variant.tuples)
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                signature[name] = "constexpr"
+                continue
+            if name not in tuples:
+                signature[name] = pointers.get(name, "i32")
+                if name not in variant.odd and not signature[name].startswith("fp"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                continue
+            # Triton specialises tuple elements as it does arguments: 1 becomes a constant.
+            signature[name] = tuple("constexpr" if t == "1" else t for t in tuples[name])
+            for j, element in enumerate(tuples[name]):
+                if element == "1":
+                    consts[(i, j)] = 1
+                else:
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
         compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
             target=GPUTarget("cuda", 90, 32),
@@ -307,6 +341,7 @@ def compile_variant(variant: Variant) -> Report:
         )
         ptx = compiled.asm["ptx"]
         report.wgmma = "wgmma.mma_async" in ptx
+        report.ordered = len(_ORDERED.findall(ptx))
         report.shared_bytes = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as folder:
             source = Path(folder) / "kernel.ptx"
@@ -337,23 +372,24 @@ def table(reports: list[Report], versions: str, families: list[str]) -> str:
         "",
         f"{versions}; families: {', '.join(families)}. Compiled ahead of time for sm_90a (no "
         "GPU), registers and spills from the bundled ptxas -v, shared memory from Triton's "
-        "metadata, wgmma = the PTX uses wgmma.mma_async. Every autotune configuration a CUDA "
+        "metadata, wgmma = the PTX uses wgmma.mma_async, ordered = its acq_rel / acquire / "
+        "release atomics and fences. Every autotune configuration a CUDA "
         "launch may pick; bf16/fp16 variants must not spill, nor the fp32 ones of the "
         "affinity, ensemble and sigmoid kernels (tests/kernels/test_sm90_report.py).",
         "",
         "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
-        "| wgmma | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| wgmma | ordered | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         v = r.variant
         if r.error:
-            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | |")
+            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | | |")
             continue
         spill = f"{r.spill_stores} / {r.spill_loads}" + (" **SPILL**" if r.spills else "")
         lines.append(
             f"| {v.kernel} | {v.dtype} | {v.label} | {r.registers} | {spill} | "
-            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.seconds:.1f} |"
+            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.ordered} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -400,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             v = report.variant
             status = report.error or (
                 f"{report.registers} regs, spills {report.spill_stores}/{report.spill_loads}, "
-                f"wgmma {'yes' if report.wgmma else 'no'}"
+                f"wgmma {'yes' if report.wgmma else 'no'}, ordered {report.ordered}"
             )
             print(f"  {v.kernel} {v.dtype} {v.label}: {status} ({report.seconds:.1f} s)")
             reports.append(report)

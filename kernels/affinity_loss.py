@@ -1,17 +1,21 @@
 """Triton kernels of the affinity (distillation + contrastive) loss; raw tensors in and out.
 
-Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= 4 teachers
-(each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at a time,
-flash-attention style: the forward kernel computes each student tile once and streams the K
-teacher tiles beside it, keeping an online softmax per row and teacher (exp2, log2(e) folded
-into the scale, fp32 accumulation), and writes per-row statistics. The soft cross-entropy
-against the averaged target mean_k softmax(B_k) decomposes per teacher: lse(A_i) -
-mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from the
-statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
+Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= MAX_TEACHERS
+teachers (each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at
+a time, flash-attention style: the forward kernel computes each student tile once and
+streams the K teacher tiles beside it, keeping an online softmax per row and teacher (exp2,
+log2(e) folded into the scale, fp32 accumulation), and writes per-row statistics. The soft
+cross-entropy against the averaged target mean_k softmax(B_k) decomposes per teacher:
+lse(A_i) - mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from
+the statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
 cuBLAS GEMMs per chunk then give dX = a dA Y and dY += a dA^T X. That keeps every gradient
 product on the tensor cores at full rate without [BLOCK, d] register accumulators or d-wide
-atomics (d is often 512 or more). NUM_TEACHERS is a constexpr: one teacher compiles to the
-single-teacher kernel, no per-teacher loop or extra work.
+atomics (d is often 512 or more).
+
+The teachers reach a kernel as tuples of K pointers, dims and strides, walked by
+``tl.static_range(NUM_TEACHERS)``: NUM_TEACHERS is a constexpr, so each K compiles to
+straight-line code (one teacher is the single-teacher kernel, no per-teacher loop or extra
+work) and each teacher's running statistics are registers of their own.
 
 Column statistics of the square problem come out of the same pass over the tiles: each
 tile's column sums are taken relative to the tile's own column max and added with fp64
@@ -22,8 +26,8 @@ student or any teacher) are recomputed exactly by a second pass (the row kernel 
 transposed problem, those columns only).
 
 The KL form of an ensemble needs the entropy of the mixture mean_k P_k, which does not
-decompose per teacher: ``mixture_entropy`` computes it exactly by one more pass over the
-teacher tiles once their log-sum-exps are known (one teacher needs no such pass).
+decompose per teacher: ``kernels.mixture_entropy`` computes it exactly by one more pass over
+the teacher tiles once their log-sum-exps are known (one teacher needs no such pass).
 
 Feature dtypes: bf16/fp16 dots on the tensor cores, fp32 ones as 3xTF32; every statistic
 and accumulation is fp32. Float64 features are cast to fp32 here: the kernels compute in
@@ -34,87 +38,56 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING
+from . import INTERPRETING, common
+from .common import (
+    LN2,
+    LOG2E,
+    autotuned,
+    block_args,
+    dot_flags,
+    dot_tile,
+    grad_chunk_rows,
+    one_dtype,
+    size_class,
+    strides,
+)
+from .limits import MAX_TEACHERS
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # A column sum (fp64, relative to its shift) below this is treated as underflowed and
 # recomputed exactly; 1e-280 leaves room for ~1e20 tile contributions in fp64's normal range.
 _UNDERFLOW = 1e-280
 
-# Budget of the dA chunk the backward pass materialises before its two GEMMs.
-_GRAD_CHUNK_BYTES = 1 << 29
-
-_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
-
-MAX_TEACHERS = 4
-# Column programs per row block of the entropy pass; each loops over its share of the
-# column tiles, so its partial sums stay O(m) however large N is.
-_COLUMN_PROGRAMS = 64
-
 
 @triton.jit
-def _dot_tile(
-    x_ptr, y_ptr, row_start, col_start, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
+def _teacher_tile(
+    teacher_x, teacher_y, teacher_dims, teacher_strides, k: tl.constexpr,
+    row_start, col_start, m, n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_M, BLOCK_N] fp32 tile of X[rows] Y[cols]^T, looping over dim in BLOCK_D chunks.
-
-    The block origin goes into a 64-bit base pointer and the in-tile offsets stay 32-bit:
-    64-bit offset tiles would double the registers the address arithmetic needs.
-    """
-    local_m = tl.arange(0, BLOCK_M)
-    local_n = tl.arange(0, BLOCK_N)
-    row_ok = row_start + local_m < m
-    col_ok = col_start + local_n < n
-    x_base = x_ptr + row_start.to(tl.int64) * stride_xm
-    y_base = y_ptr + col_start.to(tl.int64) * stride_ym
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, dim, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
-        d_ok = offs < dim
-        x = tl.load(
-            x_base + local_m[:, None] * stride_xm + offs[None, :] * stride_xd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            y_base + local_n[None, :] * stride_ym + offs[:, None] * stride_yd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(x, y, acc)
-    return acc
+    """Teacher k's unscaled [BLOCK_M, BLOCK_N] tile Xt_k Yt_k^T; its strides are entries
+    4k .. 4k + 3 of ``teacher_strides`` (rows, dim of Xt_k, then of Yt_k)."""
+    return dot_tile(
+        teacher_x[k], teacher_y[k], row_start, col_start, m, n, teacher_dims[k],
+        teacher_strides[4 * k], teacher_strides[4 * k + 1],
+        teacher_strides[4 * k + 2], teacher_strides[4 * k + 3],
+        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit
 def _teacher_stats_step(
-    xt_ptr, yt_ptr, b2, logits_a, row_start, start, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
-    max_b, sum_b, w_a, w_b, col_shift_ptr, col_acc_ptr,
+    logits_b, logits_a, row_start, start, m, n, state, col_shift_ptr, col_acc_ptr,
     INDEX: tl.constexpr, DOT_B: tl.constexpr, COLUMNS: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Teacher INDEX's tile beside the student's: its online row softmax statistics (max,
-    sum, sum P A and with DOT_B sum P B) and, with COLUMNS, its column sums (shift row
-    1 + INDEX, accumulator rows 1 + 2 INDEX .. 3 + 2 INDEX)."""
+    """Teacher INDEX's tile beside the student's: its online row softmax statistics
+    ``state`` = (max, sum, sum P A, and with DOT_B sum P B) and, with COLUMNS, its column
+    sums (shift row 1 + INDEX, accumulator rows 1 + 2 INDEX .. 3 + 2 INDEX)."""
+    max_b, sum_b, w_a, w_b = state
     row_ok = row_start + tl.arange(0, BLOCK_M) < m
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n
-    logits_b = b2 * _dot_tile(
-        xt_ptr, yt_ptr, row_start, start, m, n, dim,
-        stride_xm, stride_xd, stride_ym, stride_yd,
-        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
-    )  # fmt: skip
     row_b = tl.where(col_ok[None, :], logits_b, float("-inf"))
     new_max_b = tl.maximum(max_b, tl.max(row_b, axis=1))
     rescale = tl.exp2(max_b - new_max_b)
@@ -130,36 +103,32 @@ def _teacher_stats_step(
         shift_b = tl.load(col_shift_ptr + (1 + INDEX) * n + cols, mask=col_ok, other=0.0)
         factor_b = tl.exp2((tile_max_b - shift_b).to(tl.float64))
         acc_ptr = col_acc_ptr + (1 + 2 * INDEX) * n + cols
-        tl.atomic_add(acc_ptr, tl.sum(col_weights, axis=0).to(tl.float64) * factor_b, mask=col_ok)
+        tl.atomic_add(
+            acc_ptr,
+            tl.sum(col_weights, axis=0).to(tl.float64) * factor_b,
+            mask=col_ok,
+            sem="relaxed",
+        )
         tl.atomic_add(
             acc_ptr + n,
             tl.sum(col_weights * logits_a, axis=0).to(tl.float64) * factor_b,
             mask=col_ok,
+            sem="relaxed",
         )
         if DOT_B:
             tl.atomic_add(
                 acc_ptr + 2 * n,
                 tl.sum(col_weights * logits_b, axis=0).to(tl.float64) * factor_b,
                 mask=col_ok,
+                sem="relaxed",
             )
     return new_max_b, sum_b, w_a, w_b
 
 
 @triton.jit
-def _store_teacher_rows(
-    row_out_ptr, rows, row_ok, m, max_b, sum_b, w_a,
-    INDEX: tl.constexpr, NUM_TEACHERS: tl.constexpr,
-):  # fmt: skip
-    """lse_b of teacher INDEX into row 2 + INDEX, p_dot_a into row 2 + K + INDEX."""
-    ln2 = 0.6931471805599453
-    tl.store(row_out_ptr + (2 + INDEX) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
-    tl.store(row_out_ptr + (2 + NUM_TEACHERS + INDEX) * m + rows, w_a / sum_b * ln2, mask=row_ok)
-
-
-@triton.jit
 def _affinity_stats_kernel(
     x_ptr, y_ptr, scale_ptr,
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
     # [2 + 2K (+ 1 if K = 1), m] fp32, natural log units: lse_a, target_a, lse_b of each
     # teacher, p_dot_a of each teacher, and for one teacher p_dot_b
@@ -168,13 +137,11 @@ def _affinity_stats_kernel(
     # [1 + 2K (+ 1 if K = 1), N] fp64: sum 2^(A-c), then per teacher sum 2^(B-c'),
     # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
     col_acc_ptr,
-    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset,
+    row_active_ptr,  # [m] int8, ACTIVE_ROWS only: 1 for the rows whose statistics are needed
+    m, n, m_class, n_class, d_s, teacher_dims, label_offset,  # *_class: autotune keys only
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
+    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr, ACTIVE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -182,35 +149,29 @@ def _affinity_stats_kernel(
     row_start = pid * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    num_tiles = tl.cdiv(n, BLOCK_N)
+    # The sums start at 1 in a skipped block, so that its (unused) outputs stay finite.
+    idle = 0.0
+    if ACTIVE_ROWS:
+        # A row block with no needed row skips every tile (its outputs are left undefined):
+        # the launch keeps its shape whichever rows are needed.
+        active = tl.max(tl.load(row_active_ptr + rows, mask=row_ok, other=0), axis=0)
+        num_tiles *= active.to(tl.int32)
+        idle = (1 - active).to(tl.float32)
     label = rows + label_offset
     log2e = 1.4426950408889634
     a2 = tl.load(scale_ptr).to(tl.float32) * log2e
     max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    sum_a = tl.zeros((BLOCK_M,), tl.float32)
+    sum_a = tl.zeros((BLOCK_M,), tl.float32) + idle
     target_a = tl.zeros((BLOCK_M,), tl.float32)
-    # Per teacher: running max, sum, sum 2^B A and (one teacher only) sum 2^B B of each row.
-    if NUM_TEACHERS > 0:
-        b2_0 = tl.load(teacher_scale_ptr).to(tl.float32) * log2e
-        max_b0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b0 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a0 = tl.zeros((BLOCK_M,), tl.float32)
-        w_b0 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 1:
-        b2_1 = tl.load(teacher_scale_ptr + 1).to(tl.float32) * log2e
-        max_b1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b1 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a1 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 2:
-        b2_2 = tl.load(teacher_scale_ptr + 2).to(tl.float32) * log2e
-        max_b2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b2 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a2 = tl.zeros((BLOCK_M,), tl.float32)
-    if NUM_TEACHERS > 3:
-        b2_3 = tl.load(teacher_scale_ptr + 3).to(tl.float32) * log2e
-        max_b3 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        sum_b3 = tl.zeros((BLOCK_M,), tl.float32)
-        w_a3 = tl.zeros((BLOCK_M,), tl.float32)
-    num_tiles = tl.cdiv(n, BLOCK_N)
+    # Per teacher: log2-unit scale; per row running max, sum, sum 2^B A, (K = 1) sum 2^B B.
+    scales = ()
+    states = ()
+    for k in tl.static_range(NUM_TEACHERS):
+        scales = scales + (tl.load(teacher_scale_ptr + k).to(tl.float32) * log2e,)
+        zeros = tl.zeros((BLOCK_M,), tl.float32)
+        max_b = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        states = states + ((max_b, zeros + idle, zeros, zeros),)
     for step in range(0, num_tiles):
         # Programs start on different column tiles so that their column atomics rarely
         # collide; the online softmax does not depend on the order.
@@ -219,7 +180,7 @@ def _affinity_stats_kernel(
         col_ok = cols < n
         # Logits in log2 units: exp2 of them is exp of the natural logits. The student tile
         # is computed once and stays live while the teachers' tiles stream past it.
-        logits_a = a2 * _dot_tile(
+        logits_a = a2 * dot_tile(
             x_ptr, y_ptr, row_start, start, m, n, d_s,
             stride_xm, stride_xd, stride_ym, stride_yd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
@@ -238,56 +199,38 @@ def _affinity_stats_kernel(
             tile_sum_a = tl.sum(tl.exp2(col_a - tile_max_a[None, :]), axis=0)
             shift_a = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0)
             factor_a = tl.exp2((tile_max_a - shift_a).to(tl.float64))
-            tl.atomic_add(col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok)
-        if NUM_TEACHERS > 0:
-            max_b0, sum_b0, w_a0, w_b0 = _teacher_stats_step(
-                xt0_ptr, yt0_ptr, b2_0, logits_a, row_start, start, m, n, d_t0,
-                stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-                max_b0, sum_b0, w_a0, w_b0, col_shift_ptr, col_acc_ptr,
-                0, NUM_TEACHERS == 1, COLUMNS,
-                UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            tl.atomic_add(
+                col_acc_ptr + cols, tile_sum_a.to(tl.float64) * factor_a, mask=col_ok, sem="relaxed"
+            )
+        stepped = ()
+        for k in tl.static_range(NUM_TEACHERS):
+            logits_b = scales[k] * _teacher_tile(
+                teacher_x, teacher_y, teacher_dims, teacher_strides, k, row_start, start, m, n,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
             )  # fmt: skip
-        if NUM_TEACHERS > 1:
-            max_b1, sum_b1, w_a1, _ = _teacher_stats_step(
-                xt1_ptr, yt1_ptr, b2_1, logits_a, row_start, start, m, n, d_t1,
-                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-                max_b1, sum_b1, w_a1, w_a1, col_shift_ptr, col_acc_ptr,
-                1, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            stepped = stepped + (
+                _teacher_stats_step(
+                    logits_b, logits_a, row_start, start, m, n, states[k], col_shift_ptr,
+                    col_acc_ptr, k, NUM_TEACHERS == 1, COLUMNS, BLOCK_M, BLOCK_N,
+                ),
             )  # fmt: skip
-        if NUM_TEACHERS > 2:
-            max_b2, sum_b2, w_a2, _ = _teacher_stats_step(
-                xt2_ptr, yt2_ptr, b2_2, logits_a, row_start, start, m, n, d_t2,
-                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-                max_b2, sum_b2, w_a2, w_a2, col_shift_ptr, col_acc_ptr,
-                2, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-        if NUM_TEACHERS > 3:
-            max_b3, sum_b3, w_a3, _ = _teacher_stats_step(
-                xt3_ptr, yt3_ptr, b2_3, logits_a, row_start, start, m, n, d_t3,
-                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-                max_b3, sum_b3, w_a3, w_a3, col_shift_ptr, col_acc_ptr,
-                3, False, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
+        states = stepped
     ln2 = 0.6931471805599453
     tl.store(row_out_ptr + rows, (max_a + tl.log2(sum_a)) * ln2, mask=row_ok)
     tl.store(row_out_ptr + m + rows, target_a * ln2, mask=row_ok)
-    if NUM_TEACHERS > 0:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b0, sum_b0, w_a0, 0, NUM_TEACHERS)
-    if NUM_TEACHERS == 1:
-        tl.store(row_out_ptr + 4 * m + rows, w_b0 / sum_b0 * ln2, mask=row_ok)
-    if NUM_TEACHERS > 1:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b1, sum_b1, w_a1, 1, NUM_TEACHERS)
-    if NUM_TEACHERS > 2:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b2, sum_b2, w_a2, 2, NUM_TEACHERS)
-    if NUM_TEACHERS > 3:
-        _store_teacher_rows(row_out_ptr, rows, row_ok, m, max_b3, sum_b3, w_a3, 3, NUM_TEACHERS)
+    # Teacher k: lse_b into row 2 + k, p_dot_a into row 2 + K + k; (K = 1) p_dot_b row 4.
+    for k in tl.static_range(NUM_TEACHERS):
+        max_b, sum_b, w_a, w_b = states[k]
+        tl.store(row_out_ptr + (2 + k) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
+        tl.store(row_out_ptr + (2 + NUM_TEACHERS + k) * m + rows, w_a / sum_b * ln2, mask=row_ok)
+        if NUM_TEACHERS == 1:
+            tl.store(row_out_ptr + 4 * m + rows, w_b / sum_b * ln2, mask=row_ok)
 
 
 @triton.jit
-def _teacher_softmax_tiles(
-    xt_ptr, yt_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-    block_row, col_start, row_end, m, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
+def teacher_softmax_tiles(
+    teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
+    row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
     INDEX: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -297,9 +240,9 @@ def _teacher_softmax_tiles(
     log2e = 1.4426950408889634
     rows = block_row + tl.arange(0, BLOCK_M)
     cols = col_start + tl.arange(0, BLOCK_N)
-    logits_b = _dot_tile(
-        xt_ptr, yt_ptr, block_row, col_start, row_end, n, dim,
-        stride_xm, stride_xd, stride_ym, stride_yd,
+    logits_b = _teacher_tile(
+        teacher_x, teacher_y, teacher_dims, teacher_strides, INDEX,
+        block_row, col_start, row_end, n,
         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
     ) * (tl.load(teacher_scale_ptr + INDEX).to(tl.float32) * log2e)  # fmt: skip
     lse_b = tl.load(row_lse_ptr + (1 + INDEX) * m + rows, mask=rows < row_end, other=0.0)
@@ -314,19 +257,16 @@ def _teacher_softmax_tiles(
 @triton.jit
 def _affinity_grad_logits_kernel(
     x_ptr, y_ptr, scale_ptr,
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
     row_lse_ptr,  # [1 + K, m] fp32: lse of A and of each B_k per row
     col_lse_ptr,  # [1 + K, N] fp32: lse of A and of each B_k per column (COLUMNS only)
-    coeff_ptr,  # [5] fp32: row Q, row P_k, column Q, column P_k, one-hot coefficients
-    grad_ptr,  # [chunk, N] contiguous, features' dtype: a dL/dA of rows row_start + [0, chunk)
-    dscale_ptr,  # [programs] fp32: per-program sum(dA * X Y^T)
-    m, n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset, row_start, chunk,
+    coeff_ptr,  # [5] fp32: row Q, row P (mean of the P_k), column Q, column P, one-hot
+    grad_ptr,  # [chunk, N] contiguous, features' dtype: G of rows row_start + [0, chunk)
+    dscale_ptr,  # [programs] fp32: per-program sum(G * X Y^T)
+    m, n, m_class, n_class, d_s, teacher_dims, label_offset, row_start, chunk,
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -341,7 +281,7 @@ def _affinity_grad_logits_kernel(
     cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     log2e = 1.4426950408889634
-    dots = _dot_tile(
+    dots = dot_tile(
         x_ptr, y_ptr, block_row, col_start, row_end, n, d_s,
         stride_xm, stride_xd, stride_ym, stride_yd,
         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
@@ -353,45 +293,15 @@ def _affinity_grad_logits_kernel(
     if COLUMNS:
         col_lse_a = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * log2e
         grad += tl.load(coeff_ptr + 2) * tl.exp2(logits_a - col_lse_a[None, :])
-    # The teachers' coefficients carry the 1 / K of their mean.
+    # The teachers' coefficients take the 1 / K of their mean.
     if NUM_TEACHERS > 0:
-        coeff_p = tl.load(coeff_ptr + 1)
-        coeff_col_p = tl.load(coeff_ptr + 3)
-        probs, col_probs = _teacher_softmax_tiles(
-            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t0,
-            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 1:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t1,
-            stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-            1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 2:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t2,
-            stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-            2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        grad -= coeff_p * probs
-        if COLUMNS:
-            grad -= coeff_col_p * col_probs
-    if NUM_TEACHERS > 3:
-        probs, col_probs = _teacher_softmax_tiles(
-            xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, row_end, m, n, d_t3,
-            stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-            3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        coeff_p = tl.load(coeff_ptr + 1) * (1.0 / NUM_TEACHERS)
+        coeff_col_p = tl.load(coeff_ptr + 3) * (1.0 / NUM_TEACHERS)
+    for k in tl.static_range(NUM_TEACHERS):
+        probs, col_probs = teacher_softmax_tiles(
+            teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_scale_ptr,
+            row_lse_ptr, col_lse_ptr, block_row, col_start, row_end, m, n,
+            k, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         grad -= coeff_p * probs
         if COLUMNS:
@@ -401,97 +311,13 @@ def _affinity_grad_logits_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     grad = tl.where(ok, grad, 0.0)
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(grad * dots, 1), 0))
-    # Stored times a, so that the GEMMs that follow give the feature gradients directly.
+    # Stored without the scale a (applied after the GEMMs, in fp32).
     tile_ptr = grad_ptr + (pid_m * BLOCK_M).to(tl.int64) * n + col_start
     tl.store(
         tile_ptr + tl.arange(0, BLOCK_M)[:, None] * n + tl.arange(0, BLOCK_N)[None, :],
-        (grad * scale).to(grad_ptr.dtype.element_ty),
+        grad.to(grad_ptr.dtype.element_ty),
         mask=ok,
     )
-
-
-@triton.jit
-def _xlogx(p):
-    """p ln p with 0 ln 0 = 0."""
-    return tl.where(p > 0, p * tl.log2(p) * 0.6931471805599453, 0.0)
-
-
-@triton.jit
-def _mixture_entropy_kernel(
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
-    teacher_scale_ptr,  # [K] fp32
-    row_lse_ptr,  # [1 + K, m] fp32: row 0 unused, then lse of each B_k per row
-    col_lse_ptr,  # [1 + K, N] fp32: the same per column (COLUMNS only)
-    partial_ptr,  # [programs, 2] fp32: per-program sum P ln P of the rows and of the columns
-    m, n, d_t0, d_t1, d_t2, d_t3,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-    NUM_TEACHERS: tl.constexpr, COLUMNS: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    block_row = pid_m * BLOCK_M
-    row_ok = block_row + tl.arange(0, BLOCK_M) < m
-    row_sum = 0.0
-    col_sum = 0.0
-    column_programs = tl.num_programs(1)
-    for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_N) - pid_n, column_programs)):
-        col_start = (pid_n + step * column_programs) * BLOCK_N
-        ok = row_ok[:, None] & (col_start + tl.arange(0, BLOCK_N) < n)[None, :]
-        mix, col_mix = _teacher_softmax_tiles(
-            xt0_ptr, yt0_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-            block_row, col_start, m, m, n, d_t0,
-            stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-            0, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        if NUM_TEACHERS > 1:
-            probs, col_probs = _teacher_softmax_tiles(
-                xt1_ptr, yt1_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t1,
-                stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-                1, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        if NUM_TEACHERS > 2:
-            probs, col_probs = _teacher_softmax_tiles(
-                xt2_ptr, yt2_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t2,
-                stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-                2, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        if NUM_TEACHERS > 3:
-            probs, col_probs = _teacher_softmax_tiles(
-                xt3_ptr, yt3_ptr, teacher_scale_ptr, row_lse_ptr, col_lse_ptr,
-                block_row, col_start, m, m, n, d_t3,
-                stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-                3, COLUMNS, UPCAST, FP32_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-            mix += probs
-            col_mix += col_probs
-        mix = mix * (1.0 / NUM_TEACHERS)
-        row_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(mix), 0.0), axis=1), axis=0)
-        if COLUMNS:
-            col_mix = col_mix * (1.0 / NUM_TEACHERS)
-            col_sum += tl.sum(tl.sum(tl.where(ok, _xlogx(col_mix), 0.0), axis=1), axis=0)
-    slot = partial_ptr + (pid_m * column_programs + pid_n) * 2
-    tl.store(slot, row_sum)
-    tl.store(slot + 1, col_sum)
-
-
-def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
-    """CUDA autotuning over (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) candidates."""
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bm, bn, bd, w, s in shapes
-    ]
-    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel)
 
 
 # Candidates that compile without register spills on sm_90 with Triton 3.6 and 3.8 (the
@@ -504,8 +330,8 @@ def _autotuned(kernel, shapes: tuple, key: list[str], reset: list[str]):
 # BLOCK_D / BLOCK_N candidates of its own. Each teacher streamed beside the student adds its
 # running statistics and (backward) its softmax tile: the larger tiles spill from K = 2
 # (64x128 stats, 128x64 fp32 grad: 8-84 B) or K = 4 (every 64x128 / 128x64 tile, 16-1000 B;
-# fp32 stats even at 64x64, hence 64x32). With the K-teacher signature, fp32 64x128x16 stats
-# spill 4 B at K = 1 on Triton 3.6 (clean before): dropped from the one-teacher candidates.
+# fp32 stats even at 64x64, hence 64x32). fp32 64x128x16 stats spill 4 B at K = 1 on
+# Triton 3.6: not among the one-teacher candidates.
 _STATS_SHAPES = {
     ("half", "one"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
     ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
@@ -526,15 +352,9 @@ _GRAD_SHAPES = {
     ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
     ("fp32", "four"): ((64, 64, 16, 8, 3), (64, 32, 32, 8, 3)),
 }  # fmt: skip
-# The entropy pass of an ensemble's KL (K >= 2 only); fp32 64x64x32 spills 16 B at K = 4
-# on Triton 3.6.
-_ENTROPY_SHAPES = {
-    ("half", "two"): ((64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
-    ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
-    ("half", "four"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
-    ("fp32", "four"): ((64, 64, 16, 8, 3),),
-}
-_KEY = ["m", "n", "d_t0", "d_t1", "d_t2", "d_t3"]
+# Power-of-two classes of m and n (size_class), not their exact values: a last, shorter
+# batch or the underflow pass over a few columns does not re-tune mid-training.
+TUNE_KEY = ["m_class", "n_class", "teacher_dims"]
 
 
 def _shape_class(features: torch.Tensor) -> str:
@@ -548,43 +368,14 @@ def _teacher_class(num_teachers: int) -> str:
 if INTERPRETING:
     _STATS_KERNELS = dict.fromkeys(_STATS_SHAPES, _affinity_stats_kernel)
     _GRAD_KERNELS = dict.fromkeys(_GRAD_SHAPES, _affinity_grad_logits_kernel)
-    _ENTROPY_KERNELS = dict.fromkeys(_ENTROPY_SHAPES, _mixture_entropy_kernel)
-    _SMALLEST_BLOCK = _INTERPRETER_BLOCKS["BLOCK_M"]
 else:
     _STATS_KERNELS = {
-        kind: _autotuned(_affinity_stats_kernel, shapes, ["d_s", *_KEY], ["col_acc_ptr"])
+        kind: autotuned(_affinity_stats_kernel, shapes, ["d_s", *TUNE_KEY], ["col_acc_ptr"])
         for kind, shapes in _STATS_SHAPES.items()
     }
     _GRAD_KERNELS = {
-        kind: _autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *_KEY], ["dscale_ptr"])
+        kind: autotuned(_affinity_grad_logits_kernel, shapes, ["d_s", *TUNE_KEY], ["dscale_ptr"])
         for kind, shapes in _GRAD_SHAPES.items()
-    }
-    _ENTROPY_KERNELS = {
-        kind: _autotuned(_mixture_entropy_kernel, shapes, _KEY, ["partial_ptr"])
-        for kind, shapes in _ENTROPY_SHAPES.items()
-    }
-    _SMALLEST_BLOCK = 64
-
-
-def _block_args() -> dict:
-    return dict(_INTERPRETER_BLOCKS) if INTERPRETING else {}
-
-
-def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """All features in one dtype (one tl.dot flavour): their shared fp32/half type, else fp32."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and torch.float64 not in dtypes:
-        return list(tensors)
-    return [t.float() for t in tensors]
-
-
-def _dot_flags(features: torch.Tensor) -> dict:
-    fp32 = features.dtype == torch.float32
-    return {
-        "UPCAST": INTERPRETING,
-        "FP32_DOT": INTERPRETING or fp32,
-        # Under the interpreter tl.dot is numpy fp32; on CUDA, 3xTF32 keeps fp32 accuracy.
-        "DOT_PRECISION": "ieee" if INTERPRETING else "tf32x3",
     }
 
 
@@ -592,34 +383,35 @@ def _scalar(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.detach().reshape(1).to(device=like.device, dtype=torch.float32)
 
 
-def _teacher_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def device_scales(scales: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """[K] fp32 scales on the features' device; a [1] placeholder without teachers."""
     if scales is None:
         return torch.ones(1, dtype=torch.float32, device=like.device)
     return scales.detach().reshape(-1).to(device=like.device, dtype=torch.float32).contiguous()
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for tensor in tensors for s in tensor.stride()]
-
-
-class _Operands:
+class TeacherOperands:
     """The student pair and up to MAX_TEACHERS teacher pairs as one dot flavour, with the
-    kernels' padded teacher arguments: absent teachers repeat the student (never read),
-    dim 0."""
+    kernels' teacher tuples (pointers, dims, strides); without teachers the tuples hold the
+    student once, never read."""
 
     def __init__(self, rows, cols, teachers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if len(teachers) > MAX_TEACHERS:
             raise ValueError(f"at most {MAX_TEACHERS} teachers, got {len(teachers)}")
-        flat = _common_dtype(rows, cols, *(t for pair in teachers for t in pair))
+        flat = one_dtype([rows, cols, *(t for pair in teachers for t in pair)])
         self.rows, self.cols = flat[:2]
         self.teachers = [(flat[2 + 2 * k], flat[3 + 2 * k]) for k in range(len(teachers))]
         self.num_teachers = len(teachers)
-        padded = self.teachers + [(self.rows, self.cols)] * (MAX_TEACHERS - len(teachers))
-        self.pointers = [t for pair in padded for t in pair]
-        self.dims = [pair[0].shape[1] if k < len(teachers) else 0 for k, pair in enumerate(padded)]
-        self.strides = _strides(*self.pointers)
+        pairs = self.teachers or [(self.rows, self.cols)]
+        self.teacher_x = tuple(pair[0] for pair in pairs)
+        self.teacher_y = tuple(pair[1] for pair in pairs)
+        self.teacher_dims = tuple(pair[0].shape[1] for pair in pairs)
+        self.teacher_strides = strides([t for pair in pairs for t in pair])
         self.kernel_class = (_shape_class(self.rows), _teacher_class(len(teachers)))
+
+    def flags(self) -> dict:
+        """The launch's constexprs besides COLUMNS: teacher count, dot flavour, blocks."""
+        return {"NUM_TEACHERS": self.num_teachers, **dot_flags(self.rows.dtype), **block_args()}
 
 
 def _column_shifts(rows, cols, scale, teachers, teacher_scales) -> torch.Tensor:
@@ -642,32 +434,36 @@ def affinity_stats_forward(
     *,
     column_stats: bool,
     label_offset: int = 0,
+    active_rows: torch.Tensor | None = None,
 ) -> tuple[tuple, tuple | None]:
     """Per-row (and, if ``column_stats``, per-column) softmax statistics, fp32.
 
-    ``teachers`` = [(teacher_rows_k, teacher_cols_k)] for K = 0..4, ``teacher_scales`` their
-    [K] scales. Returns ``(lse_a, target_a, lse_b, p_dot_a, p_dot_b)`` for the rows and, for
-    the square problem, the same for the columns (target = the diagonal): lse = log-sum-exp,
-    lse_b and p_dot_a [K, r] per teacher with p_dot_a_k = sum_j softmax(B_k)_ij A_ij, and
-    p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher (None otherwise, and teacher
-    entries None without teachers).
+    ``teachers`` = [(teacher_rows_k, teacher_cols_k)] for K = 0..MAX_TEACHERS,
+    ``teacher_scales`` their [K] scales. Returns ``(lse_a, target_a, lse_b, p_dot_a,
+    p_dot_b)`` for the rows and, for the square problem, the same for the columns (target =
+    the diagonal): lse = log-sum-exp, lse_b and p_dot_a [K, r] per teacher with p_dot_a_k =
+    sum_j softmax(B_k)_ij A_ij, and p_dot_b = sum_j softmax(B)_ij B_ij [r] for one teacher
+    (None otherwise, and teacher entries None without teachers). With ``active_rows`` (bool
+    [m]) only those rows' statistics are defined: row blocks without one skip their tiles.
     """
     m, n = rows.shape[0], cols.shape[0]
-    ops = _Operands(rows, cols, teachers)
+    ops = TeacherOperands(rows, cols, teachers)
     k = ops.num_teachers
-    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
+    a, b = _scalar(scale, rows), device_scales(teacher_scales, rows)
     row_out = torch.empty(2 + 2 * k + (k == 1), m, dtype=torch.float32, device=rows.device)
     if column_stats:
         shifts = _column_shifts(ops.rows, ops.cols, a, ops.teachers, b)
         col_acc = torch.zeros(1 + 2 * k + (k == 1), n, dtype=torch.float64, device=rows.device)
     else:
         shifts = col_acc = row_out  # never read: COLUMNS is off
+    active = row_out if active_rows is None else active_rows.to(torch.int8)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _STATS_KERNELS[ops.kernel_class][grid](
-        ops.rows, ops.cols, a, *ops.pointers, b, row_out, shifts, col_acc,
-        m, n, ops.rows.shape[1], *ops.dims, label_offset,
-        *_strides(ops.rows, ops.cols), *ops.strides,
-        NUM_TEACHERS=k, COLUMNS=column_stats, **_dot_flags(ops.rows), **_block_args(),
+        ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, row_out, shifts, col_acc,
+        active, m, n, size_class(m), size_class(n), ops.rows.shape[1], ops.teacher_dims,
+        label_offset,
+        *strides([ops.rows, ops.cols]), ops.teacher_strides,
+        COLUMNS=column_stats, ACTIVE_ROWS=active_rows is not None, **ops.flags(),
     )  # fmt: skip
     row = _unpack(row_out, k)
     if not column_stats:
@@ -682,9 +478,7 @@ def affinity_stats_forward(
         if k == 1:
             col[4] = (col_acc[3] / col_acc[1] * LN2).float()
         underflow |= (sums < _UNDERFLOW).any(dim=0)
-    bad = underflow.nonzero().squeeze(1)
-    if bad.numel() > 0:
-        _exact_column_stats(col, bad, ops.rows, ops.cols, a, ops.teachers, b)
+    _exact_column_stats(col, underflow, ops.rows, ops.cols, a, ops.teachers, b)
     return row, tuple(col)
 
 
@@ -698,51 +492,19 @@ def _unpack(row_out: torch.Tensor, num_teachers: int) -> tuple:
     return lse_a, target_a, row_out[2 : 2 + k], row_out[2 + k : 2 + 2 * k], p_dot_b
 
 
-def _exact_column_stats(col, bad, rows, cols, a, teachers, b) -> None:
-    """Overwrite the statistics of the columns ``bad`` by the row kernel on the transpose."""
-    transposed = [(teacher_cols[bad], teacher_rows) for teacher_rows, teacher_cols in teachers]
+def _exact_column_stats(col, underflow, rows, cols, a, teachers, b) -> None:
+    """Replace the statistics of the columns flagged in ``underflow`` (bool [N]) by the row
+    kernel's on the transposed problem. Shape-static: the launch covers every column and
+    its row blocks without a flagged column skip their tiles, so nothing is read on the host
+    and nearly nothing runs when no column underflows."""
+    transposed = [(teacher_cols, teacher_rows) for teacher_rows, teacher_cols in teachers]
     exact, _ = affinity_stats_forward(
-        cols[bad], rows, a, transposed, b if teachers else None, column_stats=False
-    )
-    col[0][bad] = exact[0]
-    for index in (2, 3):
-        if col[index] is not None:
-            col[index][:, bad] = exact[index]
-    if col[4] is not None:
-        col[4][bad] = exact[4]
-
-
-def mixture_entropy(
-    teachers: list[tuple[torch.Tensor, torch.Tensor]],
-    teacher_scales: torch.Tensor,
-    row_lse_b: torch.Tensor,
-    col_lse_b: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum_ij Pbar_ij ln Pbar_ij with Pbar = mean_k softmax_row(B_k) (fp64 0-d), and with
-    ``col_lse_b`` the same for the column softmaxes: an exact pass over the teacher tiles
-    given their [K, m] row (and [K, N] column) log-sum-exps. K >= 2 (one teacher's entropy
-    is lse_b - p_dot_b per row)."""
-    teacher_rows, teacher_cols = teachers[0]
-    m, n = teacher_rows.shape[0], teacher_cols.shape[0]
-    device = teacher_rows.device
-    ops = _Operands(teacher_rows, teacher_cols, teachers)
-    b = _teacher_scales(teacher_scales, teacher_rows)
-    columns = col_lse_b is not None
-    # Row 0 of the lse buffers is the student's in the other kernels; unused here.
-    row_lse = torch.cat([row_lse_b[:1], row_lse_b]).float().contiguous()
-    col_lse = torch.cat([col_lse_b[:1], col_lse_b]).float().contiguous() if columns else row_lse
-    programs = triton.cdiv(m, _SMALLEST_BLOCK) * _COLUMN_PROGRAMS
-    partials = torch.zeros(programs, 2, dtype=torch.float32, device=device)
-    grid = lambda meta: (
-        triton.cdiv(m, meta["BLOCK_M"]),
-        min(triton.cdiv(n, meta["BLOCK_N"]), _COLUMN_PROGRAMS),
-    )
-    _ENTROPY_KERNELS[ops.kernel_class][grid](
-        *ops.pointers, b, row_lse, col_lse, partials, m, n, *ops.dims, *ops.strides,
-        NUM_TEACHERS=ops.num_teachers, COLUMNS=columns, **_dot_flags(ops.rows), **_block_args(),
+        cols, rows, a, transposed, b if teachers else None, column_stats=False,
+        active_rows=underflow,
     )  # fmt: skip
-    sums = partials.sum(dim=0, dtype=torch.float64)
-    return sums[0], (sums[1] if columns else None)
+    for index in (0, 2, 3, 4):
+        if col[index] is not None:
+            col[index] = torch.where(underflow, exact[index], col[index])
 
 
 def affinity_grad_backward(
@@ -758,20 +520,23 @@ def affinity_grad_backward(
     coeffs: torch.Tensor,
     *,
     label_offset: int = 0,
+    coeff_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/drows, dL/dcols, dL/dscale) for dA = the coefficient mix of Q, P, Q', P'.
+    """(dL/drows, dL/dcols, dL/dscale) for dA = s G, G the coefficient mix of Q, P, Q', P'.
 
-    coeffs = (cq, cp, cq', cp', c1): dA = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q
+    coeffs = (cq, cp, cq', cp', c1): G = cq Q - cp P + cq' Q' - cp' P' - c1 onehot with Q
     the row softmax of A, P = mean_k softmax_row(B_k) the teachers' mean, Q', P' the column
-    ones; row_lse_b / col_lse_b are [K, m] / [K, N]. drows = a dA cols, dcols = a dA^T rows,
-    dscale = sum(dA * rows cols^T).
+    ones; s = ``coeff_scale``; row_lse_b / col_lse_b are [K, m] / [K, N]. drows = a dA cols,
+    dcols = a dA^T rows, dscale = sum(dA * rows cols^T). G is stored in the features' dtype
+    without a and s (a / (2n) would sink fp16 entries into subnormals at large n), and a s
+    is applied in fp32 to the GEMMs' products.
     """
     m, n = rows.shape[0], cols.shape[0]
-    ops = _Operands(rows, cols, teachers)
+    ops = TeacherOperands(rows, cols, teachers)
     k = ops.num_teachers
     columns = col_lse_a is not None
     rows, cols = ops.rows, ops.cols
-    a, b = _scalar(scale, rows), _teacher_scales(teacher_scales, rows)
+    a, b = _scalar(scale, rows), device_scales(teacher_scales, rows)
     device = rows.device
     row_lse = torch.cat([row_lse_a[None], row_lse_b]) if k else row_lse_a[None]
     row_lse = row_lse.float().contiguous()
@@ -779,13 +544,13 @@ def affinity_grad_backward(
     if columns:
         col_lse = torch.cat([col_lse_a[None], col_lse_b]) if k else col_lse_a[None]
         col_lse = col_lse.float().contiguous()
-    # The mean over the teachers goes into their coefficients.
-    coeffs = coeffs.float() * torch.tensor([1, 1 / max(k, 1), 1, 1 / max(k, 1), 1], device=device)
+    coeffs = coeffs.float().contiguous()
     # dA in the features' dtype (fp32 features keep fp32): the two products below run in
     # cuBLAS at the full tensor-core rate, accumulating in fp32, as in flash attention.
-    chunk = _grad_chunk_rows(m, n, rows.element_size())
+    chunk = grad_chunk_rows(m, n, rows.element_size())
     grad = torch.empty(chunk, n, dtype=rows.dtype, device=device)
-    programs = triton.cdiv(chunk, _SMALLEST_BLOCK) * triton.cdiv(n, _SMALLEST_BLOCK)
+    smallest = common.SMALLEST_BLOCK
+    programs = triton.cdiv(chunk, smallest) * triton.cdiv(n, smallest)
     dscale = torch.zeros(triton.cdiv(m, chunk), programs, dtype=torch.float32, device=device)
     dx = torch.empty(m, rows.shape[1], dtype=rows.dtype, device=device)
     dy = None
@@ -796,10 +561,10 @@ def affinity_grad_backward(
             triton.cdiv(n, meta["BLOCK_N"]),
         )
         _GRAD_KERNELS[ops.kernel_class][grid](
-            rows, cols, a, *ops.pointers, b, row_lse, col_lse, coeffs, grad, dscale[index],
-            m, n, rows.shape[1], *ops.dims, label_offset, start, size,
-            *_strides(rows, cols), *ops.strides,
-            NUM_TEACHERS=k, COLUMNS=columns, **_dot_flags(rows), **_block_args(),
+            rows, cols, a, ops.teacher_x, ops.teacher_y, b, row_lse, col_lse, coeffs, grad,
+            dscale[index], m, n, size_class(m), size_class(n), rows.shape[1], ops.teacher_dims,
+            label_offset, start, size,
+            *strides([rows, cols]), ops.teacher_strides, COLUMNS=columns, **ops.flags(),
         )  # fmt: skip
         torch.matmul(grad[:size], cols, out=dx[start : start + size])
         part = grad[:size].T @ rows[start : start + size]
@@ -808,11 +573,5 @@ def affinity_grad_backward(
             dy = part if size == m else part.float()
         else:
             dy.add_(part)
-    return dx, dy, dscale.sum()
-
-
-def _grad_chunk_rows(m: int, n: int, element_size: int) -> int:
-    """Rows of dA materialised at once: at most ~512 MB, and all of them for small problems."""
-    rows = _GRAD_CHUNK_BYTES // (n * element_size) // _SMALLEST_BLOCK * _SMALLEST_BLOCK
-    rows = max(_SMALLEST_BLOCK, rows)
-    return min(m, rows)
+    factor = a[0] * coeff_scale  # fp32, on the device: the multiplies below run in fp32
+    return dx.mul_(factor), dy.mul_(factor), dscale.sum() * coeff_scale

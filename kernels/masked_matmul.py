@@ -1,4 +1,4 @@
-"""Masked structured-pruning matmul in its compact form (SPEC 8), forward and backward.
+"""Masked structured-pruning matmul in its compact form (docs/method.md §8), forward and backward.
 
 A mask sample is shared by the whole batch, so the activations stay dense and contiguous at
 the kept width and the masks live on the weight, which the kernels read through index
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
+from .common import size_class
 
 
 def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
@@ -341,10 +342,6 @@ def _masked_weight_grad_kernel(
 _INT32_MAX = 2**31 - 1
 
 
-def _size_class(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
-
-
 def _dot_settings(dtype: torch.dtype) -> dict:
     """tl.dot flags: fp32 upcast under the interpreter; fp32 exact unless torch allows TF32."""
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -401,7 +398,7 @@ def _matmul(a, weight, w_strides, bias, r_idx, r_scale, c_idx, c_scale, c_pruned
         _scale(c_scale, device), _index(c_pruned, device),
         m, r, c, n_zero,
         a.stride(0), w_strides[0], w_strides[1], out.stride(0),
-        _size_class(m), _size_class(r), _size_class(c),
+        size_class(m), size_class(r), size_class(c),
         HAS_BIAS=bias is not None, HAS_R_SCALE=r_scale is not None,
         HAS_C_SCALE=c_scale is not None, GATHER_R=r_idx is not None,
         GATHER_C=c_idx is not None, SCATTER_C=scatter, **_dot_settings(a.dtype),
@@ -516,7 +513,7 @@ def masked_matmul_weight_grad(
             _index(in_idx, device), _scale(in_scale, device),
             m, n, k_matmul, tokens_per_split,
             dy.stride(0), x.stride(0), weight.stride(0), weight.stride(1), k_in,
-            _size_class(m), _size_class(n), _size_class(k),
+            size_class(m), size_class(n), size_class(k),
             HAS_OUT_SCALE=out_scale is not None, HAS_IN_SCALE=in_scale is not None,
             GATHER_OUT=out_idx is not None, GATHER_IN=in_idx is not None,
             NEED_DW=need_dw, NEED_D_IN=need_d_in, NEED_D_OUT=need_d_out,

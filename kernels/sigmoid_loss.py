@@ -24,22 +24,25 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING
-from .affinity_loss import _dot_tile
+from . import INTERPRETING, common
+from .common import (
+    autotuned,
+    block_args,
+    dot_flags,
+    dot_tile,
+    grad_chunk_rows,
+    one_dtype,
+    size_class,
+    xlogx,
+)
+from .common import strides as flat_strides
+from .limits import MAX_TEACHERS
 
 KINDS = {"bce": 1, "kl": 2, "mobileclip": 3}
-MAX_TEACHERS = 4
 
-# Budget of the G chunk materialised before its two GEMMs.
-_GRAD_CHUNK_BYTES = 1 << 29
 # Rows per launch without gradient: bounds the per-program partial sums (1 MB).
 _LOSS_CHUNK_ROWS = 1 << 16
-# Column programs per row block; each loops over its share of the column tiles, so the
-# partial sums stay O(m) however large N is.
-_COLUMN_PROGRAMS = 64
 _PARTIALS = 4  # loss_c, loss_d, sum G, sum G * X Y^T
-
-_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
 
 
 @triton.jit
@@ -50,21 +53,18 @@ def _softplus_parts(z):
 
 
 @triton.jit
-def _xlogx(p):
-    return tl.where(p > 0, p * tl.log2(p) * 0.6931471805599453, 0.0)
-
-
-@triton.jit
 def _teacher_probs(
-    xt_ptr, yt_ptr, affine_ptr, index, block_row, col_start, row_end, n, dim,
-    stride_xm, stride_xd, stride_ym, stride_yd,
+    teacher_x, teacher_y, teacher_dims, teacher_strides, affine_ptr, index: tl.constexpr,
+    block_row, col_start, row_end, n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(s(B), s(-B)) of one teacher's tile, each computed from its small side."""
-    dots = _dot_tile(
-        xt_ptr, yt_ptr, block_row, col_start, row_end, n, dim,
-        stride_xm, stride_xd, stride_ym, stride_yd,
+    """(s(B), s(-B)) of teacher ``index``'s tile, each computed from its small side; its
+    strides are entries 4 index .. 4 index + 3 of ``teacher_strides``."""
+    dots = dot_tile(
+        teacher_x[index], teacher_y[index], block_row, col_start, row_end, n,
+        teacher_dims[index], teacher_strides[4 * index], teacher_strides[4 * index + 1],
+        teacher_strides[4 * index + 2], teacher_strides[4 * index + 3],
         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
     )  # fmt: skip
     logits = tl.load(affine_ptr + 2 * index) * dots + tl.load(affine_ptr + 2 * index + 1)
@@ -78,16 +78,13 @@ def _teacher_probs(
 @triton.jit
 def _sigmoid_loss_kernel(
     x_ptr, y_ptr, affine_ptr,  # affine: [2] fp32 (a, c)
-    xt0_ptr, yt0_ptr, xt1_ptr, yt1_ptr, xt2_ptr, yt2_ptr, xt3_ptr, yt3_ptr,
+    teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_affine_ptr,  # [K, 2] fp32 (b_k, c_k)
     grad_ptr,  # [chunk, n] contiguous, features' dtype: G of rows row_start + [0, chunk)
     partial_ptr,  # [programs, 4] fp32, summed over chunks: loss_c, loss_d, sum G, sum G XY^T
-    n, d_s, d_t0, d_t1, d_t2, d_t3, label_offset, row_start, chunk,
+    n, n_class, d_s, teacher_dims, label_offset, row_start, chunk,  # n_class: autotune key
     stride_xm, stride_xd, stride_ym, stride_yd,
-    stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-    stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
-    stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-    stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
+    teacher_strides,  # 4K-tuple: per teacher its rows' and columns' (row, dim) strides
     weight_c, weight_d,
     NUM_TEACHERS: tl.constexpr, CONTRASTIVE: tl.constexpr, KIND: tl.constexpr,
     GRAD: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -113,42 +110,23 @@ def _sigmoid_loss_kernel(
         ok = row_ok[:, None] & (cols < n)[None, :]
         # Teacher tiles first: only their mean probabilities stay live beside the student's.
         if KIND > 0:
-            p, q = _teacher_probs(
-                xt0_ptr, yt0_ptr, teacher_affine_ptr, 0, block_row, col_start, row_end, n,
-                d_t0, stride_t0xm, stride_t0xd, stride_t0ym, stride_t0yd,
-                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, TEACHER_FP32_DOT, DOT_PRECISION,
-            )  # fmt: skip
-            if NUM_TEACHERS > 1:
-                p1, q1 = _teacher_probs(
-                    xt1_ptr, yt1_ptr, teacher_affine_ptr, 1, block_row, col_start, row_end, n,
-                    d_t1, stride_t1xm, stride_t1xd, stride_t1ym, stride_t1yd,
+            p = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            q = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k in tl.static_range(NUM_TEACHERS):
+                p_k, q_k = _teacher_probs(
+                    teacher_x, teacher_y, teacher_dims, teacher_strides, teacher_affine_ptr, k,
+                    block_row, col_start, row_end, n,
                     BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, TEACHER_FP32_DOT, DOT_PRECISION,
                 )  # fmt: skip
-                p += p1
-                q += q1
-            if NUM_TEACHERS > 2:
-                p2, q2 = _teacher_probs(
-                    xt2_ptr, yt2_ptr, teacher_affine_ptr, 2, block_row, col_start, row_end, n,
-                    d_t2, stride_t2xm, stride_t2xd, stride_t2ym, stride_t2yd,
-                    BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, TEACHER_FP32_DOT, DOT_PRECISION,
-                )  # fmt: skip
-                p += p2
-                q += q2
-            if NUM_TEACHERS > 3:
-                p3, q3 = _teacher_probs(
-                    xt3_ptr, yt3_ptr, teacher_affine_ptr, 3, block_row, col_start, row_end, n,
-                    d_t3, stride_t3xm, stride_t3xd, stride_t3ym, stride_t3yd,
-                    BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, TEACHER_FP32_DOT, DOT_PRECISION,
-                )  # fmt: skip
-                p += p3
-                q += q3
+                p += p_k
+                q += q_k
             if NUM_TEACHERS > 1:
                 p = p * (1.0 / NUM_TEACHERS)
                 q = q * (1.0 / NUM_TEACHERS)
             if KIND == 2:
                 # The teacher entropy needs no student tile: summed before the student's dot.
-                sum_d += tl.sum(tl.sum(tl.where(ok, _xlogx(p) + _xlogx(q), 0.0), axis=1), axis=0)
-        dots = _dot_tile(
+                sum_d += tl.sum(tl.sum(tl.where(ok, xlogx(p) + xlogx(q), 0.0), axis=1), axis=0)
+        dots = dot_tile(
             x_ptr, y_ptr, block_row, col_start, row_end, n, d_s,
             stride_xm, stride_xd, stride_ym, stride_yd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, FP32_DOT, DOT_PRECISION,
@@ -200,16 +178,6 @@ def _sigmoid_loss_kernel(
     tl.store(slot + 3, tl.load(slot + 3) + sum_gd)
 
 
-def _autotuned(shapes: tuple):
-    """CUDA autotuning over (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) candidates."""
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bm, bn, bd, w, s in shapes
-    ]
-    key = ["n", "d_s", "d_t0", "d_t1", "d_t2", "d_t3", "NUM_TEACHERS", "KIND", "GRAD"]
-    return triton.autotune(configs, key=key, reset_to_zero=["partial_ptr"])(_sigmoid_loss_kernel)
-
-
 # Candidates that compile without register spills on sm_90 with triton 3.6 and 3.8 (ptxas -v
 # of the ahead-of-time compiles: bench/sm90_report.py --families sigmoid_loss). 8 warps: the
 # [BLOCK, BLOCK_D] 64-bit pointer tiles of the operand loads alone take 64 registers per
@@ -220,38 +188,23 @@ _DISTILL_SHAPES = ((64, 64, 32, 8, 4), (64, 64, 32, 8, 3), (64, 64, 64, 8, 2))
 # alone on triton 3.6, and beside four teacher tiles everything wider than 64 x 32 x 16 does.
 _CONTRASTIVE_FP32_SHAPES = ((64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (64, 64, 16, 8, 4))
 _DISTILL_FP32_SHAPES = ((64, 32, 16, 8, 4), (64, 32, 16, 8, 3))
+_KEY = ["n_class", "d_s", "teacher_dims", "NUM_TEACHERS", "KIND", "GRAD"]
 
 if INTERPRETING:
     _contrastive_kernel = _distill_kernel = _sigmoid_loss_kernel
     _contrastive_fp32_kernel = _distill_fp32_kernel = _sigmoid_loss_kernel
-    _SMALLEST_BLOCK = _INTERPRETER_BLOCKS["BLOCK_M"]
 else:
-    _contrastive_kernel = _autotuned(_CONTRASTIVE_SHAPES)
-    _distill_kernel = _autotuned(_DISTILL_SHAPES)
-    _contrastive_fp32_kernel = _autotuned(_CONTRASTIVE_FP32_SHAPES)
-    _distill_fp32_kernel = _autotuned(_DISTILL_FP32_SHAPES)
-    _SMALLEST_BLOCK = 64
-
-
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(fp32 tl.dot, its precision): the interpreter's dot is numpy fp32; 3xTF32 on CUDA."""
-    return INTERPRETING or dtype == torch.float32, "ieee" if INTERPRETING else "tf32x3"
-
-
-def _one_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Operands of one tl.dot flavour: their shared fp32/half dtype, else fp32."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and torch.float64 not in dtypes:
-        return tensors
-    return [t.float() for t in tensors]
+    _contrastive_kernel, _distill_kernel, _contrastive_fp32_kernel, _distill_fp32_kernel = (
+        autotuned(_sigmoid_loss_kernel, shapes, _KEY, ["partial_ptr"])
+        for shapes in (
+            _CONTRASTIVE_SHAPES, _DISTILL_SHAPES, _CONTRASTIVE_FP32_SHAPES, _DISTILL_FP32_SHAPES
+        )
+    )  # fmt: skip
 
 
 def _chunk_rows(m: int, n: int, element_size: int, grad: bool) -> int:
     """Rows per launch: a G chunk of at most ~512 MB with gradients, else a bounded count."""
-    if not grad:
-        return min(m, _LOSS_CHUNK_ROWS)
-    rows = _GRAD_CHUNK_BYTES // (n * element_size) // _SMALLEST_BLOCK * _SMALLEST_BLOCK
-    return min(m, max(_SMALLEST_BLOCK, rows))
+    return grad_chunk_rows(m, n, element_size) if grad else min(m, _LOSS_CHUNK_ROWS)
 
 
 def sigmoid_loss_tiles(
@@ -279,14 +232,14 @@ def sigmoid_loss_tiles(
         raise ValueError(f"at most {MAX_TEACHERS} teachers, got {len(teachers)}")
     m, n = rows.shape[0], cols.shape[0]
     device = rows.device
-    rows, cols = _one_dtype([rows, cols])
-    flat = _one_dtype([t for pair in teachers for t in pair])
+    rows, cols = one_dtype([rows, cols])
+    flat = one_dtype([t for pair in teachers for t in pair])
     num_teachers = len(teachers) if kind is not None else 0
-    padded = (flat + [rows, cols] * MAX_TEACHERS)[: 2 * MAX_TEACHERS]
-    dims = [padded[2 * k].shape[1] if k < num_teachers else 0 for k in range(MAX_TEACHERS)]
-    strides = [s for t in [rows, cols, *padded] for s in t.stride()]
-    student_fp32, precision = _dot_flags(rows.dtype)
-    teacher_fp32, _ = _dot_flags(flat[0].dtype if num_teachers else rows.dtype)
+    # Without distillation the teacher tuples hold the student once, never read.
+    pairs = flat[: 2 * num_teachers] or [rows, cols]
+    teacher_dims = tuple(t.shape[1] for t in pairs[::2])
+    student_flags = dot_flags(rows.dtype)
+    teacher_fp32 = dot_flags(pairs[0].dtype)["FP32_DOT"]
     affine = affine.reshape(2).to(device=device, dtype=torch.float32)
     teacher_affine = (
         teacher_affine.reshape(-1, 2).to(device=device, dtype=torch.float32).contiguous()
@@ -294,8 +247,9 @@ def sigmoid_loss_tiles(
         else affine
     )
     chunk = _chunk_rows(m, n, rows.element_size(), grad)
+    column_programs = common.COLUMN_PROGRAMS
     partials = torch.zeros(
-        triton.cdiv(chunk, _SMALLEST_BLOCK) * _COLUMN_PROGRAMS, _PARTIALS,
+        triton.cdiv(chunk, common.SMALLEST_BLOCK) * column_programs, _PARTIALS,
         dtype=torch.float32, device=device,
     )  # fmt: skip
     g_chunk = torch.empty(chunk, n, dtype=rows.dtype, device=device) if grad else partials
@@ -305,26 +259,24 @@ def sigmoid_loss_tiles(
         # Several chunks sum into fp32; their products land in one reused buffer.
         dy = torch.zeros(n, cols.shape[1], dtype=torch.float32, device=device)
         part = torch.empty(n, cols.shape[1], dtype=rows.dtype, device=device)
-    fp32 = student_fp32 or (num_teachers > 0 and teacher_fp32)
+    fp32 = student_flags["FP32_DOT"] or (num_teachers > 0 and teacher_fp32)
     kernel = {
         (False, False): _contrastive_kernel, (False, True): _contrastive_fp32_kernel,
         (True, False): _distill_kernel, (True, True): _distill_fp32_kernel,
     }[(num_teachers > 0, fp32)]  # fmt: skip
-    blocks = dict(_INTERPRETER_BLOCKS) if INTERPRETING else {}
     for start in range(0, m, chunk):
         size = min(chunk, m - start)
         grid = lambda meta, size=size: (
             triton.cdiv(size, meta["BLOCK_M"]),
-            min(triton.cdiv(n, meta["BLOCK_N"]), _COLUMN_PROGRAMS),
+            min(triton.cdiv(n, meta["BLOCK_N"]), column_programs),
         )
         kernel[grid](
-            rows, cols, affine, *padded, teacher_affine, g_chunk, partials,
-            n, rows.shape[1], *dims, label_offset, start, size, *strides,
-            float(weights[0]), float(weights[1]),
-            NUM_TEACHERS=max(num_teachers, 1), CONTRASTIVE=contrastive,
-            KIND=KINDS[kind] if num_teachers else 0, GRAD=grad, UPCAST=INTERPRETING,
-            FP32_DOT=student_fp32, TEACHER_FP32_DOT=teacher_fp32, DOT_PRECISION=precision,
-            **blocks,
+            rows, cols, affine, tuple(pairs[0::2]), tuple(pairs[1::2]), teacher_affine, g_chunk,
+            partials, n, size_class(n), rows.shape[1], teacher_dims, label_offset, start, size,
+            *flat_strides([rows, cols]), flat_strides(pairs), float(weights[0]),
+            float(weights[1]), NUM_TEACHERS=max(num_teachers, 1), CONTRASTIVE=contrastive,
+            KIND=KINDS[kind] if num_teachers else 0, GRAD=grad,
+            TEACHER_FP32_DOT=teacher_fp32, **student_flags, **block_args(),
         )  # fmt: skip
         if not grad:
             continue

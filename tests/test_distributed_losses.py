@@ -61,6 +61,7 @@ def _rank_main(rank, init_file, out_dir, backend, local_loss, gather_with_grad, 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 @pytest.mark.parametrize(
     "backend,local_loss,gather_with_grad,ensemble",
     [

@@ -4,6 +4,7 @@ every dist_impl, and one process on the whole batch (ensemble distillation inclu
 import os
 
 import open_clip.loss as oc_loss
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -91,6 +92,7 @@ def _one_process_reference():
     }
 
 
+@pytest.mark.slow  # two spawned processes
 def test_two_processes(tmp_path):
     # One spawn serves both backends: starting the processes is most of this test's time.
     mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)

@@ -130,8 +130,8 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp32_values_and_gradients_under_autocast(dtype):
-    # Case 8: under CPU bf16 autocast the contrastive term was 19.000 where open_clip's fp32
-    # gives 18.9588: the loss ran (and rounded) in the autocast dtype.
+    # Under CPU autocast the loss still computes and returns fp32: run (and rounded) in bf16,
+    # the contrastive term would read 19.000 where open_clip's fp32 gives 18.9588.
     student, teacher, logit_scale, teacher_scale = _inputs(37, 24, 40, "cpu", scale=100.0)
     weights = (0.7, -1.3)
     ref_out, ref_grads = _reference_grads(
@@ -149,7 +149,7 @@ def test_fp32_values_and_gradients_under_autocast(dtype):
 
 
 def test_contrastive_weight_means_the_same_everywhere():
-    # Case 9: the function mixed (1 - w) L_dist + w L_clip, the engine summed the terms.
+    # The function and the module both mean (1 - w) L_dist + w L_clip by contrastive_weight w.
     student, teacher, logit_scale, teacher_scale = _inputs(13, 16, 16, "cpu")
     with force_backend("torch"):
         contrastive, distill = DistillClipLoss()(*student, logit_scale, *teacher, teacher_scale)
@@ -164,7 +164,7 @@ def test_contrastive_weight_means_the_same_everywhere():
 
 
 def test_scales_and_weights_outside_their_domain_are_errors():
-    # Case 11: a negative, zero or NaN logit scale and a weight outside [0, 1] were accepted.
+    # A zero, negative or non-finite logit scale and a weight outside [0, 1] are refused.
     student, teacher, logit_scale, teacher_scale = _inputs(5, 8, 8, "cpu")
     for bad in (0.0, -1.0, float("nan"), float("inf"), torch.tensor(-2.0), torch.tensor([0.0])):
         with pytest.raises(ValueError, match="logit_scale must be a finite multiplicative scale"):

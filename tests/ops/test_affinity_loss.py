@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from support import KERNEL_DEVICE, ensemble_reference, rel_err
 
-import tinyclip_fast.ops.affinity_loss as affinity_module
+import tinyclip_fast.ops.chunking as chunking
 from tinyclip_fast.ops.affinity_loss import (
     KINDS,
     affinity_loss_rows,
@@ -121,8 +121,8 @@ def check(
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many row chunks so the online column softmax of the PyTorch path is exercised."""
-    monkeypatch.setattr(affinity_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(affinity_module, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "MIN_CHUNK_ROWS", 8)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -214,6 +214,12 @@ def test_nan_propagates_torch(small_chunks, where):
         assert torch.isnan(clip)
 
 
+def _case_id(case) -> str:
+    """A bad call's test id: the error it raises and what its message names."""
+    _, error, fragment = case
+    return f"{error.__name__}-{fragment}"
+
+
 def _bad_calls():
     x, y, xt, yt = make_inputs(8, 8, 4, 6, torch.float32, "cpu")
     sq = affinity_loss_square
@@ -241,13 +247,14 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(14), ids=lambda i: _case_id(_bad_calls()[i]))
 def test_bad_inputs(case):
     call, error, fragment = _bad_calls()[case]
     with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         call()
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cpu_without_interpreter_never_touches_triton():
     script = (
         "import torch, tinyclip_fast.kernels as k\n"
@@ -292,10 +299,10 @@ def test_triton(case):
 
 
 def test_triton_backward_in_row_chunks(monkeypatch):
-    import tinyclip_fast.kernels.affinity_loss as kernels
+    import tinyclip_fast.kernels.common as common
 
     # A one-byte budget rounds up to one block of rows: m = 70 takes several chunks.
-    monkeypatch.setattr(kernels, "_GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(common, "GRAD_CHUNK_BYTES", 1)
     check(square=True, m=70, n=70, d_s=16, d_t=16, backend="triton", device=KERNEL_DEVICE)
 
 
@@ -329,7 +336,10 @@ def test_column_underflow_falls_back_to_exact_pass(monkeypatch):
     monkeypatch.setattr(
         kernels,
         "_exact_column_stats",
-        lambda col, bad, *args: (recomputed.append(bad.tolist()), exact(col, bad, *args)),
+        lambda col, underflow, *args: (
+            recomputed.append(underflow.nonzero().flatten().tolist()),
+            exact(col, underflow, *args),
+        ),
     )
     check(square=True, m=37, n=37, scale=100.0, backend="triton", device=KERNEL_DEVICE,
           inputs=inputs)  # fmt: skip
@@ -453,7 +463,7 @@ def _bad_ensemble_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(10), ids=lambda i: _case_id(_bad_ensemble_calls()[i]))
 def test_bad_ensembles(case):
     call, error, pattern = _bad_ensemble_calls()[case]
     with pytest.raises(error, match=pattern):

@@ -4,7 +4,12 @@ is read only when asked (reading a CUDA value syncs with the host)."""
 import pytest
 import torch
 
-from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
+from tinyclip_fast.ops.arguments import (
+    as_list,
+    check_features,
+    check_on_device,
+    scalar_argument,
+)
 
 
 def test_check_features_names_what_is_wrong():
@@ -20,13 +25,10 @@ def test_check_features_names_what_is_wrong():
         check_features("x", x[:0])
 
 
-def test_scalar_argument_reads_host_values_and_device_values_only_when_asked():
-    assert scalar_argument("s", 2.5, read_device=False) == (None, 2.5)
-    tensor = torch.tensor([3.0])
-    given, value = scalar_argument("s", tensor, read_device=False)
-    assert given is tensor and value == 3.0
-    on_device = torch.empty((), device="meta")  # not on the host: never read unless asked
-    assert scalar_argument("s", on_device, read_device=False) == (on_device, None)
+def test_scalar_argument_reads_numbers_and_never_tensors():
+    assert scalar_argument("s", 2.5) == 2.5
+    for tensor in (torch.tensor([3.0]), torch.empty((), device="meta")):
+        assert scalar_argument("s", tensor) is tensor
     for bad, error, message in (
         (True, TypeError, "s must be a float or a 0-d tensor, got bool"),
         ("2", TypeError, "s must be a float or a 0-d tensor, got str"),
@@ -34,7 +36,13 @@ def test_scalar_argument_reads_host_values_and_device_values_only_when_asked():
         (torch.ones(2), ValueError, r"s must be a scalar \(0-d tensor\), got shape \(2,\)"),
     ):
         with pytest.raises(error, match=message):
-            scalar_argument("s", bad, read_device=True)
+            scalar_argument("s", bad)
+
+
+def test_check_on_device_raises_on_the_cpu_at_once():
+    check_on_device(torch.tensor(True), "never raised")
+    with pytest.raises(ValueError, match="s must be positive"):
+        check_on_device(torch.tensor(-1.0) > 0, "s must be positive")
 
 
 def test_as_list_says_whether_a_list_was_given():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from support import KERNEL_DEVICE, rel_err
 
+import tinyclip_fast.ops.chunking as chunking
 import tinyclip_fast.ops.sigmoid_loss as sigmoid_module
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.ops.sigmoid_loss import (
@@ -101,8 +102,8 @@ def check(
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Many row chunks in the PyTorch path."""
-    monkeypatch.setattr(sigmoid_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(sigmoid_module, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "MIN_CHUNK_ROWS", 8)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -239,6 +240,12 @@ def test_nan_propagates_torch(small_chunks, where):
     assert torch.isnan(contrastive) == (where == "student")
 
 
+def _case_id(case) -> str:
+    """A bad call's test id: the error it raises and what its message names."""
+    _, error, fragment = case
+    return f"{error.__name__}-{fragment}"
+
+
 def _bad_calls():
     x, y, tx, ty = (unit(8, d, torch.float32, "cpu") for d in (4, 4, 6, 6))
     rows = sigmoid_loss_rows
@@ -274,7 +281,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(24), ids=lambda i: _case_id(_bad_calls()[i]))
 def test_bad_inputs(case):
     call, error, fragment = _bad_calls()[case]
     if not fragment.startswith("\\"):
@@ -283,6 +290,7 @@ def test_bad_inputs(case):
         call()
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cpu_without_interpreter_never_touches_triton():
     script = (
         "import sys, torch, tinyclip_fast.kernels as k\n"
@@ -322,12 +330,13 @@ def test_triton(case):
 
 
 def test_triton_in_row_chunks_and_column_loops(monkeypatch):
+    import tinyclip_fast.kernels.common as common
     import tinyclip_fast.kernels.sigmoid_loss as kernels
 
     # A one-byte budget rounds up to one block of rows: m = 70 takes three chunks; one
     # column program per row block walks every column tile.
-    monkeypatch.setattr(kernels, "_GRAD_CHUNK_BYTES", 1)
-    monkeypatch.setattr(kernels, "_COLUMN_PROGRAMS", 1)
+    monkeypatch.setattr(common, "GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(common, "COLUMN_PROGRAMS", 1)
     check(m=70, n=70, d_s=16, teacher_dims=(16, 8), kind="kl", backend="triton",
           device=KERNEL_DEVICE, label_offset=0)  # fmt: skip
     monkeypatch.setattr(kernels, "_LOSS_CHUNK_ROWS", 32)
@@ -348,41 +357,3 @@ def test_nan_propagates_triton(where):
         contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, tx, ty, 5.0, 1.0)
     assert torch.isnan(distill)
     assert torch.isnan(contrastive) == (where == "student")
-
-
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-import tinyclip_fast.kernels.sigmoid_loss as kernels
-
-fn = kernels._sigmoid_loss_kernel
-scalars = {"affine_ptr": "*fp32", "teacher_affine_ptr": "*fp32", "partial_ptr": "*fp32"}
-for features, teachers, kind, shape in (
-    ("*bf16", 4, "kl", kernels._DISTILL_SHAPES[0]),
-    ("*fp32", 1, None, kernels._CONTRASTIVE_SHAPES[0]),
-):
-    bm, bn, bd, warps, stages = shape
-    consts = dict(NUM_TEACHERS=teachers, CONTRASTIVE=True, KIND=kernels.KINDS.get(kind, 0),
-                  GRAD=True, UPCAST=False, FP32_DOT=features == "*fp32",
-                  TEACHER_FP32_DOT=features == "*fp32", DOT_PRECISION="tf32x3",
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    signature = {
-        name: "constexpr" if name in consts else scalars.get(name, features)
-        if name.endswith("_ptr") else "fp32" if name.startswith("weight_") else "i32"
-        for name in fn.arg_names
-    }
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": stages})
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
-def test_kernels_compile_for_cuda_without_a_gpu():
-    """The interpreter never compiles: build the kernel for sm_90 ahead of time instead."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, check=True, timeout=300)

@@ -18,26 +18,32 @@ def check_features(name: str, tensor: object) -> torch.Tensor:
     return tensor
 
 
-def scalar_argument(
-    name: str, value: object, *, read_device: bool
-) -> tuple[torch.Tensor | None, float | None]:
-    """(the tensor given, or None for a Python number; its value, or None when it lives on
-    an accelerator and ``read_device`` is False: reading it there syncs with the host).
-
-    A scalar is a Python number or a one-element floating-point tensor; anything else is a
-    TypeError / ValueError naming ``name``.
+def scalar_argument(name: str, value: object) -> torch.Tensor | float:
+    """A Python number as a float, or a one-element floating-point tensor as given: never
+    read, on any device (reading a CUDA value would stall the stream for a host round trip,
+    and a read is a graph break for torch.compile). Anything else is a TypeError /
+    ValueError naming ``name``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        return None, float(value)
+        return float(value)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.numel() != 1 or value.dim() > 1:
         raise ValueError(f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}")
-    if value.device.type != "cpu" and not read_device:
-        return value, None
-    return value, float(value.detach().reshape(()))
+    return value
+
+
+def check_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` where the 0-d bool ``condition`` is False, without reading it
+    on the host: on an accelerator the check runs on the device (``torch._assert_async``:
+    a false condition fails the stream as a device-side assert, reported at the next
+    synchronisation); on the CPU the same call evaluates at once and raises ValueError."""
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError as err:
+        raise ValueError(message) from err
 
 
 def as_list(value: object) -> tuple[list, bool]:

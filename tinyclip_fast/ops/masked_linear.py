@@ -1,9 +1,9 @@
 """Masked linear layer for structured pruning: y = ((x * in_mask) @ W^T + b) * out_mask.
 
-The mask-learning phase of automatic weight inheritance (SPEC 3b) runs the full-size model
-with hard-concrete masks on its channels. Instead of multiplying full-size activations by
-the masks (TinyCLIP's way), the masks enter the matmul itself and the channels whose mask
-is exactly 0 are skipped, so the work scales with the kept fraction:
+The mask-learning phase of automatic weight inheritance (docs/method.md §3b) runs the
+full-size model with hard-concrete masks on its channels. Instead of multiplying full-size
+activations by the masks (TinyCLIP's way), the masks enter the matmul itself and the
+channels whose mask is exactly 0 are skipped, so the work scales with the kept fraction:
 
 - CUDA (and the Triton interpreter), fp16/bf16 (fp32 with TF32 allowed): the kept input
   channels of x (and of dy in the backward) are gathered once into dense activations; the

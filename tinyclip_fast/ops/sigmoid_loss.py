@@ -28,16 +28,17 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from tinyclip_fast.ops.arguments import as_list, check_features, scalar_argument
+from tinyclip_fast.kernels.limits import MAX_TEACHERS
+from tinyclip_fast.ops.arguments import (
+    as_list,
+    check_features,
+    check_on_device,
+    scalar_argument,
+)
 from tinyclip_fast.ops.backend import use_triton
+from tinyclip_fast.ops.chunking import chunk_rows
 
 KINDS = ("bce", "kl", "mobileclip")
-MAX_TEACHERS = 4
-
-# Elements of one [chunk, N] workspace buffer of the PyTorch path (8 MB in fp32).
-_CHUNK_ELEMENTS = 1 << 21
-_MIN_CHUNK_ROWS = 32
-_MAX_CHUNK_ROWS = 2048
 
 Scalar = float | torch.Tensor
 Teacher = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -47,19 +48,21 @@ Teacher = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _check_scalar(name: str, value: object, device: torch.device, *, scale: bool) -> torch.Tensor:
-    """A number or one-element floating tensor as a 0-d tensor on ``device``.
-
-    Values that live on the host are checked (finite; scales >= 0); a CUDA tensor is not
-    read, which would stall the stream for a host round trip on every step.
-    """
-    tensor, host = scalar_argument(name, value, read_device=False)
-    if host is not None and not math.isfinite(host):
-        raise ValueError(f"{name} must be finite, got {host}")
-    if host is not None and scale and host < 0:
-        raise ValueError(f"{name} must be >= 0 (a multiplicative, exp'd scale), got {host}")
-    if tensor is None:
-        return torch.tensor(host, dtype=torch.float32, device=device)
-    return tensor.reshape(()).to(device)
+    """A number or one-element floating tensor as a 0-d tensor on ``device``: finite, and a
+    scale >= 0. A Python number is checked on the host, a tensor on its device without a
+    host read (``check_on_device``)."""
+    value = scalar_argument(name, value)
+    if isinstance(value, torch.Tensor):
+        detached = value.detach()
+        ok = torch.isfinite(detached) & (detached >= 0) if scale else torch.isfinite(detached)
+        domain = " and >= 0 (a multiplicative, exp'd scale)" if scale else ""
+        check_on_device(ok, f"{name} must be finite{domain}")
+        return value.reshape(()).to(device)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if scale and value < 0:
+        raise ValueError(f"{name} must be >= 0 (a multiplicative, exp'd scale), got {value}")
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def _check_teachers(
@@ -124,11 +127,6 @@ def _check_teachers(
 # ----------------------------------------------------------------------------- PyTorch path
 
 
-def _chunk_rows(num_cols: int) -> int:
-    rows = _CHUNK_ELEMENTS // max(num_cols, 1)
-    return max(_MIN_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, rows))
-
-
 def _torch_tiles(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -158,7 +156,7 @@ def _torch_tiles(
     ]
     distill = kind is not None
     w_c, w_d = weights
-    step = min(m, _chunk_rows(n))
+    step = min(m, chunk_rows(n))
     buffers = 2 + distill + (kind == "mobileclip")
     workspace = torch.empty(buffers, step, n, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
