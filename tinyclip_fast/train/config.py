@@ -472,6 +472,12 @@ class DistillConfig:
     )
     num_workers: int = setting(0, flag=True, help="data loader worker processes")
     progress: bool = setting(True, help="tqdm progress bar")
+    threads: int | None = setting(
+        None,
+        flag=True,
+        help="CPU threads of each process (torch.set_num_threads); null: torch's choice, or "
+        "under torchrun the cores shared among the node's processes",
+    )
 
     def validate(self, student: bool = True) -> None:
         """ValueError naming the first invalid field or stage; ``student=False`` accepts a
@@ -518,6 +524,8 @@ class DistillConfig:
             raise ValueError(f"micro_batch_size must be > 0, got {self.micro_batch_size}")
         if self.log_every <= 0 or self.save_every < 0 or self.eval.every < 0:
             raise ValueError("log_every must be > 0; save_every and eval.every >= 0 (0 = off)")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be > 0, got {self.threads}")
         if self.eval.batch_size <= 0 or self.num_workers < 0:
             raise ValueError("eval.batch_size must be > 0 and num_workers >= 0")
         if self.data.size is not None and self.data.size <= 0:

@@ -182,6 +182,28 @@ def gather_objects(mine: Any, world_size: int) -> list[Any]:
     return states
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: ``threads``; None: under torchrun, this node's cores shared
+    among its processes (torch's own default gives each process every core, and processes
+    that oversubscribe the cores run several times slower); else torch's choice. Returns the
+    count."""
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local <= 1:
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     if world_size > 1:
         value = value.detach().float().clone()
