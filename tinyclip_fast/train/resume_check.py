@@ -71,7 +71,7 @@ def check_resume(
     change). ``done_steps``: the steps the last stage has trained in the checkpoint (its
     steps may grow, not shrink below them). Fingerprints: the teachers' weights, in order
     (None from a checkpoint that did not store them: their file names must then match)."""
-    before, now = flatten(saved), flatten(json.loads(json.dumps(current)))
+    before, now = (flatten(json.loads(json.dumps(c))) for c in (saved, current))
     last_steps = f"stages.{len(saved['stages']) - 1}.steps"
     same_stage_count = len(saved["stages"]) == len(current["stages"])
     weights_checked = saved_fingerprints is not None

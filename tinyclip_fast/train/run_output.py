@@ -1,7 +1,7 @@
 """What a run shows and records, in one place: rank-0 lines (above the progress bar), the
 metrics.jsonl records and their history, the progress bar with loss and images/s, zero-shot
-evaluations (their time kept out of images/s), the pruning report and the message of a loss
-that stopped being finite."""
+evaluations (their time kept out of images/s) and the progress plot, the pruning report and
+the message of a loss that stopped being finite."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinyclip_fast.train.config import DistillConfig, StageConfig
+from tinyclip_fast.train.progress_plot import draw_progress
+from tinyclip_fast.train.run_folder import PLOT_NAME
 from tinyclip_fast.train.runtime import MetricsLog
 from tinyclip_fast.train.stage import PruneReport
 
@@ -38,6 +40,7 @@ class RunOutput:
         self.progress: tqdm | None = None
         self.log: MetricsLog | None = None
         self._tick, self._images = time.perf_counter(), 0
+        self._plots = True  # until matplotlib turns out to be missing
 
     def say(self, message: str) -> None:
         """One line on rank 0 (above the progress bar when there is one)."""
@@ -130,6 +133,13 @@ class RunOutput:
             record = {"step": step, "stage": stage_index, "top1": top1}
             self.record(record)
             self.say(f"step {step} stage {stage_index}: zero-shot top-1 {top1:.4f}")
+            self._plot()
+
+    def _plot(self) -> None:
+        """Redraw the run folder's progress plot; one line when matplotlib is missing."""
+        if self._plots and not draw_progress(self.history, self.out_dir / PLOT_NAME):
+            self._plots = False
+            self.say(f"no {PLOT_NAME}: matplotlib is not installed (metrics.jsonl has the record)")
 
     def pruned(self, report: PruneReport, stage: StageConfig, stage_index: int, step: int) -> None:
         """Say (and record) how far the masks of an auto stage got when it pruned."""
