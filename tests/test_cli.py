@@ -8,9 +8,11 @@ and on one thread each; independent ones run two at a time.
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -313,6 +315,8 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert status == 0, err
     # fp32 on the CPU unless asked; train.csv read with commas.
     assert "distilling on cpu in fp32" in out and out.count("done: student") == 1
+    # A pruned student has per-layer widths: the end line names the loader that builds it.
+    assert f"tinyclip_fast.load_student('{run / 'student'}') loads it" in out
     # The prune is reported, far below the target is a warning, the re-warm-up of
     # the rate (200 steps) is clipped to the stage (1 step) instead of holding it near 0.
     assert "stage 0: pruned at step 3: expected sparsity " in out and "of target 50.0%" in out
@@ -345,6 +349,101 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     status, out, err = cli(*args, "--overwrite")
     assert status == 0, err
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def wait_for(condition, what, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_held_run_folder_refuses_other_runs_naming_the_holder(files):
+    # Run A trains (bf16 on the CPU: a warning); B, B --overwrite and B --resume into its
+    # folder are refused naming A; Ctrl-C then stops A at a step, and the lock goes with it.
+    run = files / "run"
+    args = base_args(files, "--steps", "100000", "--precision", "bf16", "--threads", "1")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_file, err_file = files / "a.out", files / "a.err"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        holder = subprocess.Popen(
+            [*COMMAND, *map(str, args)], stdout=out, stderr=err, env=environment
+        )
+    try:
+        wait_for(lambda: "distilling on cpu" in out_file.read_text() or holder.poll(), "run A")
+        assert holder.poll() is None, err_file.read_text()
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            status, _, err = cli(*args, *extra)
+            line = one_error(err)
+            assert status == 2 and f"{run} is in use by another run (pid {holder.pid} on " in line
+            assert "--out-dir" in line
+        holder.send_signal(signal.SIGINT)
+        assert holder.wait(timeout=120) == 130
+    finally:
+        holder.kill()
+    said = out_file.read_text()
+    assert "warning: bf16 autocast on the CPU is usually several times slower than fp32" in said
+    assert "stopped by signal at step" in said and not (run / "run.lock").exists()
+    assert "run again with --resume" in one_error(err_file.read_text(), "interrupted")
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_changes_the_training_and_names_what_may_change(files):
+    run = files / "run"
+    args = base_args(files, "--steps", "2", "--eval", f"folder:{files / 'classes'}")
+    status, out, err = cli(*args, "--set", "eval.every=1")
+    assert status == 0, err
+    # The run folder: the resolved configuration, a plot, and how to load the student.
+    config = load_config(run / "config.json")
+    assert config.eval.every == 1 and config.stages[0].steps == 2
+    assert (run / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"open_clip.create_model('local-dir:{run / 'student'}') loads it" in out
+    # Other teacher weights, loss family, learning rate and data: each named, nothing run.
+    torch.manual_seed(4)
+    torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "other.pt")
+    changed = [*args, "--resume", "--pretrained", files / "other.pt", "--loss", "sigmoid"]
+    changed += ["--lr", "2e-3", "--data", f"csv:{files / 'train.csv'}"]
+    checkpoint = (run / CHECKPOINT_NAME).read_bytes()
+    status, _, err = cli(*changed)
+    line = one_error(err)
+    assert status == 2 and line.count("cannot resume") == 1
+    for named in (
+        'loss.family "softmax" there, "sigmoid" now',
+        "optim.lr 0.001 there, 0.002 now",
+        "data.path",
+        "the weights of teacher 0 (fingerprint",
+    ):
+        assert named in line, named
+    assert (run / CHECKPOINT_NAME).read_bytes() == checkpoint
+    # Cadence, workers and more steps in the last stage may change: said in one line.
+    status, out, err = cli(*args, "--resume", "--steps", "3", "--set", "log_every=2")
+    assert status == 0, err
+    assert "resuming with changed settings: eval.every 1 -> 1000, log_every 1 -> 2" in out
+    assert load_config(run / "config.json").stages[0].steps == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_cache_build_in_one_line(files):
+    cache = files / "cache.safetensors"
+    args = base_args(files, "--data", "synthetic", "--set", "data.size=1000000")
+    args += ["--teacher-cache", cache, "--build-teacher-cache", "--set", "progress=true"]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    err_file = files / "build.err"
+    with err_file.open("w") as err:
+        build = subprocess.Popen(
+            [*COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, env=environment
+        )
+    try:
+        wait_for(lambda: "img/s" in err_file.read_text() or build.poll(), "the bar's rate")
+        build.send_signal(signal.SIGINT)
+        assert build.wait(timeout=120) == 130
+    finally:
+        build.kill()
+    said = err_file.read_text()
+    assert "teacher embedding cache:" in said and "/1000000 [" in said  # the total is shown
+    line = one_error(said, "interrupted")
+    assert "stopped by Ctrl-C; no cache was written" in line and not cache.exists()
 
 
 @pytest.mark.slow

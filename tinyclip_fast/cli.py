@@ -214,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a step, saved)
         if rank == 0:
-            again = "run the same command again to continue" if _builds(args) else "nothing saved"
-            _line(f"stopped by Ctrl-C; {again}", rank, "interrupted")
+            _line(f"stopped by Ctrl-C; {_after_interrupt(args)}", rank, "interrupted")
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    if args.build_reinforced_cache:
+        return "the shard files already built are kept: run the command again to build the rest"
+    if args.build_teacher_cache:
+        return "no cache was written: run the command again to build it"
+    return "outside the training steps: run again, with --resume when the run has a checkpoint"
 
 
 def _builds(args: argparse.Namespace) -> bool:

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ from tinyclip_fast.train.config import (
     TeacherConfig,
 )
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
+from tinyclip_fast.train.run_lock import LOCK_NAME, RunFolderLocked, RunLock
 from tinyclip_fast.train.students import add_logit_bias, stage_student
 
 
@@ -297,6 +299,20 @@ def test_resume_extends_the_last_stage_or_says_why_not(tmp_path):
     auto.stages[0].steps = 4
     with pytest.raises(ValueError, match="cannot extend stage 0 past its step 2: it pruned"):
         run(auto)
+
+
+def test_a_held_run_folder_is_refused_before_anything_is_written(tmp_path):
+    # Two runs that passed the command line's look at once: the lock decides.
+    config = make_config(tmp_path, [StageConfig(steps=2, student_config=STUDENT_CFG)])
+    with RunLock(config.out_dir):
+        with pytest.raises(RunFolderLocked, match="is in use by another run"):
+            run(config)
+        assert [p.name for p in Path(config.out_dir).iterdir()] == [LOCK_NAME]
+    result = run(config)  # released: the folder is free again, and the lock goes at the end
+    assert result.params > 0 and not (Path(config.out_dir) / LOCK_NAME).exists()
+    assert json.loads((Path(config.out_dir) / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict())
+    )
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
