@@ -8,6 +8,7 @@ and on one thread each; independent ones run two at a time.
 
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -444,6 +445,34 @@ def test_ctrl_c_stops_a_cache_build_in_one_line(files):
     assert "teacher embedding cache:" in said and "/1000000 [" in said  # the total is shown
     line = one_error(said, "interrupted")
     assert "stopped by Ctrl-C; no cache was written" in line and not cache.exists()
+
+
+def _file_size_limit(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_one_line_with_its_own_status(files):
+    # A file-size limit stands in for a full disk: the checkpoint cannot be written.
+    run = files / "run"
+    args = base_args(files, "--set", "save_every=1")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [*COMMAND, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**environment, "OMP_NUM_THREADS": "1"},
+        preexec_fn=_file_size_limit(1 << 20),
+        timeout=600,
+    )
+    line = one_error(done.stderr)
+    assert done.returncode == 3, done.stderr
+    assert f"cannot write {run / CHECKPOINT_NAME}: E" in line
+    assert not any(path.name.endswith(".tmp") for path in run.iterdir())
 
 
 @pytest.mark.slow
