@@ -911,3 +911,15 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     train = ["--data", f"reinforced:{files / 'shards'}", "--overwrite"]
     assert run_main(base_args(files, *second, *train)) == 0
     assert "the data holds 2 teachers' embeddings" in capsys.readouterr().out
+
+
+def test_docs_list_every_data_kinds_options():
+    from tinyclip_fast.data.options import DATA_OPTIONS
+    from tinyclip_fast.demo.plugins import DEMO_DATA_OPTIONS
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if "| `" in line}
+    for kind, options in {**DATA_OPTIONS, "demo": DEMO_DATA_OPTIONS}.items():
+        assert kind in rows, f"docs/cli.md lists no data options of {kind}"
+        for key, help_text in options.items():
+            assert f"`{key}`: {help_text}" in rows[kind], (kind, key)

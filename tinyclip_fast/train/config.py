@@ -223,10 +223,9 @@ class DataConfig:
     )
     options: dict[str, Any] = setting(
         default_factory=dict,
-        help="passed to the data kind verbatim: csv: csv_separator (default from the "
-        "extension: .csv comma, else tab), csv_img_key (filepath), csv_caption_key (title); "
-        "reinforced/folder: shard_size (10000), source; datacompdr: teacher_dims, "
-        "teacher_scale; synthetic: image_size, vocab_size",
+        help="options of the data kind, e.g. csv: csv_img_key (filepath), csv_caption_key "
+        "(title), csv_separator (default from the extension: .csv comma, else tab), also "
+        "without csv_; every kind's keys: docs/cli.md (Data options); other keys are refused",
     )
     skip_bad_samples: bool = setting(
         False,
