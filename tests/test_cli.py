@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from support import write_datacompdr_shards, write_image_shards
 
-from tinyclip_fast.cli import build_parser, main
+from tinyclip_fast.cli import _done_line, build_parser, main
 from tinyclip_fast.cli_config import config_from_args
 from tinyclip_fast.data.reinforced import read_header
 from tinyclip_fast.inheritance.student_io import load_student
@@ -316,8 +316,13 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert status == 0, err
     # fp32 on the CPU unless asked; train.csv read with commas.
     assert "distilling on cpu in fp32" in out and out.count("done: student") == 1
-    # A pruned student has per-layer widths: the end line names the loader that builds it.
-    assert f"tinyclip_fast.load_student('{run / 'student'}') loads it" in out
+    # The end line names the loader that builds this student (open_clip: uniform widths).
+    student = run / "student"
+    uniform = json.loads((student / "open_clip_config.json").read_text())["open_clip_compatible"]
+    loader = (
+        "open_clip.create_model('local-dir:{}')" if uniform else "tinyclip_fast.load_student('{}')"
+    )
+    assert f"{loader.format(student)} loads it" in out
     # The prune is reported, far below the target is a warning, the re-warm-up of
     # the rate (200 steps) is clipped to the stage (1 step) instead of holding it near 0.
     assert "stage 0: pruned at step 3: expected sparsity " in out and "of target 50.0%" in out
@@ -923,3 +928,19 @@ def test_docs_list_every_data_kinds_options():
         assert kind in rows, f"docs/cli.md lists no data options of {kind}"
         for key, help_text in options.items():
             assert f"`{key}`: {help_text}" in rows[kind], (kind, key)
+
+
+@pytest.mark.parametrize(
+    "uniform, loader",
+    [
+        (True, "open_clip.create_model('local-dir:{}')"),
+        (False, "tinyclip_fast.load_student('{}')"),
+    ],
+    ids=["uniform-widths", "per-layer-widths"],
+)
+def test_the_end_line_names_what_loads_the_student(tmp_path, uniform, loader):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"open_clip_compatible": uniform}))
+    line = _done_line(tmp_path, 1234)
+    assert line.startswith(f"done: student with 1,234 parameters in {tmp_path}; ")
+    assert f"{loader.format(tmp_path)} loads it" in line
+    assert ("save_hf_clip" in line) == uniform
