@@ -8,7 +8,7 @@ ensemble of up to four (inheritance reads the first). The parts, each with one j
   per-sample embedding cache, or the embeddings a reinforced batch carries);
 - train/stage.py: the :class:`Stage` (model, AdamW, sparsity controller) that steps and
   prunes itself;
-- train/run_output.py: lines, metrics records, progress, evaluation;
+- train/run_output.py: lines, metrics records, progress, evaluation and its plot;
 - train/checkpoint.py: the :class:`TrainingState` written every save_every steps, and read
   back by an exact resume.
 
@@ -147,10 +147,13 @@ def distill(
     Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight
     (docs/method.md §2), of config.loss.family (softmax affinity mimicking, or sigmoid:
     train/objective.py).
-    Checkpoints, metrics.jsonl and the final ``student/`` export go to config.out_dir, which
-    must not hold another run's files unless ``config.overwrite`` (they are replaced);
-    ``config.resume`` continues the run there exactly (same data order, same RNG), its
-    metrics cut back to the checkpoint's step; the last stage may be given more steps.
+    Checkpoints, config.json, metrics.jsonl, progress.png and the final ``student/`` export
+    go to config.out_dir, which rank 0 locks for the run (:class:`RunLock`; another run's
+    lock is a :class:`RunFolderLocked` naming it) and which must not hold another run's
+    files unless ``config.overwrite`` (they are replaced); ``config.resume`` continues the
+    run there exactly (same data order, same RNG), its metrics cut back to the checkpoint's
+    step, and refuses what changes the training (train/resume_check.py: the whole config
+    and the teachers' fingerprints); the last stage may be given more steps.
     Precision None: bf16 autocast on CUDA, fp32 on the CPU.
     """
     config.validate()
