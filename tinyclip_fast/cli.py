@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace, rank: int) -> int:
                 check_unlocked(config.out_dir)
             if not (config.resume or _builds(args)):
                 check_run_folder(config.out_dir, config.overwrite)  # the engine clears it
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         if rank == 0:  # every rank read the same configuration
             _line(err, rank)
         return 2
