@@ -493,6 +493,8 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     ok_data = ["--data", f"csv:{files / 'ok.tsv'}", "--teacher-cache", cache]
     assert run_main(base_args(files, *ok_data, "--build-teacher-cache")) == 0
     (files / "corrupt").mkdir()
+    patch16 = {**STUDENT_CFG, "vision_cfg": {**STUDENT_CFG["vision_cfg"], "patch_size": 16}}
+    (files / "patch16.json").write_text(json.dumps(patch16))
     (files / "corrupt" / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)
     skip = ["--set", "data.skip_bad_samples=true", "--set", "data.max_bad_fraction=0.5"]
     skip += ["--out-dir", files / "skip"]
@@ -504,6 +506,8 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
         base_args(files, "--device", "cuda", "--out-dir", files / "gpu"),
         base_args(files, "--resume", "--out-dir", files / "corrupt"),
         base_args(files, "--data", "parquet:x", "--out-dir", files / "parquet"),
+        base_args(files, "--out-dir", files / "patch", student=False)
+        + ["--student-config", files / "patch16.json"],
     )
     (status, _, err), (skip_status, skip_out, skip_err) = results[:2]
     line = one_error(err)
@@ -525,6 +529,10 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     assert status == 2 and "corrupt training checkpoint" in line and "weights_only" not in line
     status, _, err = results[5]
     assert status == 2 and "unknown data kind 'parquet'" in one_error(err)
+    # Another patch size is another token grid, not a student bigger than the teacher.
+    status, _, err = results[6]
+    line = one_error(err)
+    assert status == 2 and "patch size, image size and kernel sizes cannot be changed" in line
 
 
 @pytest.mark.slow
