@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from tinyclip_fast.atomic_io import WriteError
 from tinyclip_fast.train.run_folder import cut_jsonl
 from tinyclip_fast.train.runtime import MetricsLog, check_device, resolve_precision, set_threads
 
@@ -54,3 +55,11 @@ def test_threads_as_given_or_shared_among_a_nodes_processes(monkeypatch):
         assert set_threads(None) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_metrics_record_that_cannot_be_written_is_a_write_error(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # something in the way, as a full disk would be
+    log = MetricsLog(tmp_path, enabled=True)
+    with pytest.raises(WriteError, match=r"cannot write .*metrics.jsonl: EISDIR"):
+        log.write({"step": 1, "loss": 0.5})
+    log.close()

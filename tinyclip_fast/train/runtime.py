@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tinyclip_fast.atomic_io import as_write_error
 from tinyclip_fast.teachers.loading import AUTOCAST_DTYPES
 from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.run_folder import METRICS_NAME, TENSORBOARD_DIR, cut_jsonl
@@ -152,10 +153,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self.file is None:
-            self._open()
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            if self.file is None:
+                self._open()
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: one line naming the file, exit status 3
+            raise as_write_error(err, self.out_dir / METRICS_NAME) from err
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "stage") and isinstance(value, (int, float)):
