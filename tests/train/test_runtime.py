@@ -1,4 +1,5 @@
-"""Run plumbing: metrics cut back on resume, device and precision."""
+"""Run plumbing: metrics cut back on resume (and a record that cannot be written), device and
+precision, CPU threads."""
 
 import json
 import os
