@@ -184,6 +184,11 @@ TWO_STAGES = '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\ns
             id="embedding-cache-build-without-a-path",
         ),
         pytest.param(
+            "unknown option 'shufle' for data kind 'csv'; its options: img_key, caption_key",
+            ["--set", "data.options.shufle=true"],
+            id="misspelt-data-option",
+        ),
+        pytest.param(
             "--preset ViT-8M-16-Text-3M cannot hold beside stages[0].student_config = ",
             ["--config", "student.toml", "--preset", "ViT-8M-16-Text-3M", "--student-config", None],
             id="flag-conflicting-with-the-file-stage",
@@ -508,6 +513,7 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
         base_args(files, "--data", "parquet:x", "--out-dir", files / "parquet"),
         base_args(files, "--out-dir", files / "patch", student=False)
         + ["--student-config", files / "patch16.json"],
+        base_args(files, "--batch-size", "1", "--out-dir", files / "one"),
     )
     (status, _, err), (skip_status, skip_out, skip_err) = results[:2]
     line = one_error(err)
@@ -533,6 +539,10 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     status, _, err = results[6]
     line = one_error(err)
     assert status == 2 and "patch size, image size and kernel sizes cannot be changed" in line
+    # One pair per batch has no negatives: refused before anything runs, saying why.
+    status, _, err = results[7]
+    assert status == 2 and "batch size 1 cannot learn" in one_error(err)
+    assert not (files / "one").exists()
 
 
 @pytest.mark.slow
