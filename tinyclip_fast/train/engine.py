@@ -192,7 +192,9 @@ def distill(
                 **config.data.as_dict(),
             }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
-        if not isinstance(train_dataset, torch.utils.data.IterableDataset):
+        if hasattr(train_dataset, "__len__") and not isinstance(
+            train_dataset, torch.utils.data.IterableDataset
+        ):
             check_batch_settings(config.batch_size, world_size, num_samples=len(train_dataset))
         if evaluator is None and config.eval.enabled:
             evaluator = build_evaluator(
@@ -239,6 +241,10 @@ def _check_resume(
 def _take_lock(lock: RunLock | None, world_size: int) -> None:
     """Rank 0 takes the run folder's lock; every rank raises when it could not (so no rank
     waits in a collective for a rank 0 that stopped)."""
+    if world_size > 1:
+        # Every rank has made its own checks of the folder (the command line's) before rank 0
+        # takes it: a slow rank never finds its own job's lock or config.json.
+        dist.barrier()
     refusal = None
     if lock is not None:
         try:
