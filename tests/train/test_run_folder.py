@@ -26,13 +26,12 @@ def test_run_folder_of_another_run_needs_resume_or_overwrite(tmp_path):
         check_run_folder(tmp_path, overwrite=False)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == b"state"
     (tmp_path / "bad_samples.rank1.jsonl").write_text("")
-    (tmp_path / "config.json").write_text("{}")
     (tmp_path / "progress.png").write_bytes(b"png")
     (tmp_path / "run.lock").write_text("{}")  # the lock is the lock's business
     found = check_run_folder(tmp_path, overwrite=True)
     names = {p.name for p in found}
     run_names = {CHECKPOINT_NAME, "bad_samples.rank1.jsonl", "metrics.jsonl", "student"}
-    assert names == run_names | {"config.json", "progress.png"}
+    assert names == run_names | {"progress.png"}
     (tmp_path / "run.lock").unlink()
     remove_run_files(found)
     assert [p.name for p in tmp_path.iterdir()] == ["teacher_cache.safetensors"]
@@ -43,3 +42,5 @@ def test_config_json_is_the_resolved_config_and_loads_back(tmp_path):
     path = write_run_config(tmp_path / "run", config.to_dict())
     assert json.loads(path.read_text())["batch_size"] == 32
     assert load_config(path) == config
+    # A start that failed after writing it leaves nothing a new run must not replace.
+    assert check_run_folder(tmp_path / "run", overwrite=False) == []

@@ -13,7 +13,9 @@ from typing import Any
 from tinyclip_fast.atomic_io import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CONFIG_NAME = "config.json"  # the resolved configuration of the last start (or resume)
+# The resolved configuration of the last start (or resume). Not a run file: every start
+# replaces it, and one left by a start that failed must not block the next.
+CONFIG_NAME = "config.json"
 PLOT_NAME = "progress.png"  # loss and accuracy against steps, drawn after each evaluation
 METRICS_NAME = "metrics.jsonl"
 STUDENT_DIR = "student"
@@ -27,7 +29,7 @@ def bad_samples_name(rank: int) -> str:
 
 def run_files(out_dir: Path) -> list[Path]:
     """The files and folders of a run found in ``out_dir`` (nothing else there counts)."""
-    names = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, PLOT_NAME, STUDENT_DIR, TENSORBOARD_DIR)
+    names = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, STUDENT_DIR, TENSORBOARD_DIR)
     named = [out_dir / name for name in names]
     found = [path for path in named if path.exists()]
     return found + (sorted(out_dir.glob(BAD_SAMPLES_PATTERN)) if out_dir.is_dir() else [])
