@@ -8,9 +8,12 @@ and on one thread each; independent ones run two at a time.
 
 import json
 import os
+import resource
+import signal
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from PIL import Image
 from support import write_datacompdr_shards, write_image_shards
 
-from tinyclip_fast.cli import build_parser, main
+from tinyclip_fast.cli import _done_line, build_parser, main
 from tinyclip_fast.cli_config import config_from_args
 from tinyclip_fast.data.reinforced import read_header
 from tinyclip_fast.inheritance.student_io import load_student
@@ -181,6 +184,11 @@ TWO_STAGES = '[[stages]]\nsteps = 3\npreset = "ViT-8M-16-Text-3M"\n[[stages]]\ns
             id="embedding-cache-build-without-a-path",
         ),
         pytest.param(
+            "unknown option 'shufle' for data kind 'csv'; its options: img_key, caption_key",
+            ["--set", "data.options.shufle=true"],
+            id="misspelt-data-option",
+        ),
+        pytest.param(
             "--preset ViT-8M-16-Text-3M cannot hold beside stages[0].student_config = ",
             ["--config", "student.toml", "--preset", "ViT-8M-16-Text-3M", "--student-config", None],
             id="flag-conflicting-with-the-file-stage",
@@ -313,6 +321,13 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert status == 0, err
     # fp32 on the CPU unless asked; train.csv read with commas.
     assert "distilling on cpu in fp32" in out and out.count("done: student") == 1
+    # The end line names the loader that builds this student (open_clip: uniform widths).
+    student = run / "student"
+    uniform = json.loads((student / "open_clip_config.json").read_text())["open_clip_compatible"]
+    loader = (
+        "open_clip.create_model('local-dir:{}')" if uniform else "tinyclip_fast.load_student('{}')"
+    )
+    assert f"{loader.format(student)} loads it" in out
     # The prune is reported, far below the target is a warning, the re-warm-up of
     # the rate (200 steps) is clipped to the stage (1 step) instead of holding it near 0.
     assert "stage 0: pruned at step 3: expected sparsity " in out and "of target 50.0%" in out
@@ -347,6 +362,129 @@ def test_run_folder_rules_extension_and_pruning_report(files):
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
 
 
+def wait_for(condition, what, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_held_run_folder_refuses_other_runs_naming_the_holder(files):
+    # Run A trains (bf16 on the CPU: a warning); B, B --overwrite and B --resume into its
+    # folder are refused naming A; Ctrl-C then stops A at a step, and the lock goes with it.
+    run = files / "run"
+    args = base_args(files, "--steps", "100000", "--precision", "bf16", "--threads", "1")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_file, err_file = files / "a.out", files / "a.err"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        holder = subprocess.Popen(
+            [*COMMAND, *map(str, args)], stdout=out, stderr=err, env=environment
+        )
+    try:
+        wait_for(lambda: "distilling on cpu" in out_file.read_text() or holder.poll(), "run A")
+        assert holder.poll() is None, err_file.read_text()
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            status, _, err = cli(*args, *extra)
+            line = one_error(err)
+            assert status == 2 and f"{run} is in use by another run (pid {holder.pid} on " in line
+            assert "--out-dir" in line
+        holder.send_signal(signal.SIGINT)
+        assert holder.wait(timeout=120) == 130
+    finally:
+        holder.kill()
+    said = out_file.read_text()
+    assert "warning: bf16 autocast on the CPU is usually several times slower than fp32" in said
+    assert "stopped by signal at step" in said and not (run / "run.lock").exists()
+    assert "run again with --resume" in one_error(err_file.read_text(), "interrupted")
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_changes_the_training_and_names_what_may_change(files):
+    run = files / "run"
+    args = base_args(files, "--steps", "2", "--eval", f"folder:{files / 'classes'}")
+    status, out, err = cli(*args, "--set", "eval.every=1")
+    assert status == 0, err
+    # The run folder: the resolved configuration, a plot, and how to load the student.
+    config = load_config(run / "config.json")
+    assert config.eval.every == 1 and config.stages[0].steps == 2
+    assert (run / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"open_clip.create_model('local-dir:{run / 'student'}') loads it" in out
+    # Other teacher weights, loss family, learning rate and data: each named, nothing run.
+    torch.manual_seed(4)
+    torch.save(open_clip.model.CLIP(**TEACHER_CFG).state_dict(), files / "other.pt")
+    changed = [*args, "--resume", "--pretrained", files / "other.pt", "--loss", "sigmoid"]
+    changed += ["--lr", "2e-3", "--data", f"csv:{files / 'train.csv'}"]
+    checkpoint = (run / CHECKPOINT_NAME).read_bytes()
+    status, _, err = cli(*changed)
+    line = one_error(err)
+    assert status == 2 and line.count("cannot resume") == 1
+    for named in (
+        'loss.family "softmax" there, "sigmoid" now',
+        "optim.lr 0.001 there, 0.002 now",
+        "data.path",
+        "the weights of teacher 0 (fingerprint",
+    ):
+        assert named in line, named
+    assert (run / CHECKPOINT_NAME).read_bytes() == checkpoint
+    # Cadence, workers and more steps in the last stage may change: said in one line.
+    status, out, err = cli(*args, "--resume", "--steps", "3", "--set", "log_every=2")
+    assert status == 0, err
+    assert "resuming with changed settings: eval.every 1 -> 1000, log_every 1 -> 2" in out
+    assert load_config(run / "config.json").stages[0].steps == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_cache_build_in_one_line(files):
+    cache = files / "cache.safetensors"
+    args = base_args(files, "--data", "synthetic", "--set", "data.size=1000000")
+    args += ["--teacher-cache", cache, "--build-teacher-cache", "--set", "progress=true"]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    err_file = files / "build.err"
+    with err_file.open("w") as err:
+        build = subprocess.Popen(
+            [*COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, env=environment
+        )
+    try:
+        wait_for(lambda: "img/s" in err_file.read_text() or build.poll(), "the bar's rate")
+        build.send_signal(signal.SIGINT)
+        assert build.wait(timeout=120) == 130
+    finally:
+        build.kill()
+    said = err_file.read_text()
+    assert "teacher embedding cache:" in said and "/1000000 [" in said  # the total is shown
+    line = one_error(said, "interrupted")
+    assert "stopped by Ctrl-C; no cache was written" in line and not cache.exists()
+
+
+def _file_size_limit(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_one_line_with_its_own_status(files):
+    # A file-size limit stands in for a full disk: the checkpoint cannot be written.
+    run = files / "run"
+    args = base_args(files, "--set", "save_every=1")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [*COMMAND, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**environment, "OMP_NUM_THREADS": "1"},
+        preexec_fn=_file_size_limit(1 << 20),
+        timeout=600,
+    )
+    line = one_error(done.stderr)
+    assert done.returncode == 3, done.stderr
+    assert f"cannot write {run / CHECKPOINT_NAME}: E" in line
+    assert not any(path.name.endswith(".tmp") for path in run.iterdir())
+
+
 @pytest.mark.slow
 def test_bad_data_and_runtime_failures_are_one_line(files):
     # A truncated PNG in the data; a cache built on train.tsv, then used with the same rows in
@@ -360,6 +498,8 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     ok_data = ["--data", f"csv:{files / 'ok.tsv'}", "--teacher-cache", cache]
     assert run_main(base_args(files, *ok_data, "--build-teacher-cache")) == 0
     (files / "corrupt").mkdir()
+    patch16 = {**STUDENT_CFG, "vision_cfg": {**STUDENT_CFG["vision_cfg"], "patch_size": 16}}
+    (files / "patch16.json").write_text(json.dumps(patch16))
     (files / "corrupt" / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)
     skip = ["--set", "data.skip_bad_samples=true", "--set", "data.max_bad_fraction=0.5"]
     skip += ["--out-dir", files / "skip"]
@@ -371,6 +511,9 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
         base_args(files, "--device", "cuda", "--out-dir", files / "gpu"),
         base_args(files, "--resume", "--out-dir", files / "corrupt"),
         base_args(files, "--data", "parquet:x", "--out-dir", files / "parquet"),
+        base_args(files, "--out-dir", files / "patch", student=False)
+        + ["--student-config", files / "patch16.json"],
+        base_args(files, "--batch-size", "1", "--out-dir", files / "one"),
     )
     (status, _, err), (skip_status, skip_out, skip_err) = results[:2]
     line = one_error(err)
@@ -392,6 +535,14 @@ def test_bad_data_and_runtime_failures_are_one_line(files):
     assert status == 2 and "corrupt training checkpoint" in line and "weights_only" not in line
     status, _, err = results[5]
     assert status == 2 and "unknown data kind 'parquet'" in one_error(err)
+    # Another patch size is another token grid, not a student bigger than the teacher.
+    status, _, err = results[6]
+    line = one_error(err)
+    assert status == 2 and "patch size, image size and kernel sizes cannot be changed" in line
+    # One pair per batch has no negatives: refused before anything runs, saying why.
+    status, _, err = results[7]
+    assert status == 2 and "batch size 1 cannot learn" in one_error(err)
+    assert not (files / "one").exists()
 
 
 @pytest.mark.slow
@@ -783,3 +934,31 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     train = ["--data", f"reinforced:{files / 'shards'}", "--overwrite"]
     assert run_main(base_args(files, *second, *train)) == 0
     assert "the data holds 2 teachers' embeddings" in capsys.readouterr().out
+
+
+def test_docs_list_every_data_kinds_options():
+    from tinyclip_fast.data.options import DATA_OPTIONS
+    from tinyclip_fast.demo.plugins import DEMO_DATA_OPTIONS
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if "| `" in line}
+    for kind, options in {**DATA_OPTIONS, "demo": DEMO_DATA_OPTIONS}.items():
+        assert kind in rows, f"docs/cli.md lists no data options of {kind}"
+        for key, help_text in options.items():
+            assert f"`{key}`: {help_text}" in rows[kind], (kind, key)
+
+
+@pytest.mark.parametrize(
+    "uniform, loader",
+    [
+        (True, "open_clip.create_model('local-dir:{}')"),
+        (False, "tinyclip_fast.load_student('{}')"),
+    ],
+    ids=["uniform-widths", "per-layer-widths"],
+)
+def test_the_end_line_names_what_loads_the_student(tmp_path, uniform, loader):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"open_clip_compatible": uniform}))
+    line = _done_line(tmp_path, 1234)
+    assert line.startswith(f"done: student with 1,234 parameters in {tmp_path}; ")
+    assert f"{loader.format(tmp_path)} loads it" in line
+    assert ("save_hf_clip" in line) == uniform

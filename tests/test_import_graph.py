@@ -38,7 +38,16 @@ ALLOWED = {
     },
     "demo": {"ops", "losses", "pruning", "inheritance", "data", "train", "teachers"},
     "cli_config": {"kernels", "train"},
-    "cli": {"kernels", "train", "teachers", "data", "demo", "inheritance", "cli_config"},
+    "cli": {
+        "kernels",
+        "train",
+        "teachers",
+        "data",
+        "demo",
+        "inheritance",
+        "cli_config",
+        "atomic_io",
+    },
     "__main__": {"cli", "demo"},
     "__init__": set(),
 }

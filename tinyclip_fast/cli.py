@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from tinyclip_fast.cli_config import PAIRED_FLAGS, config_from_args, dest, flag_settings
+from tinyclip_fast.data.options import DATA_OPTIONS, check_data_options
 from tinyclip_fast.train.config import DistillConfig, EvalConfig
 from tinyclip_fast.train.config_io import settings, settings_text, show
-from tinyclip_fast.train.run_folder import check_run_folder
+from tinyclip_fast.train.run_folder import STUDENT_DIR, check_run_folder
+from tinyclip_fast.train.run_lock import check_unlocked
 
 EPILOG = """\
 examples:
@@ -51,8 +53,8 @@ examples:
   tinyclip-distill --preset ViT-8M-16-Text-3M --print-config
 
 The run folder, precision, bad data, the caches, reinforced data, ensembles, sigmoid
-distillation, CSV options and the exit status (0 done, 1 the loss became NaN/inf, 2 bad
-input, 130 stopped): docs/cli.md.
+distillation, data options, locking, resume and the exit status (0 done, 1 the loss became
+NaN/inf, 2 bad input, 3 a file could not be written, 130 stopped): docs/cli.md.
 """
 
 _GROUPS = {  # a flag's group in --help, by the first part of its setting's path
@@ -197,8 +199,10 @@ def _line(message: str, rank: int, label: str = "error") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``tinyclip-distill``; returns the exit status: 0 done, 2 bad input, 1 the loss
-    became NaN/inf, 130 SIGINT/SIGTERM stopped the run (after saving a checkpoint)."""
+    """Run ``tinyclip-distill``; returns the exit status: 0 done, 1 the loss became NaN/inf,
+    2 bad input (configuration, data, a run folder another run holds), 3 a file could not be
+    written (disk full, quota, permissions: the previous file is intact), 130 SIGINT/SIGTERM
+    stopped the run (after saving a checkpoint) or Ctrl-C stopped a cache build."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -209,6 +213,22 @@ def main(argv: list[str] | None = None) -> int:
         # `tinyclip-distill --print-config | head`: the reader has what it wanted.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a step, saved)
+        if rank == 0:
+            _line(f"stopped by Ctrl-C; {_after_interrupt(args)}", rank, "interrupted")
+        return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    if args.build_reinforced_cache:
+        return "the shard files already built are kept: run the command again to build the rest"
+    if args.build_teacher_cache:
+        return "no cache was written: run the command again to build it"
+    return "outside the training steps: run again, with --resume when the run has a checkpoint"
+
+
+def _builds(args: argparse.Namespace) -> bool:
+    return bool(args.build_teacher_cache or args.build_reinforced_cache)
 
 
 def _run(args: argparse.Namespace, rank: int) -> int:
@@ -216,9 +236,13 @@ def _run(args: argparse.Namespace, rank: int) -> int:
         config = config_from_args(args)
         if not args.print_config:
             config.data.require()
-            if not (config.resume or args.build_teacher_cache or args.build_reinforced_cache):
+            if config.data.kind in DATA_OPTIONS:  # registered kinds: once registered, below
+                check_data_options(config.data.kind, config.data.options)
+            if not _builds(args):
+                check_unlocked(config.out_dir)
+            if not (config.resume or _builds(args)):
                 check_run_folder(config.out_dir, config.overwrite)  # the engine clears it
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         if rank == 0:  # every rank read the same configuration
             _line(err, rank)
         return 2
@@ -227,8 +251,9 @@ def _run(args: argparse.Namespace, rank: int) -> int:
             print(json.dumps(config.to_dict(), indent=2), flush=True)
         return 0
 
+    from tinyclip_fast.atomic_io import WriteError
     from tinyclip_fast.data.datasets import check_kind
-    from tinyclip_fast.data.loader import BadSampleError
+    from tinyclip_fast.data.loader import BadSampleError, check_batch_settings
     from tinyclip_fast.demo.plugins import register_demo
     from tinyclip_fast.teachers.reinforced_targets import register_reinforced_kinds
     from tinyclip_fast.train.evaluation import check_eval_kind
@@ -239,13 +264,16 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     try:
         if not args.build_reinforced_cache:  # that reads source kinds (folder) that do not train
             check_kind(config.data.kind)
+            check_data_options(config.data.kind, config.data.options)
+        if not _builds(args):
+            check_batch_settings(config.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
         if config.eval.enabled:
             check_eval_kind(config.eval.kind)
         check_device(config.device)
         from tinyclip_fast.train.cache_builds import build_embedding_cache, build_reinforced_cache
         from tinyclip_fast.train.engine import distill  # open_clip: seconds to import
 
-        if args.build_reinforced_cache or args.build_teacher_cache:
+        if _builds(args):
             build = build_reinforced_cache if args.build_reinforced_cache else build_embedding_cache
             report = build(config)
             if rank == 0:
@@ -254,12 +282,15 @@ def _run(args: argparse.Namespace, rank: int) -> int:
         result = distill(config)
     except BadSampleError as err:
         hint = "; --set data.skip_bad_samples=true skips and logs them"
-        if args.build_teacher_cache or args.build_reinforced_cache:
+        if _builds(args):
             hint = "; a teacher cache needs every sample: fix the file or drop its row"
         elif config.data.skip_bad_samples:
             hint = ""
         _line(f"{err}{hint}", rank)
         return 2
+    except WriteError as err:
+        _line(err, rank)
+        return 3
     except (ValueError, TypeError, OSError, ImportError) as err:
         _line(err, rank)
         return 2
@@ -271,6 +302,23 @@ def _run(args: argparse.Namespace, rank: int) -> int:
             _line("run again with --resume to continue", rank, "interrupted")
         return 130  # the shell's code for "stopped by a signal", so job schedulers requeue
     if rank == 0:
-        student = Path(config.out_dir) / "student"
-        print(f"done: student with {result.params:,} parameters in {student}", flush=True)
+        print(_done_line(Path(config.out_dir) / STUDENT_DIR, result.params), flush=True)
     return 0
+
+
+def _done_line(student: Path, params: int) -> str:
+    """The end of a run: where the student is and what loads it."""
+    from tinyclip_fast.inheritance.student_io import CONFIG_NAME
+
+    uniform = json.loads((student / CONFIG_NAME).read_text()).get("open_clip_compatible")
+    if uniform:
+        how = (
+            f"open_clip.create_model('local-dir:{student}') loads it; "
+            "tinyclip_fast.inheritance.hf.save_hf_clip(model, DIR) exports it for transformers"
+        )
+    else:
+        how = (
+            f"tinyclip_fast.load_student('{student}') loads it (its layers have their own "
+            "widths, which open_clip's local-dir: cannot build)"
+        )
+    return f"done: student with {params:,} parameters in {student}; {how}"

@@ -162,7 +162,9 @@ def test_resnet_inheritance():
     [
         ({"vision_cfg": {"width": 80}}, "bigger than the teacher"),
         ({"text_cfg": {"heads": 4}}, "head width differs"),
-        ({"vision_cfg": {"patch_size": 16}}, "dimension"),
+        # Another patch size is another token grid, never a "bigger student".
+        ({"vision_cfg": {"patch_size": 16}}, "patch size, image size and kernel sizes cannot"),
+        ({"vision_cfg": {"patch_size": 4}}, "patch size, image size and kernel sizes cannot"),
         ({"vision_cfg": {"layers": 5}}, "more than the teacher"),
         ({"embed_dim": 40}, "bigger than the teacher"),
         ({"vision_cfg": {"layers": [1, 1, 1, 1], "width": 8}}, "vision tower type differs"),

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ from tinyclip_fast.train.config import (
     TeacherConfig,
 )
 from tinyclip_fast.train.run_folder import CHECKPOINT_NAME
+from tinyclip_fast.train.run_lock import LOCK_NAME, RunFolderLocked, RunLock
 from tinyclip_fast.train.students import add_logit_bias, stage_student
 
 
@@ -288,7 +290,7 @@ def test_resume_extends_the_last_stage_or_says_why_not(tmp_path):
     with pytest.raises(ValueError, match="the last stage is at its step 5, past the 4 steps"):
         run(config)
     config.stages = [StageConfig(steps=5, preset="ViT-8M-16-Text-3M")]
-    with pytest.raises(ValueError, match="stages differ from the checkpoint's"):
+    with pytest.raises(ValueError, match='stages.0.preset null there, "ViT-8M-16-Text-3M" now'):
         run(config)
     # A stage that pruned at its very end kept no optimizer state to continue from.
     auto = make_config(tmp_path / "auto", [StageConfig(steps=2, sparsity=0.3)])
@@ -299,12 +301,26 @@ def test_resume_extends_the_last_stage_or_says_why_not(tmp_path):
         run(auto)
 
 
+def test_a_held_run_folder_is_refused_before_anything_is_written(tmp_path):
+    # Two runs that passed the command line's look at once: the lock decides.
+    config = make_config(tmp_path, [StageConfig(steps=2, student_config=STUDENT_CFG)])
+    with RunLock(config.out_dir):
+        with pytest.raises(RunFolderLocked, match="is in use by another run"):
+            run(config)
+        assert [p.name for p in Path(config.out_dir).iterdir()] == [LOCK_NAME]
+    result = run(config)  # released: the folder is free again, and the lock goes at the end
+    assert result.params > 0 and not (Path(config.out_dir) / LOCK_NAME).exists()
+    assert json.loads((Path(config.out_dir) / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict())
+    )
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     stages = [StageConfig(steps=2, student_config=STUDENT_CFG)]
     config = make_config(tmp_path, copy.deepcopy(stages), resume=True)
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         run(config)
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)  # the run lock made the folder
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt training checkpoint"):
         run(config)

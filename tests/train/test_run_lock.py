@@ -10,7 +10,13 @@ import textwrap
 
 import pytest
 
-from tinyclip_fast.train.run_lock import LOCK_NAME, LockHolder, RunFolderLocked, RunLock
+from tinyclip_fast.train.run_lock import (
+    LOCK_NAME,
+    LockHolder,
+    RunFolderLocked,
+    RunLock,
+    check_unlocked,
+)
 
 
 def dead_pid():
@@ -139,3 +145,13 @@ def test_a_running_process_holds_the_folder_until_it_is_killed(tmp_path):
     said = []
     with RunLock(tmp_path, report=said.append):
         assert len(said) == 1 and f"pid {holder.pid}" in said[0]
+
+
+def test_a_quick_look_refuses_a_held_folder_and_passes_a_free_or_stale_one(tmp_path):
+    check_unlocked(tmp_path / "none")  # no folder, no lock
+    write_lock(tmp_path, pid=dead_pid())
+    check_unlocked(tmp_path)  # stale: the run will take it over
+    assert (tmp_path / LOCK_NAME).exists()  # a look takes nothing
+    write_lock(tmp_path, since=LockHolder.this_process().since)
+    with pytest.raises(RunFolderLocked, match=f"in use by another run .pid {os.getpid()} on"):
+        check_unlocked(tmp_path)

@@ -2,6 +2,7 @@
 out of images/s and recorded once per step, the pruning report, the non-finite message."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,23 @@ def test_non_finite_message_says_how_to_go_on(tmp_path, checkpoint_step, save_ev
     message = output.non_finite_message(float("nan"), 7, 1, checkpoint_step, Path("ck.pt"))
     assert message.startswith("loss is nan at step 7 (stage 1); stopped before updating")
     assert expected in message
+
+
+def test_each_evaluation_redraws_the_progress_plot(tmp_path):
+    output, config = _output(tmp_path, evaluator=lambda model: 0.5)
+    with output.open(0, None):
+        output.step_done(2, config.stages[0], 0, 2, 0.5, 1e-3, None, None, None)
+        output.evaluate(torch.nn.Linear(1, 1), 0, 2)
+    plot = Path(config.out_dir) / "progress.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_plot_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    output, config = _output(tmp_path, evaluator=lambda model: 0.5)
+    with output.open(0, None):
+        for step in (2, 4):
+            output.evaluate(torch.nn.Linear(1, 1), 0, step)
+    said = capsys.readouterr().out
+    assert said.count("no progress.png: matplotlib is not installed") == 1
+    assert not (Path(config.out_dir) / "progress.png").exists()

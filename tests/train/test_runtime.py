@@ -1,12 +1,15 @@
-"""Run plumbing: metrics cut back on resume, device and precision."""
+"""Run plumbing: metrics cut back on resume (and a record that cannot be written), device and
+precision, CPU threads."""
 
 import json
+import os
 
 import pytest
 import torch
 
+from tinyclip_fast.atomic_io import WriteError
 from tinyclip_fast.train.run_folder import cut_jsonl
-from tinyclip_fast.train.runtime import MetricsLog, check_device, resolve_precision
+from tinyclip_fast.train.runtime import MetricsLog, check_device, resolve_precision, set_threads
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
@@ -40,3 +43,24 @@ def test_device_and_precision():
     if torch.cuda.is_available():
         expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         assert resolve_precision(None, torch.device("cuda")) == expected
+
+
+def test_threads_as_given_or_shared_among_a_nodes_processes(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert set_threads(None) == 2  # torch's choice stands
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        assert set_threads(None) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_metrics_record_that_cannot_be_written_is_a_write_error(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # something in the way, as a full disk would be
+    log = MetricsLog(tmp_path, enabled=True)
+    with pytest.raises(WriteError, match=r"cannot write .*metrics.jsonl: EISDIR"):
+        log.write({"step": 1, "loss": 0.5})
+    log.close()

@@ -16,6 +16,12 @@ from tinyclip_fast.teachers.loading import register_teacher
 from tinyclip_fast.train.config import EvalConfig
 from tinyclip_fast.train.evaluation import register_evaluator
 
+# The data.options keys of --data demo (the engine sets image_size, context_length and seed).
+DEMO_DATA_OPTIONS = {
+    "source": "auto, digits or fashion-mnist (default: the --data demo:SOURCE path, else auto)",
+    "split": "train or test (default: train)",
+}
+
 
 def _teacher(pretrained: str | None) -> tuple:
     from tinyclip_fast.demo.teacher import build_demo_teacher
@@ -48,5 +54,5 @@ def _evaluator(config: EvalConfig, device: torch.device) -> Any:
 def register_demo() -> None:
     """Register the name "demo" as a teacher, a data kind and an eval kind."""
     register_teacher("demo", _teacher)
-    register_dataset("demo", _dataset)
+    register_dataset("demo", _dataset, options=DEMO_DATA_OPTIONS)
     register_evaluator("demo", _evaluator)

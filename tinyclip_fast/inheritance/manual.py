@@ -128,16 +128,18 @@ def _slice_first(
             f"{name}: teacher tensor has shape {tuple(teacher_t.shape)}, "
             f"student {tuple(student_shape)}"
         )
+    # A fixed dimension first: a larger patch is no "bigger student", it is another grid.
+    for d, (t, s) in enumerate(zip(teacher_t.shape, student_shape, strict=True)):
+        if d in exact and s != t:
+            raise ValueError(
+                f"{name}: dimension {d} must match the teacher ({t}), got {s}; patch size, image "
+                "size and kernel sizes cannot be changed by inheritance"
+            )
     for d, (t, s) in enumerate(zip(teacher_t.shape, student_shape, strict=True)):
         if s > t:
             raise ValueError(
                 f"student is bigger than the teacher: {name} has shape {tuple(student_shape)}, "
                 f"teacher {tuple(teacher_t.shape)} (dimension {d})"
-            )
-        if d in exact and s != t:
-            raise ValueError(
-                f"{name}: dimension {d} must match the teacher ({t}), got {s}; patch size, image "
-                "size and kernel sizes cannot be changed by inheritance"
             )
     return teacher_t[tuple(slice(0, s) for s in student_shape)]
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from tinyclip_fast.atomic_io import atomic_write
 from tinyclip_fast.data.datasets import check_sample_fingerprints, sample_fingerprints
@@ -182,9 +183,11 @@ class TeacherEmbeddingCache:
         path: str | Path,
         batch_size: int = 256,
         device: str | torch.device = "cpu",
+        progress: bool = False,
     ) -> TeacherEmbeddingCache:
         """Run ``teacher`` (or every teacher of a list) once over ``dataset`` (in index
-        order) and write the cache to ``path``.
+        order) and write the cache to ``path``; ``progress``: a tqdm bar of the samples with
+        images/s.
 
         The file is written to a temporary name and renamed, so a crash never leaves a
         half-written cache behind. The samples' fingerprints go with it (when the dataset
@@ -204,6 +207,13 @@ class TeacherEmbeddingCache:
             model.eval()
         image_parts = [[] for _ in teachers]
         text_parts = [[] for _ in teachers]
+        bar = tqdm(
+            total=size,
+            unit="img",
+            desc="teacher embedding cache",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
         try:
             for start in range(0, size, batch_size):
                 indices = torch.arange(start, min(start + batch_size, size))
@@ -216,7 +226,9 @@ class TeacherEmbeddingCache:
                 for k, model in enumerate(teachers):
                     image_parts[k].append(model.encode_image(images, normalize=True).float().cpu())
                     text_parts[k].append(model.encode_text(texts, normalize=True).float().cpu())
+                bar.update(len(indices))
         finally:
+            bar.close()
             for model, mode in zip(teachers, modes, strict=True):
                 model.train(mode)
         metadata = {

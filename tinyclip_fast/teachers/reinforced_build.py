@@ -146,6 +146,7 @@ def build_reinforced_shards(
         dynamic_ncols=True,
         disable=not progress or rank != 0,  # one bar per job: rank 0's shards
     )
+    bar.set_postfix(shards=f"0/{len(todo)}")  # the total where the image count is unknown
     modes = [t.model.training for t in teachers]
     for teacher in teachers:
         teacher.model.eval()

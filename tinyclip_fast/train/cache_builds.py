@@ -27,7 +27,12 @@ from tinyclip_fast.teachers.reinforced_build import (
     build_reinforced_shards,
 )
 from tinyclip_fast.train.config import DistillConfig
-from tinyclip_fast.train.runtime import init_distributed, resolve_device, resolve_precision
+from tinyclip_fast.train.runtime import (
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
 
 # What --build-teacher-cache reads: a source kind, or the kind that trains from its cache.
 BUILD_KINDS = ("webdataset", "csv", "folder", "reinforced")
@@ -76,6 +81,7 @@ def build_embedding_cache(config: DistillConfig) -> EmbeddingCacheReport:
     """Run the teachers of ``config`` once over ``config.data`` (their eval preprocessing:
     cached embeddings are those of un-augmented images) into ``config.teacher.cache``."""
     device = resolve_device(config.device)
+    set_threads(config.threads)
     teachers, tokenizer, _, eval_preprocess = build_teachers(config.teacher_configs())
     data_cfg = {**dataset_defaults(teachers[0], config.seed), **config.data.as_dict()}
     dataset = build_dataset(data_cfg, preprocess=eval_preprocess, tokenizer=tokenizer)
@@ -85,6 +91,7 @@ def build_embedding_cache(config: DistillConfig) -> EmbeddingCacheReport:
         config.teacher.cache,
         batch_size=config.micro_batch_size or 256,
         device=device,
+        progress=config.progress,
     )
     return EmbeddingCacheReport(Path(config.teacher.cache), len(cache), cache.dims, cache.teachers)
 
@@ -111,6 +118,7 @@ def build_reinforced_cache(config: DistillConfig) -> ReinforcedCacheReport:
     rank, world_size, created_group = init_distributed(config.device)
     try:
         device = resolve_device(config.device)
+        set_threads(config.threads)
         # An ensemble (--teacher repeated) is stored concatenated per sample, in its order.
         configs = config.teacher_configs()
         teachers, tokenizer, train_preprocess, _ = build_teachers(configs)

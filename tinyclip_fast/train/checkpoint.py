@@ -38,7 +38,8 @@ class TrainingState:
     (global ``step``). On disk it is a plain dict (``save_training_state``); the optional
     parts are absent from it when None: ``bad_samples`` without data.skip_bad_samples,
     ``optimizer`` after a stage that pruned at its last step, the mask states outside an
-    automatic-inheritance stage before its pruning."""
+    automatic-inheritance stage before its pruning, ``teacher_fingerprints`` in checkpoints
+    written before they were stored (a resume then compares the teachers' file names)."""
 
     stage: int
     stage_step: int
@@ -54,6 +55,7 @@ class TrainingState:
     controller: dict[str, Any] | None = None
     mask_optimizer: dict[str, Any] | None = None
     multiplier_optimizer: dict[str, Any] | None = None
+    teacher_fingerprints: list[str] | None = None  # teacher_fingerprint of each, in order
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically to ``path`` (see :func:`save_training_state`)."""
@@ -157,6 +159,7 @@ class Checkpointer:
         history: list[dict[str, Any]],
         stage_params: list[int],
         config: dict[str, Any],
+        teacher_fingerprints: list[str],
     ) -> None:
         """The state at ``stage_step`` of stage ``stage``; at the stage's last step it is the
         finished stage (without optimizer state when it pruned at its end)."""
@@ -178,5 +181,6 @@ class Checkpointer:
             stage_params=stage_params,
             config=json.dumps(config),
             bad_samples=bad,
+            teacher_fingerprints=teacher_fingerprints,
             **optimizer_states,
         ).save(self.path)

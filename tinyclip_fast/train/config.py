@@ -236,10 +236,9 @@ class DataConfig:
     )
     options: dict[str, Any] = setting(
         default_factory=dict,
-        help="passed to the data kind verbatim: csv: csv_separator (default from the "
-        "extension: .csv comma, else tab), csv_img_key (filepath), csv_caption_key (title); "
-        "reinforced/folder: shard_size (10000), source; datacompdr: teacher_dims, "
-        "teacher_scale; synthetic: image_size, vocab_size",
+        help="options of the data kind, e.g. csv: csv_img_key (filepath), csv_caption_key "
+        "(title), csv_separator (default from the extension: .csv comma, else tab), also "
+        "without csv_; every kind's keys: docs/cli.md (Data options); other keys are refused",
     )
     skip_bad_samples: bool = setting(
         False,
@@ -492,6 +491,12 @@ class DistillConfig:
         help="also write student-hf/, a transformers CLIPModel folder (tinyclip-fast[hf]); "
         "per-layer widths (automatic inheritance) stay in student/ only",
     )
+    threads: int | None = setting(
+        None,
+        flag=True,
+        help="CPU threads of each process (torch.set_num_threads); null: torch's choice, or "
+        "under torchrun the cores shared among the node's processes",
+    )
 
     def validate(self, student: bool = True) -> None:
         """ValueError naming the first invalid field or stage; ``student=False`` accepts a
@@ -538,6 +543,8 @@ class DistillConfig:
             raise ValueError(f"micro_batch_size must be > 0, got {self.micro_batch_size}")
         if self.log_every <= 0 or self.save_every < 0 or self.eval.every < 0:
             raise ValueError("log_every must be > 0; save_every and eval.every >= 0 (0 = off)")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be > 0, got {self.threads}")
         if self.eval.batch_size <= 0 or self.num_workers < 0:
             raise ValueError("eval.batch_size must be > 0 and num_workers >= 0")
         if self.data.size is not None and self.data.size <= 0:

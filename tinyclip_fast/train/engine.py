@@ -8,7 +8,7 @@ ensemble of up to four (inheritance reads the first). The parts, each with one j
   per-sample embedding cache, or the embeddings a reinforced batch carries);
 - train/stage.py: the :class:`Stage` (model, AdamW, sparsity controller) that steps and
   prunes itself;
-- train/run_output.py: lines, metrics records, progress, evaluation;
+- train/run_output.py: lines, metrics records, progress, evaluation and its plot;
 - train/checkpoint.py: the :class:`TrainingState` written every save_every steps, and read
   back by an exact resume.
 
@@ -31,9 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from tinyclip_fast.data.datasets import build_dataset
-from tinyclip_fast.data.loader import BadSampleLog, make_loader
+from tinyclip_fast.data.loader import BadSampleLog, check_batch_settings, make_loader
 from tinyclip_fast.inheritance.student_io import check_export_format, save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.teachers.embedding_cache import teacher_fingerprint
 from tinyclip_fast.teachers.factory import build_targets
 from tinyclip_fast.teachers.loading import build_teachers, check_teacher_count, dataset_defaults
 from tinyclip_fast.teachers.reinforced_targets import register_reinforced_kinds
@@ -43,6 +44,7 @@ from tinyclip_fast.train.checkpoint import Checkpointer, TrainingState, unpack_s
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import Evaluator, build_evaluator
 from tinyclip_fast.train.objective import build_objective
+from tinyclip_fast.train.resume_check import check_resume
 from tinyclip_fast.train.run_folder import (
     CHECKPOINT_NAME,
     STUDENT_DIR,
@@ -51,16 +53,20 @@ from tinyclip_fast.train.run_folder import (
     check_run_folder,
     cut_jsonl,
     remove_run_files,
+    write_run_config,
 )
+from tinyclip_fast.train.run_lock import RunFolderLocked, RunLock
 from tinyclip_fast.train.run_output import RunOutput
 from tinyclip_fast.train.runtime import (
     StopFlag,
     autocast_factory,
+    broadcast_object,
     check_device,
     init_distributed,
     mean_over_ranks,
     resolve_device,
     resolve_precision,
+    set_threads,
 )
 from tinyclip_fast.train.stage import Stage, StageContext
 from tinyclip_fast.train.step import set_rng_state
@@ -108,6 +114,7 @@ class _Run:
     ctx: StageContext
     checkpoints: Checkpointer
     bad_samples: BadSampleLog | None
+    fingerprints: list[str]
     stage_params: list[int] = field(default_factory=list)
     tokenizer: Callable | None = None  # the student's (the teachers'): for export_hf
 
@@ -122,6 +129,7 @@ class _Run:
             history=self.output.history,
             stage_params=self.stage_params,
             config=self.config.to_dict(),
+            teacher_fingerprints=self.fingerprints,
         )
 
 
@@ -148,11 +156,14 @@ def distill(
     Loss per step: (1 - w) L_dist + w L_clip with w = config.loss.contrastive_weight
     (docs/method.md §2), of config.loss.family (softmax affinity mimicking, or sigmoid:
     train/objective.py).
-    Checkpoints, metrics.jsonl and the final ``student/`` export (and ``student-hf/``, a
-    transformers CLIPModel folder, with config.export_hf) go to config.out_dir, which
-    must not hold another run's files unless ``config.overwrite`` (they are replaced);
-    ``config.resume`` continues the run there exactly (same data order, same RNG), its
-    metrics cut back to the checkpoint's step; the last stage may be given more steps.
+    Checkpoints, config.json, metrics.jsonl, progress.png and the final ``student/`` export
+    (and ``student-hf/``, a transformers CLIPModel folder, with config.export_hf) go to
+    config.out_dir, which rank 0 locks for the run (:class:`RunLock`; another run's lock is a
+    :class:`RunFolderLocked` naming it) and which must not hold another run's files unless
+    ``config.overwrite`` (they are replaced); ``config.resume`` continues the run there exactly
+    (same data order, same RNG), its metrics cut back to the checkpoint's step, and refuses
+    what changes the training (train/resume_check.py: the whole config and the teachers'
+    fingerprints); the last stage may be given more steps.
     Precision None: bf16 autocast on CUDA, fp32 on the CPU.
     """
     config.validate()
@@ -162,14 +173,14 @@ def distill(
         check_export_format("hf")  # transformers missing: say so now, not after training
     check_device(device or config.device)
     rank, world_size, created_group = init_distributed(device or config.device)
+    lock = RunLock(config.out_dir) if rank == 0 else None
     try:
+        _take_lock(lock, world_size)
         device = resolve_device(device or config.device)
+        set_threads(config.threads)
         precision = resolve_precision(config.precision, device)
         check_attention(config.attention, device)
-        if config.batch_size % world_size:
-            raise ValueError(
-                f"batch_size {config.batch_size} is not divisible by the world size {world_size}"
-            )
+        check_batch_settings(config.batch_size, world_size)
         resume = _open_run_folder(config, rank, world_size)
         torch.manual_seed(config.seed + rank)
         eval_preprocess = preprocess
@@ -183,6 +194,8 @@ def distill(
             teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
             check_teacher_count(len(teachers))
         teachers = [t.to(device).eval().requires_grad_(False) for t in teachers]
+        fingerprints = [teacher_fingerprint(t) for t in teachers]
+        changes = _check_resume(resume, config, fingerprints) if resume is not None else None
         if train_dataset is None:
             register_reinforced_kinds()
             data_cfg = {
@@ -191,27 +204,78 @@ def distill(
                 **config.data.as_dict(),
             }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
+        if hasattr(train_dataset, "__len__") and not isinstance(
+            train_dataset, torch.utils.data.IterableDataset
+        ):
+            check_batch_settings(config.batch_size, world_size, num_samples=len(train_dataset))
         if evaluator is None and config.eval.enabled:
             evaluator = build_evaluator(
                 config.eval, tokenizer=tokenizer, preprocess=eval_preprocess, device=device
             )
+        if rank == 0:
+            write_run_config(config.out_dir, config.to_dict())
         run = _assemble(
-            config, precision, teachers, train_dataset, evaluator, device, rank, world_size
+            config,
+            precision,
+            teachers,
+            fingerprints,
+            train_dataset,
+            evaluator,
+            device,
+            rank,
+            world_size,
         )
         run.tokenizer = tokenizer
+        if changes:
+            run.output.say(changes)
         return _train(run, student, resume)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             dist.destroy_process_group()
 
 
+def _check_resume(
+    resume: TrainingState, config: DistillConfig, fingerprints: list[str]
+) -> str | None:
+    """Refuse a resume that changes what the checkpoint's run trains; the line naming the
+    changes it allows (None: none)."""
+    last = len(config.stages) - 1
+    return check_resume(
+        json.loads(resume.config),
+        config.to_dict(),
+        done_steps=resume.stage_step if resume.stage == last else 0,
+        saved_fingerprints=resume.teacher_fingerprints,
+        fingerprints=fingerprints,
+    )
+
+
+def _take_lock(lock: RunLock | None, world_size: int) -> None:
+    """Rank 0 takes the run folder's lock; every rank raises when it could not (so no rank
+    waits in a collective for a rank 0 that stopped)."""
+    if world_size > 1:
+        # Every rank has made its own checks of the folder (the command line's) before rank 0
+        # takes it: a slow rank never finds its own job's lock or config.json.
+        dist.barrier()
+    refusal = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunFolderLocked as err:
+            refusal = str(err)
+    if world_size > 1:
+        refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise RunFolderLocked(refusal)
+
+
 def _open_run_folder(config: DistillConfig, rank: int, world_size: int) -> TrainingState | None:
-    """The checkpoint to resume from, or None after clearing the run folder (--overwrite)."""
+    """The checkpoint to resume from (checked against the run once its teachers are
+    loaded), or None after clearing the run folder (--overwrite)."""
     out_dir = Path(config.out_dir)
     if config.resume:
-        resume = TrainingState.load(out_dir / CHECKPOINT_NAME)
-        _check_resumable(json.loads(resume.config), config.to_dict(), resume)
-        return resume
+        return TrainingState.load(out_dir / CHECKPOINT_NAME)
     found = check_run_folder(out_dir, config.overwrite)
     if rank == 0:
         remove_run_files(found)
@@ -224,6 +288,7 @@ def _assemble(
     config: DistillConfig,
     precision: str,
     teachers: list[nn.Module],
+    fingerprints: list[str],
     dataset: torch.utils.data.Dataset,
     evaluator: Evaluator | None,
     device: torch.device,
@@ -269,8 +334,23 @@ def _assemble(
             out_dir / bad_samples_name(rank), config.data.max_bad_fraction, announce=output.say
         )
     checkpoints = Checkpointer(out_dir / CHECKPOINT_NAME, device, rank, world_size, bad_samples)
+    if device.type == "cpu" and precision != "fp32":
+        output.say(
+            f"warning: {precision} autocast on the CPU is usually several times slower than "
+            "fp32 (most CPUs lack fast 16-bit matrix units): --precision fp32"
+        )
     return _Run(
-        config, precision, rank, world_size, dataset, output, targets, ctx, checkpoints, bad_samples
+        config,
+        precision,
+        rank,
+        world_size,
+        dataset,
+        output,
+        targets,
+        ctx,
+        checkpoints,
+        bad_samples,
+        fingerprints,
     )
 
 
@@ -441,32 +521,3 @@ def _train_stage(
         stage, report = stage.prune_at_end()
         output.pruned(report, spec, index, step)
     return stage, step, False
-
-
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], resume: TrainingState) -> None:
-    """Refuse a resume that cannot continue the checkpoint's run: the same stages, batch and
-    seed, except that the last stage may get more steps (extending a run)."""
-    for key in ("batch_size", "seed"):
-        if json.loads(json.dumps(current[key])) != saved[key]:
-            raise ValueError(
-                f"cannot resume: {key} differs from the checkpoint's ({saved[key]!r} there, "
-                f"{current[key]!r} now); an exact resume needs the same {key}"
-            )
-    before, now = saved["stages"], json.loads(json.dumps(current["stages"]))
-    last = len(before) - 1
-    same_but_steps = len(now) == len(before) and all(
-        a == b if i < last else {**a, "steps": 0} == {**b, "steps": 0}
-        for i, (a, b) in enumerate(zip(before, now, strict=True))
-    )
-    if not same_but_steps:
-        raise ValueError(
-            "cannot resume: stages differ from the checkpoint's; a resume continues the same "
-            "stages, and only the last stage's steps may change (to extend a finished run). "
-            f"The checkpoint's stages: {before}"
-        )
-    done = resume.stage_step if resume.stage == last else 0
-    if now[last]["steps"] < done:
-        raise ValueError(
-            f"cannot resume: the last stage is at its step {done}, past the {now[last]['steps']} "
-            "steps given now"
-        )

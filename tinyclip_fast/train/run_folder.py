@@ -8,10 +8,15 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tinyclip_fast.atomic_io import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The resolved configuration of the last start (or resume). Not a run file: every start
+# replaces it, and one left by a start that failed must not block the next.
+CONFIG_NAME = "config.json"
+PLOT_NAME = "progress.png"  # loss and accuracy against steps, drawn after each evaluation
 METRICS_NAME = "metrics.jsonl"
 STUDENT_DIR = "student"
 STUDENT_HF_DIR = "student-hf"  # export_hf: the student as a transformers CLIPModel folder
@@ -25,8 +30,8 @@ def bad_samples_name(rank: int) -> str:
 
 def run_files(out_dir: Path) -> list[Path]:
     """The files and folders of a run found in ``out_dir`` (nothing else there counts)."""
-    names = (CHECKPOINT_NAME, METRICS_NAME, STUDENT_DIR, STUDENT_HF_DIR, TENSORBOARD_DIR)
-    named = [out_dir / n for n in names]
+    names = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, STUDENT_DIR, STUDENT_HF_DIR, TENSORBOARD_DIR)
+    named = [out_dir / name for name in names]
     found = [path for path in named if path.exists()]
     return found + (sorted(out_dir.glob(BAD_SAMPLES_PATTERN)) if out_dir.is_dir() else [])
 
@@ -48,6 +53,14 @@ def check_run_folder(out_dir: str | Path, overwrite: bool) -> list[Path]:
             "replace them with --overwrite, or choose another --out-dir"
         )
     return found
+
+
+def write_run_config(out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """``config.json``: the run's resolved configuration (a valid ``--config`` file), written
+    atomically."""
+    text = json.dumps(config, indent=2) + "\n"
+    path = Path(out_dir) / CONFIG_NAME
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def remove_run_files(paths: list[Path]) -> None:

@@ -101,17 +101,8 @@ class RunLock:
             other = read_lock(self.path)
             if other is None:  # removed between our attempt and the read: try again
                 continue
-            running = other.is_running()
-            if running is None:
-                raise RunFolderLocked(
-                    f"{self.out_dir} is locked by a run on another host ({other.describe()}, "
-                    f"{_shorten(other.command)}); if that run has ended, delete {self.path}"
-                )
-            if running:
-                raise RunFolderLocked(
-                    f"{self.out_dir} is in use by another run ({other.describe()}, "
-                    f"{_shorten(other.command)}): wait for it to end or choose another --out-dir"
-                )
+            if other.is_running() is not False:
+                raise RunFolderLocked(_refusal(self.out_dir, other))
             if self._remove_if(other):
                 self.report(
                     f"taking over {self.path}: the run that held it ({other.describe()}) is no "
@@ -167,6 +158,28 @@ class RunLock:
             pass
         aside.unlink()
         return False
+
+
+def check_unlocked(out_dir: str | Path) -> None:
+    """:class:`RunFolderLocked` naming the holder when a running process (or one on another
+    host) owns ``out_dir``; the quick look a command line takes before loading anything. It
+    takes nothing: :class:`RunLock` is what owns the folder."""
+    out_dir = Path(out_dir)
+    holder = read_lock(out_dir / LOCK_NAME)
+    if holder is not None and holder.is_running() is not False:
+        raise RunFolderLocked(_refusal(out_dir, holder))
+
+
+def _refusal(out_dir: Path, holder: LockHolder) -> str:
+    if holder.is_running() is None:
+        return (
+            f"{out_dir} is locked by a run on another host ({holder.describe()}, "
+            f"{_shorten(holder.command)}); if that run has ended, delete {out_dir / LOCK_NAME}"
+        )
+    return (
+        f"{out_dir} is in use by another run ({holder.describe()}, "
+        f"{_shorten(holder.command)}): wait for it to end or choose another --out-dir"
+    )
 
 
 def read_lock(path: Path) -> LockHolder | None:

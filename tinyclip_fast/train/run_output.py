@@ -1,7 +1,7 @@
 """What a run shows and records, in one place: rank-0 lines (above the progress bar), the
 metrics.jsonl records and their history, the progress bar with loss and images/s, evaluations
-(zero-shot top-1 or retrieval recalls, their time kept out of images/s), the pruning report
-and the message of a loss that stopped being finite."""
+(zero-shot top-1 or retrieval recalls, their time kept out of images/s) and the progress plot,
+the pruning report and the message of a loss that stopped being finite."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import Evaluator
+from tinyclip_fast.train.progress_plot import draw_progress
+from tinyclip_fast.train.run_folder import PLOT_NAME
 from tinyclip_fast.train.runtime import MetricsLog
 from tinyclip_fast.train.stage import PruneReport
 
@@ -40,6 +42,7 @@ class RunOutput:
         self.progress: tqdm | None = None
         self.log: MetricsLog | None = None
         self._tick, self._images = time.perf_counter(), 0
+        self._plots = True  # until matplotlib turns out to be missing
 
     def say(self, message: str) -> None:
         """One line on rank 0 (above the progress bar when there is one)."""
@@ -135,6 +138,13 @@ class RunOutput:
             self.record({"step": step, "stage": stage_index, **metrics})
             shown = ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.4f}" for k, v in metrics.items())
             self.say(f"step {step} stage {stage_index}: {shown}")
+            self._plot()
+
+    def _plot(self) -> None:
+        """Redraw the run folder's progress plot; one line when matplotlib is missing."""
+        if self._plots and not draw_progress(self.history, self.out_dir / PLOT_NAME):
+            self._plots = False
+            self.say(f"no {PLOT_NAME}: matplotlib is not installed (metrics.jsonl has the record)")
 
     def pruned(self, report: PruneReport, stage: StageConfig, stage_index: int, step: int) -> None:
         """Say (and record) how far the masks of an auto stage got when it pruned."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tinyclip_fast.atomic_io import as_write_error
 from tinyclip_fast.teachers.loading import AUTOCAST_DTYPES
 from tinyclip_fast.train.attention import xformers_attention
 from tinyclip_fast.train.run_folder import METRICS_NAME, TENSORBOARD_DIR, cut_jsonl
@@ -152,10 +153,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self.file is None:
-            self._open()
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            if self.file is None:
+                self._open()
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: one line naming the file, exit status 3
+            raise as_write_error(err, self.out_dir / METRICS_NAME) from err
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "stage") and isinstance(value, (int, float)):
@@ -180,6 +184,28 @@ def gather_objects(mine: Any, world_size: int) -> list[Any]:
     states: list[Any] = [None] * world_size
     dist.all_gather_object(states, mine)
     return states
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: ``threads``; None: under torchrun, this node's cores shared
+    among its processes (torch's own default gives each process every core, and processes
+    that oversubscribe the cores run several times slower); else torch's choice. Returns the
+    count."""
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local <= 1:
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // local)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
