@@ -119,6 +119,44 @@ def test_resume_after_interrupts_equals_uninterrupted_bitwise(tmp_path):
     assert full.stage_params[1] < full.stage_params[0]
 
 
+# An auto stage on the tiny teacher whose masks reach 30% and hold it within 2% for 3 steps
+# after about 20 steps (two-sided control, mask learning rate 0.2).
+HOLDING_STAGE = StageConfig(
+    steps=30, sparsity=0.3, prune_step="auto", sparsity_warmup=8, prune_hold_steps=3
+)
+HOLDING_OPTIM = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=0.2)
+
+
+def test_auto_prune_step_prunes_where_the_target_held_and_resumes_mid_hold_bitwise(tmp_path):
+    config = make_config(tmp_path / "a", [copy.deepcopy(HOLDING_STAGE)], optim=HOLDING_OPTIM)
+    config.eval.every = 1
+    full = run(config, evaluator=lambda model: 0.0)
+    (pruned,) = [h for h in full.history if h.get("event") == "pruned"]
+    at, tolerance = pruned["step"], HOLDING_STAGE.sparsity_tolerance
+    assert pruned["prune_reason"] == "auto: held within 2.0% of the target for 3 steps"
+    assert HOLDING_STAGE.sparsity_warmup <= at < HOLDING_STAGE.steps
+    assert abs(pruned["expected_sparsity"] - 0.3) <= tolerance and pruned["target_miss"] is None
+    # The expected sparsity the masks had at the steps before held too (the records of steps
+    # at-1 and at carry the sparsity the trigger saw at stage steps at-2 and at-1).
+    seen = {h["step"]: h["sparsity"] for h in full.history if "sparsity" in h}
+    assert all(abs(seen[step] - 0.3) <= tolerance for step in (at - 1, at))
+
+    # Cut one step before the prune: the trigger has seen one held step of three.
+    config = make_config(tmp_path / "b", [copy.deepcopy(HOLDING_STAGE)], optim=HOLDING_OPTIM)
+    config.eval.every = 1
+    assert run(config, evaluator=_interrupt_at_call(at - 1)).interrupted
+    state = load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)
+    assert state["prune_trigger"] == {"held": 1, "asked": at - 2}
+    config.resume = True
+    result = run(config, evaluator=lambda model: 0.0)
+    assert_same_weights(result.student, full.student)
+    assert losses(result.history) == losses(full.history)
+    assert [h for h in result.history if h.get("event") == "pruned"] == [pruned]
+    # After the prune the checkpoint keeps the step it happened at (the re-warm-up's start).
+    state = load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)
+    assert state["pruned_at"] == at and "prune_trigger" not in state
+
+
 def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     # docs/method.md §4: auto -> auto, targets as fractions of the ORIGINAL teacher's
     # prunable params.
