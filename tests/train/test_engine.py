@@ -157,6 +157,53 @@ def test_auto_prune_step_prunes_where_the_target_held_and_resumes_mid_hold_bitwi
     assert state["pruned_at"] == at and "prune_trigger" not in state
 
 
+def _two_stages(control, prune_steps):
+    """Targets 25% then 50% of the teacher's prunable parameters, 30 steps each."""
+    return [
+        StageConfig(
+            steps=30, sparsity=target, prune_step=prune, sparsity_warmup=8, sparsity_control=control
+        )
+        for target, prune in zip((0.25, 0.5), prune_steps, strict=True)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "control, prune_steps",
+    # The one-sided form crosses the tolerance band within a step on its way past the target:
+    # it ends near it only when pruned at a fixed step just as it gets there.
+    [("two_sided", ("auto", "auto")), ("one_sided", (26, 26))],
+)
+def test_two_auto_stages_each_end_within_the_tolerance_of_their_target(
+    tmp_path, capsys, control, prune_steps
+):
+    config = make_config(tmp_path, _two_stages(control, prune_steps), optim=HOLDING_OPTIM)
+    result = run(config)
+    pruned = [h for h in result.history if h.get("event") == "pruned"]
+    assert [h["target_sparsity"] for h in pruned] == [0.25, 0.5]
+    for record in pruned:
+        assert abs(record["expected_sparsity"] - record["target_sparsity"]) <= 0.02, record
+        assert record["target_miss"] is None
+    if control == "two_sided":
+        assert all(h["prune_reason"].startswith("auto: held") for h in pruned)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_one_sided_auto_overshoots_prunes_at_its_bound_and_says_so(tmp_path, capsys):
+    stage = StageConfig(
+        steps=30, sparsity=0.25, prune_step="auto", sparsity_warmup=8, sparsity_control="one_sided"
+    )
+    result = run(make_config(tmp_path, [stage], optim=HOLDING_OPTIM))
+    (pruned,) = [h for h in result.history if h.get("event") == "pruned"]
+    assert pruned["step"] == 30 and pruned["target_miss"] == "over"
+    assert pruned["prune_reason"] == "auto: the last allowed prune step 30"
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stage 0" in line]
+    assert lines[0].startswith("stage 0: pruned at step 30: expected sparsity ")
+    assert lines[0].endswith(" (auto: the last allowed prune step 30)")
+    assert lines[1].startswith("warning: stage 0: the expected sparsity did not hold within 2.0%")
+    assert lines[2].startswith("warning: stage 0 pruned above its target sparsity: expected ")
+
+
 def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     # docs/method.md §4: auto -> auto, targets as fractions of the ORIGINAL teacher's
     # prunable params.
