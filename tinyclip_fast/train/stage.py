@@ -1,16 +1,16 @@
 """One stage of a run: the model it trains and everything that updates it.
 
-A :class:`Stage` owns the model (a CLIP, or a MaskedCLIP until an automatic-inheritance stage
-prunes), its AdamW, and for a MaskedCLIP the sparsity controller with the mask and
+A :class:`Stage` owns the model (a CLIP, or a MaskedCLIP until an automatic-inheritance
+stage prunes), its AdamW, and for a MaskedCLIP the sparsity controller with the mask and
 Lagrange-multiplier optimizers (docs/method.md §3b). It knows how to run the forward and
 backward of a batch (train/step.py), add the sparsity penalty, step the optimizers (clip,
 GradScaler step, zero grads, clamps) and prune itself when its :class:`PruneTrigger` fires
 (fed the masks' expected sparsity in the original teacher's frame at the top of every step):
-the compact student's optimizer keeps the AdamW moments of the kept channels and the learning
-rate ramps up again from that step. Hard-concrete
-masks are drawn from a generator seeded by the step (``MaskedCLIP.fix_mask_sample``): every
-micro-batch, both GradCache passes and every DDP rank use one mask sample per step, as one
-forward over the whole batch would.
+the compact student's optimizer keeps the AdamW moments of the kept channels and the
+learning rate ramps up again from that step. Hard-concrete masks are drawn from a generator
+seeded by the step (``MaskedCLIP.fix_mask_sample``): every micro-batch, both GradCache
+passes and every DDP rank use one mask sample per step, as one forward over the whole batch
+would.
 """
 
 from __future__ import annotations
