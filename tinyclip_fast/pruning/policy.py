@@ -127,7 +127,8 @@ def prune_warning(
         return (
             f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
             f"had {mask_steps} steps at optim.mask_lr {mask_lr:g} and optim.lagrangian_lr "
-            f"{lagrangian_lr:g}; raise these (--set) or --prune-step, or use --prune-step auto"
+            f"{lagrangian_lr:g}; raise these (--set), or prune later (--prune-step, or "
+            "prune_by under --prune-step auto)"
         )
     if miss == "over":
         return (
