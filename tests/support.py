@@ -102,7 +102,7 @@ def binary_masks(masked, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tower in (masked.visual_masks, masked.text_masks):
-            for mask in (tower.hidden, tower.head, tower.intermediate):
+            for mask in tower.masks():
                 keep = torch.rand(mask.log_alpha.shape, generator=g) > 0.25
                 keep.view(-1)[0] = True
                 mask.log_alpha.copy_(torch.where(keep, 20.0, -20.0))

@@ -26,15 +26,24 @@ def test_first_step_reaching_and_curve():
     assert demo.first_step_reaching(curve, 0.6) is None
 
 
+def history(curve, pruned_at=None):
+    """An engine history with these evaluations (and a pruned record)."""
+    records = [{"step": step, "stage": 0, "top1": top1} for step, top1 in curve]
+    if pruned_at is not None:
+        reason = f"the configured prune step {pruned_at}"
+        records.append({"step": pruned_at, "event": "pruned", "prune_reason": reason})
+    return records
+
+
 def test_an_oversized_auto_student_gets_no_speed_up():
     # A student over the size budget (here 99% of the teacher) learning as fast as the others
     # is credited with no speed-up: the table says why instead of a step.
     settings = demo.DemoSettings(student_steps=30)
     curve = [(10, 0.9), (20, 0.95), (30, 0.96)]
     students = {
-        "manual": {"params": 50, "curve": curve},
-        "auto": {"params": 99, "curve": curve},
-        "scratch": {"params": 50, "curve": [(10, 0.5), (20, 0.8), (30, 0.9)]},
+        "manual": {"params": 50, "history": history(curve)},
+        "auto": {"params": 99, "history": history(curve, pruned_at=5)},
+        "scratch": {"params": 50, "history": history([(10, 0.5), (20, 0.8), (30, 0.9)])},
     }
     summary = demo.summarise(100, 0.97, students, settings)
     auto, manual = summary["students"]["auto"], summary["students"]["manual"]
@@ -44,6 +53,18 @@ def test_an_oversized_auto_student_gets_no_speed_up():
     assert "too big: n/a" in table.splitlines()[3]
     assert "auto: more than 60% of the teacher's parameters" in table
     assert "too big" not in table.splitlines()[2]
+
+
+def test_the_auto_student_counts_from_the_step_its_history_says_it_pruned():
+    settings = demo.DemoSettings(student_steps=30)
+    students = {
+        "manual": {"params": 50, "history": history([(10, 0.9), (20, 0.95), (30, 0.96)])},
+        "auto": {"params": 50, "history": history([(10, 0.95), (20, 0.95), (30, 0.96)], 12)},
+        "scratch": {"params": 50, "history": history([(10, 0.5), (20, 0.8), (30, 0.9)])},
+    }
+    auto = demo.summarise(100, 0.97, students, settings)["students"]["auto"]
+    assert auto["prune_step"] == 12 and auto["prune_reason"] == "the configured prune step 12"
+    assert auto["steps_to_scratch_top1"] == 20
 
 
 @pytest.mark.slow

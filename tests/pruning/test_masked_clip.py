@@ -44,7 +44,7 @@ def _set_masks(masked: MaskedCLIP, seed=2, empty_layers=True):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tower in (masked.visual_masks, masked.text_masks):
-            for mask in (tower.hidden, tower.head, tower.intermediate):
+            for mask in tower.masks():
                 mask.log_alpha.copy_(torch.randn(mask.log_alpha.shape, generator=g) * 3 + 1)
         if empty_layers:
             masked.text_masks.head.log_alpha[1] = -10.0
@@ -232,6 +232,73 @@ def test_pruned_model_equals_masked_model(config):
     assert compact.visual.conv1.weight.shape[0] == kept < 64
     n_compact = sum(p.numel() for p in compact.parameters())
     assert n_compact < sum(p.numel() for p in masked.model.parameters())
+
+
+def test_without_hidden_masks_only_heads_and_mlp_channels_are_learned():
+    masked = MaskedCLIP(_model(), mask_hidden=False).train()
+    names = [name for name, _ in masked.named_parameters() if name.endswith("log_alpha")]
+    assert names == [
+        f"{tower}_masks.{kind}.log_alpha"
+        for tower in ("visual", "text")
+        for kind in ("head", "intermediate")
+    ]
+    assert len(masked.mask_parameters()) == 4
+    for tower in (masked.visual_masks, masked.text_masks):
+        assert tower.masks() == [tower.head, tower.intermediate]
+        assert torch.equal(tower(torch.Generator().manual_seed(0))[0], torch.ones(64))
+        assert torch.equal(tower.probs().p_h, torch.ones(64))
+    # The clamp leaves the missing hidden masks alone.
+    masked.clamp_masks()
+
+
+def test_without_hidden_masks_the_train_forward_matches_float64_reference():
+    masked = MaskedCLIP(_model(), mask_hidden=False).double().train()
+    _set_masks(masked, seed=4)
+    masked.fix_mask_sample(11)
+    reference = copy.deepcopy(masked)
+    image, text = _inputs()
+    img, txt, scale = masked(image.double(), text)
+    ref_img, ref_txt = _ref_encode(reference, image.double(), text, seed=11)
+    assert rel_err(img, F.normalize(ref_img, dim=-1)) < 1e-10
+    assert rel_err(txt, F.normalize(ref_txt, dim=-1)) < 1e-10
+    (img.sum() + txt.sum() + scale).backward()
+    assert all(p.grad.abs().sum() > 0 for p in masked.mask_parameters())
+
+
+@pytest.mark.parametrize("config", [CONFIG, VARIANT], ids=["default", "variant"])
+def test_without_hidden_masks_the_pruned_model_equals_the_masked_model_at_full_width(config):
+    masked = MaskedCLIP(_model(config), mask_hidden=False).eval()
+    _set_masks(masked)
+    image, text = _inputs()
+    with torch.no_grad():
+        expected = masked(image, text)
+        compact = masked.prune().eval()
+        actual = compact(image, text)
+    for a, e in zip(actual, expected, strict=True):
+        assert rel_err(a, e) < 1e-5
+    assert compact.visual.conv1.weight.shape[0] == 64
+    assert compact.token_embedding.embedding_dim == 64
+    heads = [block.attn.num_heads for block in compact.transformer.resblocks]
+    assert heads == (masked.text_masks.head.deterministic() != 0).sum(1).tolist()
+    assert sum(p.numel() for p in compact.parameters()) < sum(
+        p.numel() for p in masked.model.parameters()
+    )
+
+
+def test_without_hidden_masks_the_expected_sparsity_counts_every_channel_kept():
+    # The sparsity of hidden masks that keep every channel for sure (p_h = 1).
+    without = MaskedCLIP(_model(), mask_hidden=False)
+    _set_masks(without, empty_layers=False)
+    with_hidden = MaskedCLIP(_model())
+    with_hidden.load_state_dict(without.state_dict(), strict=False)
+    with torch.no_grad():
+        for tower in (with_hidden.visual_masks, with_hidden.text_masks):
+            tower.hidden.log_alpha.fill_(50.0)
+            assert torch.equal(tower.hidden.prob_nonzero(), torch.ones(64))
+    expected = float(with_hidden.expected_sparsity().detach())
+    assert 0.05 < expected < 0.95
+    assert float(without.expected_sparsity().detach()) == pytest.approx(expected, rel=1e-6)
+    assert without.full_prunable_params() == with_hidden.full_prunable_params()
 
 
 def test_train_mode_samples_masks_and_reaches_log_alpha():

@@ -60,15 +60,16 @@ def test_holding_at_the_last_step_is_not_a_warning():
 
 
 def test_a_fixed_step_fires_there_whatever_the_sparsity():
-    trigger = PruneTrigger(0.5, 5, auto=False, warmup_steps=50)
+    trigger = PruneTrigger(0.5, 5, auto=False, warmup_steps=5)
     assert first_fire(trigger, [0.5] * 10) == 5
     assert trigger.reason == "the configured prune step 5" and trigger.warning is None
 
 
-def test_refuses_a_last_step_before_the_warmup_ends():
+@pytest.mark.parametrize("auto", [True, False])
+def test_refuses_a_last_step_before_the_warmup_ends(auto):
     with pytest.raises(ValueError, match="last prune step 9 comes before the sparsity target's "):
-        PruneTrigger(0.5, 9, warmup_steps=10)
-    PruneTrigger(0.5, 10, warmup_steps=10)
+        PruneTrigger(0.5, 9, auto=auto, warmup_steps=10)
+    PruneTrigger(0.5, 10, auto=auto, warmup_steps=10)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_refuses_a_last_step_before_the_warmup_ends():
         ({"last_step": 0}, "last prune step must be >= 1"),
         ({"tolerance": 0.0}, "tolerance must be in"),
         ({"tolerance": 1.0}, "tolerance must be in"),
-        ({"hold_steps": 0}, "hold steps must be >= 1"),
+        ({"hold_steps": 0}, "prune_hold_steps must be >= 1"),
     ],
 )
 def test_refuses_bad_settings(kwargs, message):
@@ -139,7 +140,7 @@ def test_prune_warning_lines():
     args = {"mask_steps": 3, "mask_lr": 0.02, "lagrangian_lr": 0.05}
     under = prune_warning(0, 0.01, 0.5, **args)
     assert under.startswith("warning: stage 0 pruned far below its target sparsity: ")
-    assert "3 steps at --mask-lr 0.02 and --lagrangian-lr 0.05" in under
+    assert "3 steps at optim.mask_lr 0.02 and optim.lagrangian_lr 0.05" in under
     over = prune_warning(1, 0.484, 0.25, **args)
     assert over.startswith("warning: stage 1 pruned above its target sparsity: expected 48.4% ")
     assert "of target 25.0%, more than 5.0% over" in over and "two_sided" in over

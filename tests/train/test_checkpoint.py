@@ -68,8 +68,8 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_training_state(foreign)
 
 
-def _prunable_masked() -> MaskedCLIP:
-    masked = MaskedCLIP(open_clip.model.CLIP(**CFG))
+def _prunable_masked(mask_hidden: bool = True) -> MaskedCLIP:
+    masked = MaskedCLIP(open_clip.model.CLIP(**CFG), mask_hidden=mask_hidden)
     with torch.no_grad():
         # Different log_alpha per entry: layers keep different numbers of heads/channels.
         for p in masked.mask_parameters():
@@ -77,10 +77,10 @@ def _prunable_masked() -> MaskedCLIP:
     return masked
 
 
-@pytest.mark.parametrize("kind", ["clip", "masked", "pruned"])
+@pytest.mark.parametrize("kind", ["clip", "masked", "masked_heads_and_mlp", "pruned"])
 def test_student_pack_unpack_is_exact(tmp_path, kind):
-    masked = _prunable_masked()
-    model = {"clip": masked.model, "masked": masked, "pruned": masked.prune()}[kind]
+    masked = _prunable_masked(mask_hidden=kind != "masked_heads_and_mlp")
+    model = {"clip": masked.model, "pruned": masked.prune()}.get(kind, masked)
     if kind == "pruned":
         widths = {b.mlp.c_fc.out_features for b in model.transformer.resblocks}
         assert isinstance(model.transformer.resblocks[0], CompactResidualBlock)
@@ -88,6 +88,8 @@ def test_student_pack_unpack_is_exact(tmp_path, kind):
     path = save_training_state(tmp_path / "c.pt", {"student": pack_student(model)})
     rebuilt = unpack_student(load_training_state(path)["student"])  # weights_only load
     assert type(rebuilt) is type(model)
+    if kind.startswith("masked"):
+        assert rebuilt.mask_hidden == (kind == "masked")
     assert [type(m) for m in rebuilt.modules()] == [type(m) for m in model.modules()]
     for (name, a), (_, b) in zip(
         model.state_dict().items(), rebuilt.state_dict().items(), strict=True

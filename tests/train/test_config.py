@@ -93,8 +93,42 @@ def test_no_hidden_defaults():
         (["stages.0.preset=nope"], "preset 'nope' is unknown; presets: ViT-"),
         (
             ['stages.0={"steps": 10, "sparsity": 0.5, "prune_step": 3, "sparsity_warmup": 5}'],
-            r"sparsity_warmup \(5\) must be in \[0, 3\]",
+            r"stages\[0\]: the last prune step 3 comes before the sparsity target's warm-up "
+            r"\(sparsity_warmup\) ends at step 5",
         ),
+        (
+            [
+                'stages.0={"steps": 60, "sparsity": 0.5, "prune_step": "auto", "prune_by": 10, '
+                '"sparsity_warmup": 20}'
+            ],
+            r"stages\[0\]: the last prune step 10 comes before the sparsity target's warm-up",
+        ),
+        (['stages.0={"steps": 10, "sparsity": 0.5, "prune_step": "soon"}'], "a step or auto"),
+        (['stages.0={"steps": 10, "sparsity": 0.5, "prune_step": 11}'], r"in \(0, 10\]"),
+        (
+            ['stages.0={"steps": 10, "sparsity": 0.5, "prune_step": 5, "prune_by": 8}'],
+            r"stages\[0\].prune_by is the bound of prune_step auto",
+        ),
+        (
+            ['stages.0={"steps": 10, "sparsity": 0.5, "prune_step": "auto", "prune_by": 11}'],
+            r"stages\[0\].prune_by must be in \(0, 10\]",
+        ),
+        (
+            [
+                'stages.0={"steps": 10, "sparsity": 0.5, "prune_step": "auto", '
+                '"sparsity_tolerance": 0}'
+            ],
+            r"stages\[0\]: sparsity_tolerance must be in \(0, 1\)",
+        ),
+        (
+            [
+                'stages.0={"steps": 10, "sparsity": 0.5, "prune_step": "auto", '
+                '"prune_hold_steps": 0}'
+            ],
+            r"stages\[0\]: prune_hold_steps must be >= 1",
+        ),
+        (["stages.0.prune_by=5"], "prune_step, prune_by and sparsity_warmup need sparsity"),
+        (["stages.0.sparsity_control=both"], r"stages\[0\].sparsity_control must be one of"),
         (["loss.contrastive_weight=1.5"], r"contrastive_weight must be in \[0.0, 1.0\]"),
         (["loss.contrastive_weight=NaN"], "contrastive_weight must be in"),
         (["loss.fixed_scale=0"], "fixed_scale must be a finite number > 0"),
@@ -127,6 +161,10 @@ def test_sparsity_warmup_default_fits_before_pruning():
     assert StageConfig(steps=9000, sparsity=0.5, prune_step=5000).target_warmup == 1000
     assert StageConfig(steps=80, sparsity=0.5).target_warmup == 40  # pruned at the end
     assert StageConfig(steps=9, sparsity=0.5, sparsity_warmup=9).target_warmup == 9
+    # Under prune_step auto the bound prune_by (or the stage's end) plays the prune step.
+    auto = StageConfig(steps=100, sparsity=0.5, prune_step="auto", prune_by=40)
+    assert (auto.mask_steps, auto.target_warmup) == (40, 20)
+    assert StageConfig(steps=100, sparsity=0.5, prune_step="auto").mask_steps == 100
 
 
 def test_every_setting_declares_its_help_and_defaults_live_in_the_dataclass():

@@ -121,6 +121,91 @@ def test_resume_after_interrupts_equals_uninterrupted_bitwise(tmp_path):
     assert full.stage_params[1] < full.stage_params[0]
 
 
+# An auto stage on the tiny teacher whose masks reach 30% and hold it within 2% for 3 steps
+# after about 20 steps (two-sided control, mask learning rate 0.2).
+HOLDING_STAGE = StageConfig(
+    steps=30, sparsity=0.3, prune_step="auto", sparsity_warmup=8, prune_hold_steps=3
+)
+HOLDING_OPTIM = OptimConfig(lr=1e-3, warmup_steps=2, mask_lr=0.2)
+
+
+def test_auto_prune_step_prunes_where_the_target_held_and_resumes_mid_hold_bitwise(tmp_path):
+    config = make_config(tmp_path / "a", [copy.deepcopy(HOLDING_STAGE)], optim=HOLDING_OPTIM)
+    config.eval.every = 1
+    full = run(config, evaluator=lambda model: 0.0)
+    (pruned,) = [h for h in full.history if h.get("event") == "pruned"]
+    at, tolerance = pruned["step"], HOLDING_STAGE.sparsity_tolerance
+    assert pruned["prune_reason"] == "auto: held within 2.0% of the target for 3 steps"
+    assert HOLDING_STAGE.sparsity_warmup <= at < HOLDING_STAGE.steps
+    assert abs(pruned["expected_sparsity"] - 0.3) <= tolerance and pruned["target_miss"] is None
+    # The expected sparsity the masks had at the steps before held too (the records of steps
+    # at-1 and at carry the sparsity the trigger saw at stage steps at-2 and at-1).
+    seen = {h["step"]: h["sparsity"] for h in full.history if "sparsity" in h}
+    assert all(abs(seen[step] - 0.3) <= tolerance for step in (at - 1, at))
+
+    # Cut one step before the prune: the trigger has seen one held step of three.
+    config = make_config(tmp_path / "b", [copy.deepcopy(HOLDING_STAGE)], optim=HOLDING_OPTIM)
+    config.eval.every = 1
+    assert run(config, evaluator=_interrupt_at_call(at - 1)).interrupted
+    state = load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)
+    assert state["prune_trigger"] == {"held": 1, "asked": at - 2}
+    config.resume = True
+    result = run(config, evaluator=lambda model: 0.0)
+    assert_same_weights(result.student, full.student)
+    assert losses(result.history) == losses(full.history)
+    assert [h for h in result.history if h.get("event") == "pruned"] == [pruned]
+    # After the prune the checkpoint keeps the step it happened at (the re-warm-up's start).
+    state = load_training_state(tmp_path / "b" / "run" / CHECKPOINT_NAME)
+    assert state["pruned_at"] == at and "prune_trigger" not in state
+
+
+def _two_stages(control, prune_steps):
+    """Targets 25% then 50% of the teacher's prunable parameters, 30 steps each."""
+    return [
+        StageConfig(
+            steps=30, sparsity=target, prune_step=prune, sparsity_warmup=8, sparsity_control=control
+        )
+        for target, prune in zip((0.25, 0.5), prune_steps, strict=True)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "control, prune_steps",
+    # The one-sided form crosses the tolerance band within a step on its way past the target:
+    # it ends near it only when pruned at a fixed step just as it gets there.
+    [("two_sided", ("auto", "auto")), ("one_sided", (26, 26))],
+)
+def test_two_auto_stages_each_end_within_the_tolerance_of_their_target(
+    tmp_path, capsys, control, prune_steps
+):
+    config = make_config(tmp_path, _two_stages(control, prune_steps), optim=HOLDING_OPTIM)
+    result = run(config)
+    pruned = [h for h in result.history if h.get("event") == "pruned"]
+    assert [h["target_sparsity"] for h in pruned] == [0.25, 0.5]
+    for record in pruned:
+        assert abs(record["expected_sparsity"] - record["target_sparsity"]) <= 0.02, record
+        assert record["target_miss"] is None
+    if control == "two_sided":
+        assert all(h["prune_reason"].startswith("auto: held") for h in pruned)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_one_sided_auto_overshoots_prunes_at_its_bound_and_says_so(tmp_path, capsys):
+    stage = StageConfig(
+        steps=30, sparsity=0.25, prune_step="auto", sparsity_warmup=8, sparsity_control="one_sided"
+    )
+    result = run(make_config(tmp_path, [stage], optim=HOLDING_OPTIM))
+    (pruned,) = [h for h in result.history if h.get("event") == "pruned"]
+    assert pruned["step"] == 30 and pruned["target_miss"] == "over"
+    assert pruned["prune_reason"] == "auto: the last allowed prune step 30"
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stage 0" in line]
+    assert lines[0].startswith("stage 0: pruned at step 30: expected sparsity ")
+    assert lines[0].endswith(" (auto: the last allowed prune step 30)")
+    assert lines[1].startswith("warning: stage 0: the expected sparsity did not hold within 2.0%")
+    assert lines[2].startswith("warning: stage 0 pruned above its target sparsity: expected ")
+
+
 def test_progressive_auto_stages_prune_further_each_stage(tmp_path):
     # docs/method.md §4: auto -> auto, targets as fractions of the ORIGINAL teacher's
     # prunable params.

@@ -87,13 +87,31 @@ def test_evaluation_metrics_dict_is_recorded_and_shown(tmp_path, capsys):
 def test_pruning_report_warns_far_below_the_target(tmp_path, capsys):
     output, _ = _output(tmp_path)
     stage = StageConfig(steps=4, sparsity=0.5)
+    reason = "the configured prune step 3"
     with output.open(0, None):
-        output.pruned(PruneReport(0.45, 1000, 600), stage, 0, 3)
-        output.pruned(PruneReport(0.1, 1000, 900), stage, 0, 3)
+        output.pruned(PruneReport(0.45, 1000, 600, 3, reason), stage, 0, 3)
+        output.pruned(PruneReport(0.1, 1000, 900, 3, reason), stage, 0, 3)
     said = capsys.readouterr().out
     assert "stage 0: pruned at step 3: expected sparsity 45.0% of target 50.0%" in said
+    assert said.count(f"params 1,000 -> 600 ({reason})\n") == 1
     assert said.count("warning: stage 0 pruned far below its target sparsity") == 1
     assert output.history[0]["event"] == "pruned" and output.history[0]["params_after"] == 600
+    assert [r["target_miss"] for r in output.history] == [None, "under"]
+    assert {r["prune_reason"] for r in output.history} == {reason}
+
+
+def test_pruning_report_warns_above_the_target_and_when_the_trigger_gave_up(tmp_path, capsys):
+    output, _ = _output(tmp_path)
+    stage = StageConfig(steps=60, sparsity=0.25, prune_step="auto", prune_by=40)
+    given_up = "the expected sparsity did not hold within 2.0% of its target"
+    with output.open(0, None):
+        report = PruneReport(0.484, 1000, 500, 40, "auto: the last allowed prune step 40", given_up)
+        output.pruned(report, stage, 0, 40)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(auto: the last allowed prune step 40)")
+    assert lines[1] == f"warning: stage 0: {given_up}"
+    assert lines[2].startswith("warning: stage 0 pruned above its target sparsity: expected 48.4%")
+    assert output.history[0]["target_miss"] == "over"
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,10 @@ def test_masked_stage_has_a_controller_and_its_optimizers(tmp_path):
         "controller",
         "mask_optimizer",
         "multiplier_optimizer",
+        "prune_trigger",
     }
-    assert [stage.prunes_at(s) for s in (7, 8, 9)] == [False, True, False]
+    assert [stage.prunes_at(s) for s in (6, 7, 8)] == [False, False, True]
+    assert stage.trigger.reason == "the configured prune step 8"
     plain = Stage.start(0, StageConfig(steps=20), copy.deepcopy(teacher), ctx)
     assert not plain.masked and set(plain.state_dicts()) == {"optimizer"}
     assert not plain.prunes_at(8)
@@ -64,6 +66,8 @@ def test_rate_ramps_up_again_over_at_most_a_quarter_of_the_steps_left(
     stage = Stage.start(0, spec, MaskedCLIP(copy.deepcopy(teacher)), ctx)
     optim = ctx.config.optim
     for step in range(steps):
+        if step == prune_step:
+            stage, _ = stage.prune(prune_step)
         expected = learning_rate(step, steps, optim, prune_step, rewarm)
         assert stage.set_learning_rate(step) == expected
         assert all(g["lr"] == expected for g in stage.optimizer.param_groups)
@@ -91,9 +95,12 @@ def test_pruning_reports_the_masks_and_carries_the_optimizer(tmp_path, at_end):
     ctx = _context(tmp_path, teacher)
     spec = StageConfig(steps=4, sparsity=0.5, prune_step=4 if at_end else 2)
     stage = Stage.start(0, spec, MaskedCLIP(copy.deepcopy(teacher)), ctx)
-    pruned, report = stage.prune_at_end() if at_end else stage.prune()
+    assert at_end or stage.prunes_at(2)
+    pruned, report = stage.prune_at_end() if at_end else stage.prune(2)
     assert not pruned.masked and pruned.index == 0
+    assert report.stage_step == (4 if at_end else 2) and report.warning is None
+    assert report.reason == f"the configured prune step {report.stage_step}"
     assert report.params_before > 0 and report.params_after > 0
     assert 0.0 <= report.expected_sparsity < 1.0
     assert (pruned.optimizer is None) == at_end
-    assert set(pruned.state_dicts()) == (set() if at_end else {"optimizer"})
+    assert set(pruned.state_dicts()) == (set() if at_end else {"optimizer", "pruned_at"})

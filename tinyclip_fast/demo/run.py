@@ -72,29 +72,23 @@ class DemoSettings:
     teacher_lr: float = 1e-3
     student_lr: float = 1e-3
     eval_points: int = 20  # evaluations per student run (the accuracy curve's resolution)
-    # Auto: 0.45 of the teacher's prunable parameters removed lands near the manual student's
-    # size (the one-sided penalty overshoots a little); masks learn for 30% of the steps,
-    # the target ramping over 80% of that.
-    auto_sparsity: float = 0.45
-    auto_prune_fraction: float = 0.3
-    auto_warmup_fraction: float = 0.8
+    # Auto, the recipe for short mask phases (docs/pruning-and-inheritance.md): half of the
+    # teacher's prunable parameters, heads and MLP channels only (no hidden-width masks), the
+    # target ramping over 20% of the steps, pruned once it held (prune_step auto) and by 40%
+    # of the steps at the latest; the two-sided control and the other settings are defaults.
+    auto_sparsity: float = 0.5
+    auto_warmup_fraction: float = 0.2
+    auto_prune_by_fraction: float = 0.4
     # The authors' 0.02 moves log_alpha over thousands of steps; the demo has tens.
     mask_lr: float = 0.25
-    lagrangian_lr: float = 0.05
 
     max_train_samples: int | None = None
     max_test_samples: int | None = None
 
-    @property
-    def prune_step(self) -> int:
-        """The step at which the automatic student is pruned to its final size."""
-        return max(1, int(self.student_steps * self.auto_prune_fraction))
-
     @classmethod
     def quick(cls) -> DemoSettings:
         """A smoke run of about a minute of CPU time: a shorter teacher, 30 steps per student
-        (too few for the automatic student's masks to reach their target: it stays large and
-        is credited with no speed-up)."""
+        (the automatic student's masks get 12 steps at most)."""
         return cls(
             teacher_steps=60,
             student_steps=30,
@@ -198,8 +192,10 @@ def student_stage(kind: str, settings: DemoSettings, model_cfg: dict[str, Any]) 
     return StageConfig(
         steps=steps,
         sparsity=settings.auto_sparsity,
-        prune_step=settings.prune_step,
-        sparsity_warmup=max(1, int(settings.prune_step * settings.auto_warmup_fraction)),
+        prune_step="auto",
+        prune_by=max(1, int(steps * settings.auto_prune_by_fraction)),
+        sparsity_warmup=max(1, int(steps * settings.auto_warmup_fraction)),
+        mask_hidden=False,
     )
 
 
@@ -215,8 +211,8 @@ def run_student(
     seed: int,
     device: torch.device,
     progress: bool,
-) -> tuple[nn.Module, list[tuple[int, float]]]:
-    """Distil one student with the engine; returns (student, accuracy curve)."""
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Distil one student with the engine; returns (student, the run's history)."""
     model_cfg = student_config(train.tokenizer.vocab_size, train.tokenizer.context_length)
     steps = settings.student_steps
     config = DistillConfig(
@@ -229,7 +225,6 @@ def run_student(
             prune_warmup_steps=max(1, steps // 10),
             weight_decay=0.1,
             mask_lr=settings.mask_lr,
-            lagrangian_lr=settings.lagrangian_lr,
         ),
         batch_size=settings.batch_size,
         precision="fp32",
@@ -252,7 +247,7 @@ def run_student(
         preprocess=tensor_preprocess,
         device=device,
     )
-    return result.student, accuracy_curve(result.history)
+    return result.student, result.history
 
 
 def summarise(
@@ -263,13 +258,13 @@ def summarise(
 ) -> dict[str, Any]:
     """summary.json: teacher and per-student params/top-1 and the speed-up measure.
 
-    The automatic student counts only from its prune step on: before it, the evaluated
-    model is the teacher-sized masked network, not the student. A student over the size
-    budget (an automatic one whose masks did not reach their target) is marked
-    ``within_budget: false`` and credited with no speed-up: a bigger model reaching the
-    scratch student's accuracy sooner shows nothing.
+    The automatic student counts only from its prune step (the history's pruned record) on:
+    before it, the evaluated model is the teacher-sized masked network, not the student. A
+    student over the size budget (an automatic one whose masks did not reach their target)
+    is marked ``within_budget: false`` and credited with no speed-up: a bigger model
+    reaching the scratch student's accuracy sooner shows nothing.
     """
-    scratch_final = students["scratch"]["curve"][-1][1]
+    scratch_final = accuracy_curve(students["scratch"]["history"])[-1][1]
     budget = MAX_STUDENT_FRACTION * teacher_params
     summary: dict[str, Any] = {
         "teacher": {"params": teacher_params, "top1": teacher_top1},
@@ -277,6 +272,7 @@ def summarise(
         "students": {},
     }
     for kind, info in students.items():
+        info = {**info, "curve": accuracy_curve(info["history"])}
         entry = {"params": info["params"], "top1": info["curve"][-1][1]}
         entry["within_budget"] = info["params"] <= budget
         if kind == "scratch":
@@ -284,8 +280,9 @@ def summarise(
         else:
             counted = info["curve"]
             if kind == "auto":
-                entry["prune_step"] = settings.prune_step
-                counted = [(step, top1) for step, top1 in counted if step >= settings.prune_step]
+                pruned = next(r for r in info["history"] if r.get("event") == "pruned")
+                entry["prune_step"], entry["prune_reason"] = pruned["step"], pruned["prune_reason"]
+                counted = [(step, top1) for step, top1 in counted if step >= pruned["step"]]
             reached = first_step_reaching(counted, scratch_final)
             entry["steps_to_scratch_top1"] = reached if entry["within_budget"] else None
         entry["curve"] = [[step, top1] for step, top1 in info["curve"]]
@@ -473,7 +470,7 @@ def _run(
     students = {}
     for kind in STUDENT_KINDS:
         print(f"student '{kind}': {STUDENT_KINDS[kind]}, {settings.student_steps} steps")
-        student, curve = run_student(
+        student, history = run_student(
             kind,
             teacher,
             train,
@@ -491,7 +488,7 @@ def _run(
                 f"warning: {kind} student has {params / teacher_params:.0%} of the teacher's "
                 f"parameters (budget {MAX_STUDENT_FRACTION:.0%})"
             )
-        students[kind] = {"params": params, "curve": curve}
+        students[kind] = {"params": params, "history": history}
     summary = summarise(teacher_params, teacher_top1, students, settings)
     summary["data"] = train.source
     summary["device"] = str(device)

@@ -12,11 +12,13 @@ mask z_int [layers, mlp_width]. They enter the forward pass as
     mlp = c_proj(GELU(c_fc(x)) * z_int[l]) * z_h
     features = LN_z(x) * z_h @ proj
 
-and every forward runs them as the compact model of the kept size (docs/method.md §8,
-``compact.py``): the mask sample is folded into gathered weights, so a masked step costs
-about what the pruned model's step costs. :meth:`MaskedCLIP.prune` is the same fold with the
-deterministic masks, kept: a compact open_clip CLIP with a different head count and MLP
-width in every layer.
+Without the hidden mask (``mask_hidden=False``) z_h = 1: every tower keeps its width and
+only heads and MLP channels are pruned (the recipe for short mask phases,
+docs/pruning-and-inheritance.md). Every forward runs the masks as the compact model of the
+kept size (docs/method.md §8, ``compact.py``): the mask sample is folded into gathered
+weights, so a masked step costs about what the pruned model's step costs.
+:meth:`MaskedCLIP.prune` is the same fold with the deterministic masks, kept: a compact
+open_clip CLIP with a different head count and MLP width in every layer.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ PAD_LOG_ALPHA = -30.0
 class TowerMasks(nn.Module):
     """The hidden, head and intermediate hard-concrete masks of one transformer tower.
 
+    Without ``mask_hidden`` there is no hidden mask: z_h = 1 and p_h = 1 (not learned).
+
     A pruned student has its own head count and MLP width per layer: the masks are
     [layers, max heads] / [layers, max MLP width] and the entries past a layer's size are
     padding, held at exactly 0 (log_alpha PAD_LOG_ALPHA, zero probability, never sampled).
@@ -70,13 +74,17 @@ class TowerMasks(nn.Module):
         layer_heads: list[int],
         layer_mlp: list[int],
         init_log_alpha: float,
+        mask_hidden: bool = True,
     ) -> None:
         super().__init__()
         self.width, self.head_width = width, head_width
         self.layer_heads, self.layer_mlp = list(layer_heads), list(layer_mlp)
         self.heads, self.mlp_width = max(max(layer_heads), 1), max(max(layer_mlp), 1)
         layers = len(layer_heads)
-        self.hidden = HardConcreteMask((width,), init_log_alpha=init_log_alpha)
+        self.hidden = None
+        if mask_hidden:
+            self.hidden = HardConcreteMask((width,), init_log_alpha=init_log_alpha)
+        self.register_buffer("hidden_ones", torch.ones(width), persistent=False)
         self.head = HardConcreteMask((layers, self.heads), init_log_alpha=init_log_alpha)
         self.intermediate = HardConcreteMask(
             (layers, self.mlp_width), init_log_alpha=init_log_alpha
@@ -104,7 +112,14 @@ class TowerMasks(nn.Module):
         if self.padded:
             z_head = z_head.masked_fill(~self.head_valid, 0.0)
             z_int = z_int.masked_fill(~self.int_valid, 0.0)
-        return self.hidden(generator), z_head, z_int
+        return self._z_hidden(generator), z_head, z_int
+
+    def _z_hidden(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.hidden_ones if self.hidden is None else self.hidden(generator)
+
+    def masks(self) -> list[HardConcreteMask]:
+        """The learned masks: (hidden,) head and intermediate."""
+        return [m for m in (self.hidden, self.head, self.intermediate) if m is not None]
 
     def probs(self, full: bool = False) -> TowerMaskProbs:
         """Non-zero probabilities (all ones on the real entries with ``full``) for sparsity.py.
@@ -113,12 +128,14 @@ class TowerMasks(nn.Module):
         4 hd (w + 1) / w for an inner attention width H hd = w. Pruned students' inner width
         differs from w, so p_head is rescaled by H hd / w to keep that per-pair cost.
         """
+        if full or self.hidden is None:
+            p_h = self.hidden_ones
+        else:
+            p_h = self.hidden.prob_nonzero()
         if full:
-            p_h = torch.ones_like(self.hidden.log_alpha)
             p_head = self.head_valid.to(p_h.dtype)
             p_int = self.int_valid.to(p_h.dtype)
         else:
-            p_h = self.hidden.prob_nonzero()
             p_head = self.head.prob_nonzero() * self.head_valid
             p_int = self.intermediate.prob_nonzero() * self.int_valid
         inner_ratio = self.heads * self.head_width / self.width
@@ -134,7 +151,7 @@ class TowerMasks(nn.Module):
 
 
 def _tower_masks(
-    blocks: nn.ModuleList, width: int, tower: str, init_log_alpha: float
+    blocks: nn.ModuleList, width: int, tower: str, init_log_alpha: float, mask_hidden: bool
 ) -> TowerMasks:
     """The masks of a tower of open_clip blocks or a pruned student's compact blocks."""
     if len(blocks) == 0:
@@ -158,6 +175,7 @@ def _tower_masks(
         [d["heads"] for d in dims],
         [d["mlp_width"] for d in dims],
         init_log_alpha,
+        mask_hidden,
     )
 
 
@@ -167,9 +185,12 @@ class MaskedCLIP(nn.Module):
     ``forward(image, text)`` returns what the wrapped CLIP returns; masks are sampled once per
     forward in train mode and deterministic in eval mode. The wrapped model's weights are
     shared, not copied; the mask parameters are ``*.log_alpha`` (see :meth:`mask_parameters`).
+    ``mask_hidden=False``: no hidden-width masks (z_h = 1), heads and MLP channels only.
     """
 
-    def __init__(self, model: nn.Module, init_log_alpha: float = 10.0) -> None:
+    def __init__(
+        self, model: nn.Module, init_log_alpha: float = 10.0, mask_hidden: bool = True
+    ) -> None:
         super().__init__()
         if type(model) is not open_clip.model.CLIP:
             raise TypeError(
@@ -186,14 +207,21 @@ class MaskedCLIP(nn.Module):
             raise ValueError("MaskedCLIP does not support the attentional pooler")
         if visual.output_tokens:
             raise ValueError("MaskedCLIP does not support output_tokens=True")
-        self.model = model
+        self.model, self.mask_hidden = model, mask_hidden
         self.visual_masks = _tower_masks(
-            visual.transformer.resblocks, visual.conv1.out_channels, "vision", init_log_alpha
+            visual.transformer.resblocks,
+            visual.conv1.out_channels,
+            "vision",
+            init_log_alpha,
+            mask_hidden,
         )
         self.text_masks = _tower_masks(
-            model.transformer.resblocks, model.token_embedding.embedding_dim, "text", init_log_alpha
+            model.transformer.resblocks,
+            model.token_embedding.embedding_dim,
+            "text",
+            init_log_alpha,
+            mask_hidden,
         )
-
         self.mask_seed: int | None = None
 
     def fix_mask_sample(self, seed: int | None) -> None:
@@ -230,7 +258,7 @@ class MaskedCLIP(nn.Module):
     def clamp_masks(self) -> None:
         """Clamp every log_alpha to its allowed range (call after each optimizer step)."""
         for tower in (self.visual_masks, self.text_masks):
-            for mask in (tower.hidden, tower.head, tower.intermediate):
+            for mask in tower.masks():
                 mask.clamp_()
             tower.repad()
 
@@ -369,7 +397,8 @@ def _deterministic(tower: TowerMasks) -> tuple[torch.Tensor, torch.Tensor, torch
     """(z_h, z_head, z_int) of eval mode, padding entries 0."""
     z_head = tower.head.deterministic().masked_fill(~tower.head_valid, 0.0)
     z_int = tower.intermediate.deterministic().masked_fill(~tower.int_valid, 0.0)
-    return tower.hidden.deterministic(), z_head, z_int
+    z_h = tower.hidden_ones if tower.hidden is None else tower.hidden.deterministic()
+    return z_h, z_head, z_int
 
 
 def _mask_pow(z: torch.Tensor, power: int) -> torch.Tensor:

@@ -48,16 +48,17 @@ class PruneTrigger:
     ) -> None:
         if last_step < 1:
             raise ValueError(f"the last prune step must be >= 1, got {last_step}")
+        if last_step < warmup_steps:
+            raise ValueError(
+                f"the last prune step {last_step} comes before the sparsity target's warm-up "
+                f"(sparsity_warmup) ends at step {warmup_steps}: the masks would be pruned "
+                "while the target still ramps up"
+            )
         if auto:
             if not 0 < tolerance < 1:
-                raise ValueError(f"the sparsity tolerance must be in (0, 1), got {tolerance}")
+                raise ValueError(f"sparsity_tolerance must be in (0, 1), got {tolerance}")
             if hold_steps < 1:
-                raise ValueError(f"the prune hold steps must be >= 1, got {hold_steps}")
-            if last_step < warmup_steps:
-                raise ValueError(
-                    f"the last prune step {last_step} comes before the sparsity target's "
-                    f"warm-up ends (step {warmup_steps}): the target could never be held"
-                )
+                raise ValueError(f"prune_hold_steps must be >= 1, got {hold_steps}")
         self.target, self.last_step, self.auto = target, last_step, auto
         self.tolerance, self.hold_steps, self.warmup_steps = tolerance, hold_steps, warmup_steps
         self.held = 0  # steps in a row, up to the last one asked, within the tolerance
@@ -125,14 +126,15 @@ def prune_warning(
     if miss == "under":
         return (
             f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
-            f"had {mask_steps} steps at --mask-lr {mask_lr:g} and --lagrangian-lr "
-            f"{lagrangian_lr:g}; raise these or --prune-step"
+            f"had {mask_steps} steps at optim.mask_lr {mask_lr:g} and optim.lagrangian_lr "
+            f"{lagrangian_lr:g}; raise these (--set), or prune later (--prune-step, or "
+            "prune_by under --prune-step auto)"
         )
     if miss == "over":
         return (
             f"warning: stage {stage_index} pruned above its target sparsity: expected "
             f"{expected:.1%} of target {target:.1%}, more than {margin:.1%} over; the masks "
             "moved past the target: use sparsity_control two_sided (it pulls them back), "
-            "--prune-step auto, or a lower --mask-lr"
+            "--prune-step auto, or a lower optim.mask_lr"
         )
     return None

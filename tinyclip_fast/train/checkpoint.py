@@ -37,9 +37,10 @@ class TrainingState:
     """Everything an exact resume restores, as written at ``stage_step`` of stage ``stage``
     (global ``step``). On disk it is a plain dict (``save_training_state``); the optional
     parts are absent from it when None: ``bad_samples`` without data.skip_bad_samples,
-    ``optimizer`` after a stage that pruned at its last step, the mask states outside an
-    automatic-inheritance stage before its pruning, ``teacher_fingerprints`` in checkpoints
-    written before they were stored (a resume then compares the teachers' file names)."""
+    ``optimizer`` after a stage that pruned at its last step, the mask and prune-trigger
+    states outside an automatic-inheritance stage before its pruning, ``pruned_at`` outside
+    one after it, ``teacher_fingerprints`` in checkpoints written before they were stored (a
+    resume then compares the teachers' file names)."""
 
     stage: int
     stage_step: int
@@ -56,6 +57,8 @@ class TrainingState:
     mask_optimizer: dict[str, Any] | None = None
     multiplier_optimizer: dict[str, Any] | None = None
     teacher_fingerprints: list[str] | None = None  # teacher_fingerprint of each, in order
+    prune_trigger: dict[str, Any] | None = None  # PruneTrigger state while masked
+    pruned_at: int | None = None  # the stage step its auto stage pruned at, after pruning
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically to ``path`` (see :func:`save_training_state`)."""
@@ -119,13 +122,16 @@ def pack_student(model: nn.Module) -> dict[str, Any]:
         # A pruned student whose layers happen to be uniform would rebuild with open_clip's
         # blocks (other attention kernels): bitwise resume needs the same module classes.
         config["open_clip_compatible"] = False
-    return {"config": json.dumps(config), "masked": masked, "state": state}
+    packed = {"config": json.dumps(config), "masked": masked, "state": state}
+    if masked:
+        packed["mask_hidden"] = model.mask_hidden
+    return packed
 
 
 def unpack_student(packed: dict[str, Any]) -> nn.Module:
     model = build_student(json.loads(packed["config"]))
     if packed["masked"]:
-        model = MaskedCLIP(model)
+        model = MaskedCLIP(model, mask_hidden=packed["mask_hidden"])
     model.load_state_dict(packed["state"])
     return model
 

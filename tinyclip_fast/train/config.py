@@ -27,18 +27,24 @@ from tinyclip_fast.train.config_io import (
     read_file,
     setting,
 )
+from tinyclip_fast.train.stage_config import StageConfig
 
-__all__ = ["MAX_TEACHERS", "DistillConfig", "apply_override", "from_dict", "load_config"]
+__all__ = [
+    "MAX_TEACHERS",
+    "DistillConfig",
+    "StageConfig",
+    "apply_override",
+    "from_dict",
+    "load_config",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "xformers")
 LOSS_KINDS = ("soft_ce", "kl", "mobileclip")
 LOSS_FAMILIES = ("softmax", "sigmoid")
-LAYER_SELECTIONS = ("every_k", "even")
 CACHE_DTYPE_NAMES = ("fp16", "bf16", "fp32")
 CAPTION_MODE_NAMES = ("all", "real", "synthetic")
 SYNTHETIC_SIZE = 10_000
-DEFAULT_SPARSITY_WARMUP = 1000  # the authors' ramp of the sparsity target
 
 
 @dataclass
@@ -76,136 +82,6 @@ class TeacherConfig:
         "null: the teacher's own logit_bias (SigLIP models have one; a softmax CLIP teacher "
         "has none: give one, e.g. -10)",
     )
-
-
-@dataclass
-class StageConfig:
-    """One stage of progressive distillation. Exactly one way to get the stage's student:
-
-    - ``preset`` or ``student_config``: manual inheritance from the teacher (docs/method.md §3a);
-    - ``sparsity``: automatic inheritance, masks learned towards the target then pruned
-      (docs/method.md §3b);
-    - ``from_scratch``: random init with ``preset``/``student_config``'s architecture;
-    - none of them: keep training the previous stage's student.
-    Later stages start from the previous stage's student, never the teacher; ``init`` instead.
-    """
-
-    steps: int = setting(1000, flag=True, help="training steps of the stage")
-    preset: str | None = setting(
-        None,
-        flag=True,
-        metavar="NAME",
-        help="manual inheritance to a released architecture, e.g. ViT-40M-32-Text-19M, "
-        "ViT-61M-32-Text-29M, ViT-8M-16-Text-3M (tinyclip_fast.inheritance.presets.PRESETS)",
-    )
-    student_config: dict[str, Any] | None = setting(
-        None,
-        flag=True,
-        metavar="FILE",
-        help="manual inheritance to an open_clip model config (embed_dim, vision_cfg, "
-        "text_cfg); the flag reads it from a JSON file",
-    )
-    layer_selection: str = setting(
-        "every_k",
-        choices=LAYER_SELECTIONS,
-        help="manual inheritance: teacher layer i*k (the authors') or evenly spread",
-    )
-    sparsity: float | None = setting(
-        None,
-        flag=True,
-        metavar="S",
-        help="automatic inheritance: learn masks until S of the ORIGINAL (teacher-sized) "
-        "prunable parameters are gone, then prune (0.25 -> 0.5 -> 0.75 in the authors' recipe)",
-    )
-    sparsity_warmup: int | None = setting(
-        None,
-        help="steps over which the sparsity target ramps from 0 to S, at most the steps before "
-        f"pruning; null: {DEFAULT_SPARSITY_WARMUP} (the authors'), at most half the steps "
-        "before pruning (the masks need time at the target)",
-    )
-    prune_step: int | None = setting(
-        None,
-        flag=True,
-        metavar="K",
-        help="automatic inheritance: prune after K steps of the stage; null: at its end",
-    )
-    from_scratch: bool = setting(
-        False,
-        flag=True,
-        help="random init with preset/student_config's architecture (a baseline)",
-    )
-    init: str | None = setting(
-        None,
-        flag=True,
-        metavar="hf:DIR|DIR",
-        help=f"start from {HF_PREFIX}DIR (a transformers CLIPModel folder: a released TinyCLIP "
-        "model) or a student folder, not the previous stage's student (stage 0: the teacher); "
-        "trained on, or what preset/student_config/sparsity inherit from",
-    )
-
-    @property
-    def kind(self) -> str:
-        """``"manual"``, ``"auto"``, ``"scratch"`` or ``"continue"``."""
-        if self.from_scratch:
-            return "scratch"
-        if self.sparsity is not None:
-            return "auto"
-        if self.preset is not None or self.student_config is not None:
-            return "manual"
-        return "continue"
-
-    @property
-    def mask_steps(self) -> int:
-        """Steps of mask learning before an auto stage prunes."""
-        return self.steps if self.prune_step is None else self.prune_step
-
-    @property
-    def target_warmup(self) -> int:
-        """The sparsity target's ramp (``sparsity_warmup``, or its default)."""
-        if self.sparsity_warmup is not None:
-            return self.sparsity_warmup
-        return min(DEFAULT_SPARSITY_WARMUP, max(1, self.mask_steps // 2))
-
-    def validate(self, index: int) -> None:
-        where = f"stages[{index}]"
-        if self.steps <= 0:
-            raise ValueError(f"{where}.steps must be > 0, got {self.steps}")
-        if self.sparsity is not None:
-            if not 0.0 <= self.sparsity < 1.0:
-                raise ValueError(f"{where}.sparsity must be in [0, 1), got {self.sparsity}")
-            if self.preset is not None or self.student_config is not None or self.from_scratch:
-                raise ValueError(f"{where}: sparsity (auto) excludes preset/student_config/scratch")
-            if self.prune_step is not None and not 0 < self.prune_step <= self.steps:
-                raise ValueError(
-                    f"{where}.prune_step must be in (0, steps={self.steps}], got {self.prune_step}"
-                )
-            if self.sparsity_warmup is not None and not 0 <= self.sparsity_warmup <= (
-                self.mask_steps
-            ):
-                raise ValueError(
-                    f"{where}.sparsity_warmup ({self.sparsity_warmup}) must be in [0, "
-                    f"{self.mask_steps}], the steps before pruning: the target would still be "
-                    "ramping up when the masks are pruned"
-                )
-        elif self.prune_step is not None or self.sparsity_warmup is not None:
-            raise ValueError(
-                f"{where}: prune_step and sparsity_warmup need sparsity (automatic inheritance)"
-            )
-        if self.preset is not None and self.student_config is not None:
-            raise ValueError(f"{where}: give preset or student_config, not both")
-        if self.preset is not None:
-            from tinyclip_fast.inheritance.presets import PRESETS
-
-            if self.preset not in PRESETS:
-                raise ValueError(
-                    f"{where}.preset {self.preset!r} is unknown; presets: {', '.join(PRESETS)}"
-                )
-        if self.from_scratch and self.preset is None and self.student_config is None:
-            raise ValueError(f"{where}: from_scratch needs preset or student_config")
-        if self.init is not None and self.from_scratch:
-            raise ValueError(f"{where}: from_scratch starts from random weights, not init")
-        if self.init is not None and not Path(self.init.removeprefix(HF_PREFIX)).is_dir():
-            raise FileNotFoundError(f"{where}.init: no model folder {self.init}")
 
 
 @dataclass
@@ -408,9 +284,9 @@ class OptimConfig:
     mask_lr: float = setting(
         0.02,
         help="auto stages: AdamW rate of the masks' log_alpha (which start at 10), no weight "
-        "decay; with the default rates the masks reach the target given 200 or more steps "
-        "before pruning (demo teacher: 51% of a 50% target at 200 steps, 3% at 100); tens of "
-        "steps need about 0.25 and lagrangian_lr 0.05",
+        "decay; the default suits hundreds of mask-learning steps; a mask phase of tens of "
+        "steps needs about 0.25 (docs/pruning-and-inheritance.md: the recipe for short mask "
+        "phases)",
     )
     lagrangian_lr: float = setting(
         0.02, help="auto stages: rate of the sparsity Lagrangian's multipliers (gradient ascent)"

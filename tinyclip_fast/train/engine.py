@@ -85,8 +85,9 @@ class DistillResult:
     history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
         "bad_samples"]} every log_every steps, {"step", "stage", METRIC: value...} after
         every evaluation ("top1" for zero-shot, the recall@k of retrieval), and {"step",
-        "stage", "event": "pruned", "expected_sparsity", "target_sparsity", "params_before",
-        "params_after"} when an auto stage prunes.
+        "stage", "event": "pruned", "expected_sparsity", "target_sparsity", "target_miss",
+        "prune_reason", "params_before", "params_after"} when an auto stage prunes
+        (target_miss: "under", "over" or None).
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -436,7 +437,9 @@ def _start_stage(
     if stage_step > 0:
         model = student  # the checkpoint holds the stage's model in training
     elif index == 0 and student is not None and spec.kind != "continue":
-        model = MaskedCLIP(student) if spec.kind == "auto" else student
+        model = (
+            MaskedCLIP(student, mask_hidden=spec.mask_hidden) if spec.kind == "auto" else student
+        )
     else:
         model = stage_student(spec, run.ctx.teacher, student, config.seed)
     loss = config.loss
@@ -490,7 +493,7 @@ def _train_stage(
     output.start_timing()
     while stage_step < spec.steps:
         if stage.prunes_at(stage_step):
-            stage, report = stage.prune()
+            stage, report = stage.prune(stage_step)
             output.pruned(report, spec, index, step)
         lr = stage.set_learning_rate(stage_step)
         batch = {k: v.to(run.ctx.device, non_blocking=True) for k, v in next(loader).items()}
@@ -517,7 +520,7 @@ def _train_stage(
         if config.save_every and step % config.save_every == 0 and stage_step < spec.steps:
             with output.untimed():
                 run.save(stage, stage_step, step)
-    if stage.masked:  # prune_step == steps: prune at the end of the stage, nothing to carry
+    if stage.masked:  # the trigger's last step is the stage's: prune, nothing to carry
         stage, report = stage.prune_at_end()
         output.pruned(report, spec, index, step)
     return stage, step, False

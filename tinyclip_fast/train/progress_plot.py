@@ -1,5 +1,6 @@
 """The run folder's ``progress.png``: the training loss and the evaluation metrics (zero-shot
-top-1, or retrieval recalls) against steps, redrawn after each evaluation (metrics.jsonl stays the machine-readable record)."""
+top-1, or retrieval recalls) against steps, redrawn after each evaluation (metrics.jsonl stays
+the machine-readable record)."""
 
 from __future__ import annotations
 

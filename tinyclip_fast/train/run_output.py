@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tinyclip_fast.pruning.policy import prune_warning, target_miss
 from tinyclip_fast.train.config import DistillConfig, StageConfig
 from tinyclip_fast.train.evaluation import Evaluator
 from tinyclip_fast.train.progress_plot import draw_progress
@@ -22,8 +23,6 @@ from tinyclip_fast.train.run_folder import PLOT_NAME
 from tinyclip_fast.train.runtime import MetricsLog
 from tinyclip_fast.train.stage import PruneReport
 
-# An auto stage that pruned at less than this share of its target gets a warning line.
-FAR_BELOW_TARGET = 0.8
 METRIC_NAMES = {"top1": "zero-shot top-1"}  # how a run's line names an evaluation metric
 
 
@@ -147,34 +146,40 @@ class RunOutput:
             self.say(f"no {PLOT_NAME}: matplotlib is not installed (metrics.jsonl has the record)")
 
     def pruned(self, report: PruneReport, stage: StageConfig, stage_index: int, step: int) -> None:
-        """Say (and record) how far the masks of an auto stage got when it pruned."""
-        expected, before, after = (
-            report.expected_sparsity,
-            report.params_before,
-            report.params_after,
-        )
+        """Say (and record) how far the masks of an auto stage got when it pruned, how the
+        step was chosen, and a warning when the trigger gave up or the target was missed."""
+        expected, target = report.expected_sparsity, stage.sparsity
         self.record(
             {
                 "step": step,
                 "stage": stage_index,
                 "event": "pruned",
                 "expected_sparsity": expected,
-                "target_sparsity": stage.sparsity,
-                "params_before": before,
-                "params_after": after,
+                "target_sparsity": target,
+                "target_miss": target_miss(expected, target),
+                "prune_reason": report.reason,
+                "params_before": report.params_before,
+                "params_after": report.params_after,
             }
         )
         self.say(
             f"stage {stage_index}: pruned at step {step}: expected sparsity {expected:.1%} of "
-            f"target {stage.sparsity:.1%}, params {before:,} -> {after:,}"
+            f"target {target:.1%}, params {report.params_before:,} -> {report.params_after:,} "
+            f"({report.reason})"
         )
-        if expected < FAR_BELOW_TARGET * stage.sparsity:
-            optim = self.config.optim
-            self.say(
-                f"warning: stage {stage_index} pruned far below its target sparsity: the masks "
-                f"had {stage.mask_steps} steps at optim.mask_lr {optim.mask_lr:g} and "
-                f"optim.lagrangian_lr {optim.lagrangian_lr:g}; raise these (--set) or --prune-step"
-            )
+        if report.warning is not None:
+            self.say(f"warning: stage {stage_index}: {report.warning}")
+        optim = self.config.optim
+        warning = prune_warning(
+            stage_index,
+            expected,
+            target,
+            mask_steps=report.stage_step,
+            mask_lr=optim.mask_lr,
+            lagrangian_lr=optim.lagrangian_lr,
+        )
+        if warning is not None:
+            self.say(warning)
 
     def non_finite_message(
         self, value: float, step: int, stage_index: int, checkpoint_step: int | None, path: Path

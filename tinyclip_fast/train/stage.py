@@ -1,14 +1,16 @@
 """One stage of a run: the model it trains and everything that updates it.
 
-A :class:`Stage` owns the model (a CLIP, or a MaskedCLIP until an automatic-inheritance stage
-prunes), its AdamW, and for a MaskedCLIP the sparsity controller with the mask and
+A :class:`Stage` owns the model (a CLIP, or a MaskedCLIP until an automatic-inheritance
+stage prunes), its AdamW, and for a MaskedCLIP the sparsity controller with the mask and
 Lagrange-multiplier optimizers (docs/method.md §3b). It knows how to run the forward and
 backward of a batch (train/step.py), add the sparsity penalty, step the optimizers (clip,
-GradScaler step, zero grads, clamps) and prune itself: the compact student's optimizer keeps
-the AdamW moments of the kept channels and the learning rate ramps up again. Hard-concrete
-masks are drawn from a generator seeded by the step (``MaskedCLIP.fix_mask_sample``): every
-micro-batch, both GradCache passes and every DDP rank use one mask sample per step, as one
-forward over the whole batch would.
+GradScaler step, zero grads, clamps) and prune itself when its :class:`PruneTrigger` fires
+(fed the masks' expected sparsity in the original teacher's frame at the top of every step):
+the compact student's optimizer keeps the AdamW moments of the kept channels and the
+learning rate ramps up again from that step. Hard-concrete masks are drawn from a generator
+seeded by the step (``MaskedCLIP.fix_mask_sample``): every micro-batch, both GradCache
+passes and every DDP rank use one mask sample per step, as one forward over the whole batch
+would.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
+from tinyclip_fast.pruning.policy import PruneTrigger
 from tinyclip_fast.pruning.sparsity import SparsityController
 from tinyclip_fast.train.checkpoint import TrainingState
 from tinyclip_fast.train.config import DistillConfig, StageConfig
@@ -81,11 +84,15 @@ class StageContext:
 
 @dataclass
 class PruneReport:
-    """How far the masks of a stage got when it pruned (fractions of the original teacher)."""
+    """How far the masks of a stage got when it pruned (fractions of the original teacher),
+    at which stage step, and how the trigger chose it (its reason, and its warning if any)."""
 
     expected_sparsity: float
     params_before: int
     params_after: int
+    stage_step: int
+    reason: str
+    warning: str | None = None
 
 
 class Stage:
@@ -104,12 +111,12 @@ class Stage:
         self.controller: SparsityController | None = None
         self.mask_optimizer: torch.optim.Optimizer | None = None
         self.multiplier_optimizer: torch.optim.Optimizer | None = None
+        self.trigger: PruneTrigger | None = None  # a MaskedCLIP's, until it fires
         self.wrapped = model
-        # The learning rate ramps up again from the step an auto stage prunes at.
-        self.pruned_at = spec.mask_steps if spec.kind == "auto" else None
-        self.rewarm = None
-        if self.pruned_at is not None:
-            self.rewarm = rewarm_steps(ctx.config.optim, spec.steps, self.pruned_at)
+        # The learning rate ramps up again from the step an auto stage pruned at (None: not
+        # pruned yet; the rate before pruning does not depend on when it will).
+        self.pruned_at: int | None = None
+        self.rewarm: int | None = None
 
     @classmethod
     def start(cls, index: int, spec: StageConfig, model: nn.Module, ctx: StageContext) -> Stage:
@@ -122,12 +129,13 @@ class Stage:
         if stage.masked:
             optim = ctx.config.optim
             target = relative_sparsity(spec, model, ctx.teacher)
-            stage.controller = SparsityController(target, warmup_steps=spec.target_warmup).to(
-                ctx.device
-            )
+            stage.controller = SparsityController(
+                target, warmup_steps=spec.target_warmup, control=spec.sparsity_control
+            ).to(ctx.device)
             stage.mask_optimizer, stage.multiplier_optimizer = stage.controller.build_optimizers(
                 model.mask_parameters(), optim.mask_lr, optim.lagrangian_lr
             )
+            stage.trigger = spec.prune_trigger()
         stage.wrapped = ctx.wrap(model)
         return stage
 
@@ -136,8 +144,17 @@ class Stage:
         return isinstance(self.model, MaskedCLIP)
 
     def prunes_at(self, stage_step: int) -> bool:
-        """Whether the masks turn into a compact student before step ``stage_step``."""
-        return self.masked and stage_step == self.spec.mask_steps
+        """Whether the masks turn into a compact student before step ``stage_step``: the
+        trigger's decision on the masks' expected sparsity now (asked once per step)."""
+        if not self.masked:
+            return False
+        sparsity = sparsity_of_teacher(self.model, self.ctx.teacher_prunable)
+        return self.trigger.should_prune(stage_step, sparsity)
+
+    def set_pruned_at(self, stage_step: int) -> None:
+        """The rate ramps up again from ``stage_step``, where the stage pruned."""
+        self.pruned_at = stage_step
+        self.rewarm = rewarm_steps(self.ctx.config.optim, self.spec.steps, stage_step)
 
     def set_learning_rate(self, stage_step: int) -> float:
         """The schedule's rate at ``stage_step``, set on the AdamW; returns it."""
@@ -201,24 +218,32 @@ class Stage:
             if self.masked:
                 self.model.clamp_masks()
 
-    def prune(self) -> tuple[Stage, PruneReport]:
-        """The stage continued on the compact student: a fresh AdamW carrying the moments of
-        the kept channels."""
-        compact, report = self._compact()
+    def prune(self, stage_step: int) -> tuple[Stage, PruneReport]:
+        """The stage continued on the compact student from ``stage_step`` (where the trigger
+        fired): a fresh AdamW carrying the moments of the kept channels."""
+        compact, report = self._compact(stage_step)
         pruned = Stage.start(self.index, self.spec, compact, self.ctx)
+        pruned.set_pruned_at(stage_step)
         carry_optimizer_state(self.model, self.optimizer, pruned.model, pruned.optimizer)
         return pruned, report
 
     def prune_at_end(self) -> tuple[Stage, PruneReport]:
-        """The finished stage's compact student, with no optimizer state to carry."""
-        compact, report = self._compact()
+        """The finished stage's compact student, with no optimizer state to carry (the
+        trigger's last step is the stage's last)."""
+        end = self.spec.steps
+        self.prunes_at(end)  # the trigger's last step: it fires, and says why
+        compact, report = self._compact(end)
         return Stage(self.index, self.spec, compact, self.ctx), report
 
-    def _compact(self) -> tuple[nn.Module, PruneReport]:
+    def _compact(self, stage_step: int) -> tuple[nn.Module, PruneReport]:
         expected = sparsity_of_teacher(self.model, self.ctx.teacher_prunable)
         before = count_parameters(self.model.model)
         compact = self.model.prune()
-        return compact, PruneReport(expected, before, count_parameters(compact))
+        trigger = self.trigger
+        report = PruneReport(
+            expected, before, count_parameters(compact), stage_step, trigger.reason, trigger.warning
+        )
+        return compact, report
 
     def state_dicts(self) -> dict[str, Any]:
         """The optimizer (and mask) states a checkpoint keeps (TrainingState fields)."""
@@ -229,6 +254,9 @@ class Stage:
             states["controller"] = self.controller.state_dict()
             states["mask_optimizer"] = self.mask_optimizer.state_dict()
             states["multiplier_optimizer"] = self.multiplier_optimizer.state_dict()
+            states["prune_trigger"] = self.trigger.state_dict()
+        if self.pruned_at is not None:
+            states["pruned_at"] = self.pruned_at
         return states
 
     def load_state_dicts(self, state: TrainingState) -> None:
@@ -238,3 +266,6 @@ class Stage:
             self.controller.load_state_dict(state.controller)
             self.mask_optimizer.load_state_dict(state.mask_optimizer)
             self.multiplier_optimizer.load_state_dict(state.multiplier_optimizer)
+            self.trigger.load_state_dict(state.prune_trigger)
+        if state.pruned_at is not None:
+            self.set_pruned_at(state.pruned_at)

@@ -39,7 +39,7 @@ def stage_student(
         return previous
     if stage.kind == "auto":
         base = copy.deepcopy(source).requires_grad_(True)
-        return MaskedCLIP(base)
+        return MaskedCLIP(base, mask_hidden=stage.mask_hidden)
     model_cfg = preset_config(stage.preset) if stage.preset else copy.deepcopy(stage.student_config)
     if stage.kind == "scratch":
         # Seeded apart from the run's RNG stream, so a scratch student is the same model
