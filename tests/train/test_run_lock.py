@@ -41,6 +41,7 @@ def write_lock(folder, **fields):
 
 
 def test_the_lock_file_names_this_process_and_goes_away_at_the_end(tmp_path):
+    (tmp_path / "run").mkdir()
     with RunLock(tmp_path / "run") as lock:
         holder = json.loads((tmp_path / "run" / LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -48,6 +49,15 @@ def test_the_lock_file_names_this_process_and_goes_away_at_the_end(tmp_path):
         assert lock.holder == LockHolder(**holder)
     assert not (tmp_path / "run" / LOCK_NAME).exists()
     assert os.listdir(tmp_path / "run") == []
+
+
+def test_a_folder_the_lock_made_is_removed_when_left_empty(tmp_path):
+    with RunLock(tmp_path / "new"):
+        assert (tmp_path / "new").is_dir()
+    assert not (tmp_path / "new").exists()
+    with RunLock(tmp_path / "kept"):
+        (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")
+    assert os.listdir(tmp_path / "kept") == ["metrics.jsonl"]
 
 
 def test_a_second_lock_on_the_same_folder_is_refused_naming_the_holder(tmp_path):

@@ -12,6 +12,7 @@ MLP width in every layer, load with :func:`load_student`. The ``"hf"`` format
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ def check_export_format(format: str) -> None:
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown student format {format!r}; formats: {', '.join(EXPORT_FORMATS)}")
     if format == "hf":
-        from tinyclip_fast.inheritance import hf  # noqa: F401
+        importlib.import_module("tinyclip_fast.inheritance.hf")
 
 
 def save_student(

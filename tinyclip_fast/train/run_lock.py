@@ -90,11 +90,13 @@ class RunLock:
         self.path = self.out_dir / LOCK_NAME
         self.report = report if report is not None else _to_stderr
         self.holder: LockHolder | None = None
+        self.made_folder = False  # a folder this lock created is removed again when left empty
 
     def acquire(self) -> RunLock:
         """Create the lock file or raise :class:`RunFolderLocked` naming its holder."""
         if self.holder is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
+        self.made_folder = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         mine = LockHolder.this_process()
         while not self._create(mine):
@@ -116,6 +118,8 @@ class RunLock:
         if self.holder is not None:
             self._remove_if(self.holder)
             self.holder = None
+            if self.made_folder and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()  # a start that failed leaves no empty run folder behind
 
     def __enter__(self) -> RunLock:
         return self.acquire()
