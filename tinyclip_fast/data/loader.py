@@ -74,16 +74,28 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack tensor fields, turn int fields (index, label) into a LongTensor."""
+    """Stack tensor fields, turn int fields (index, label) into a LongTensor. Images of
+    different sizes (the uint8 crops of data/decode.py) are zero-padded at the bottom and
+    right to the largest; each sample's ``image_size`` says what it holds."""
     batch = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]
-        batch[key] = (
-            torch.stack(values)
-            if isinstance(values[0], torch.Tensor)
-            else torch.tensor(values, dtype=torch.long)
-        )
+        if not isinstance(values[0], torch.Tensor):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif len({value.shape for value in values}) > 1:
+            batch[key] = _pad_stack(values)
+        else:
+            batch[key] = torch.stack(values)
     return batch
+
+
+def _pad_stack(values: list[torch.Tensor]) -> torch.Tensor:
+    height = max(value.shape[-2] for value in values)
+    width = max(value.shape[-1] for value in values)
+    out = values[0].new_zeros((len(values), *values[0].shape[:-2], height, width))
+    for slot, value in zip(out, values, strict=True):
+        slot[..., : value.shape[-2], : value.shape[-1]] = value
+    return out
 
 
 class BadSampleLog:

@@ -1,0 +1,203 @@
+"""The CPU half of the split image pipeline: encoded bytes in, a uint8 crop and its recorded
+augmentation out; data/device_augment.py does the rest on the training device.
+
+open_clip's training transform spends most of its CPU time resizing and converting floats
+(PIL decode ~1.3 ms, bicubic RandomResizedCrop ~2.3 ms, ToTensor + Normalize ~0.9 ms for a
+341x256 JPEG). Here a loader worker only decodes and cuts the crop out:
+
+1. The header (PIL, no pixels decoded) gives the format, mode, size and EXIF orientation;
+   the crop is drawn on the upright size by :meth:`AugmentRecipe.sample` (open_clip's
+   RandomResizedCrop, every parameter recorded), or replayed from given parameters.
+2. Decode, by the cheapest route that keeps data/images.py's faithful-RGB rules:
+   - a JPEG whose crop is at least twice the output size on both sides: PIL with ``draft``
+     (libjpeg's DCT scaling by 1/2, 1/4 or 1/8: fewer pixels decoded), the crop box scaled;
+   - other RGB or grayscale JPEGs with ``decode="tensor"``: ``torchvision.io.decode_jpeg``
+     (libjpeg-turbo, EXIF orientation applied), then the crop is a slice;
+   - everything else (CMYK, PNG of any mode, WebP, ``decode="pil"``): PIL and
+     :func:`to_rgb`, then the crop.
+3. A crop larger than :func:`crop_bound` on a side (only non-JPEGs, or JPEGs over 8x the
+   bound) is downscaled on the CPU to fit it, aspect kept: a batch is padded to its largest
+   crop, and the bound keeps that below 2 x (output side) x (widest aspect ratio) per side.
+
+The sample's ``image`` is that uint8 crop [3, h, w]; ``image_size`` its (h, w); ``aug_*``
+fields hold the rest of the parameters as tensors (see :func:`encode_params`), so the
+loader's collate stacks them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+
+from tinyclip_fast.data.augment import (
+    INTERPOLATIONS,
+    JITTER_OPS,
+    RAND_AUGMENT_OPS,
+    AugmentRecipe,
+    Params,
+    check_crop,
+)
+from tinyclip_fast.data.images import orientation, to_rgb
+
+DECODERS = ("pil", "tensor")
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_DRAFT_FACTORS = (8, 4, 2)
+
+
+def crop_bound(recipe: AugmentRecipe) -> int:
+    """The largest crop side handed to the device: twice the output side times the widest
+    aspect ratio a crop may have, so a JPEG that libjpeg cannot halve always fits."""
+    skew = max(recipe.ratio[1], 1.0 / recipe.ratio[0], 1.0)
+    return math.ceil(2 * max(recipe.size) * skew)
+
+
+@dataclass(frozen=True)
+class CropDecoder:
+    """``decoder(source) -> sample fields``: ``source`` is a path or encoded bytes; with
+    ``params`` (a recorded augmentation) the crop is replayed instead of drawn. ``decode``:
+    "tensor" decodes RGB/grayscale JPEGs with torchvision.io, "pil" uses PIL for all."""
+
+    recipe: AugmentRecipe
+    decode: str = "tensor"
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODERS:
+            raise ValueError(f"decode must be one of {DECODERS}, got {self.decode!r}")
+
+    def __call__(self, source: str | Path | bytes, params: Params | None = None) -> dict[str, Any]:
+        crop, params = self.crop(source, params)
+        return {"image": crop, **encode_params(self.recipe, params, crop)}
+
+    def crop(
+        self, source: str | Path | bytes, params: Params | None = None
+    ) -> tuple[torch.Tensor, Params]:
+        """The uint8 crop [3, h, w] (h, w <= :func:`crop_bound`) and its parameters."""
+        from PIL import Image
+
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            turned = orientation(image) in _TRANSPOSED
+            width, height = image.size[::-1] if turned else image.size
+            drawn = params is None
+            if drawn:
+                # The global stream, as open_clip's transform draws (seeded per worker).
+                params = self.recipe.sample(height, width, torch.default_generator)
+            box = check_crop(params["crop"], height, width)
+            factor = self._draft_factor(image.format, box, height, width, drawn)
+            if factor > 1:
+                box = _snap(box, factor, height, width)
+                params = {**params, "crop": list(box)}
+            if factor == 1 and self._tensor_route(image):
+                crop = _jpeg_crop(data, box)
+            else:
+                crop = _pil_crop(image, box, factor)
+        return _bounded(crop, crop_bound(self.recipe), self.recipe.interpolation), params
+
+    def _tensor_route(self, image: Any) -> bool:
+        return self.decode == "tensor" and image.format == "JPEG" and image.mode in ("RGB", "L")
+
+    def _draft_factor(
+        self,
+        image_format: str | None,
+        box: tuple[int, int, int, int],
+        height: int,
+        width: int,
+        drawn: bool,
+    ) -> int:
+        # A drawn crop is snapped to the DCT grid (its record says so); a replayed one is
+        # decoded at full size unless it already lies on the grid.
+        if image_format != "JPEG":
+            return 1
+        out_h, out_w = self.recipe.size
+        for factor in _DRAFT_FACTORS:
+            big = box[2] >= factor * out_h and box[3] >= factor * out_w
+            if big and (drawn or _snap(box, factor, height, width) == box):
+                return factor
+        return 1
+
+
+def encode_params(recipe: AugmentRecipe, params: Params, crop: torch.Tensor) -> dict[str, Any]:
+    """The parameters after the crop as tensors: ``image_size`` (h, w of ``crop``),
+    ``aug_flip`` / ``aug_gray`` (bool), ``aug_jitter`` [4] factors (NaN: op off) with
+    ``aug_jitter_order`` [4], ``aug_rand_ops`` [n] (indices in RAND_AUGMENT_OPS) with
+    ``aug_rand_magnitudes`` [n]; only the fields ``recipe`` records."""
+    fields: dict[str, Any] = {"image_size": torch.tensor(crop.shape[-2:], dtype=torch.long)}
+    if "flip" in params:
+        fields["aug_flip"] = torch.tensor(bool(params["flip"]))
+    if "gray" in params:
+        fields["aug_gray"] = torch.tensor(bool(params["gray"]))
+    if "color_jitter" in params:
+        drawn = params["color_jitter"]
+        factors = [math.nan] * 4 if drawn is None else [drawn[name] for name in JITTER_OPS]
+        factors = [math.nan if f is None else float(f) for f in factors]
+        order = list(range(4)) if drawn is None else list(drawn["order"])
+        fields["aug_jitter"] = torch.tensor(factors, dtype=torch.float64)
+        fields["aug_jitter_order"] = torch.tensor(order, dtype=torch.long)
+    if "rand_augment" in params:
+        ops = params["rand_augment"]
+        fields["aug_rand_ops"] = torch.tensor(
+            [RAND_AUGMENT_OPS.index(name) for name, _ in ops], dtype=torch.long
+        ).reshape(len(ops))
+        fields["aug_rand_magnitudes"] = torch.tensor(
+            [float(m) for _, m in ops], dtype=torch.float64
+        ).reshape(len(ops))
+    return fields
+
+
+def _jpeg_crop(data: bytes, box: tuple[int, int, int, int]) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as err:  # "decode_jpeg, <source file>:<line>, <libjpeg's reason>"
+        raise ValueError(str(err).split(", ")[-1]) from None
+    top, left, crop_h, crop_w = box
+    return image[:, top : top + crop_h, left : left + crop_w].clone()
+
+
+def _snap(
+    box: tuple[int, int, int, int], factor: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """``box`` moved to the nearest multiples of ``factor`` (the pixels libjpeg decodes at
+    1/factor), so the crop of the reduced image covers exactly the recorded box; a side
+    ending at the image's edge keeps ending there."""
+    top, left, crop_h, crop_w = box
+    rows, cols = -(-height // factor), -(-width // factor)
+    top_r, left_r = min(round(top / factor), rows - 1), min(round(left / factor), cols - 1)
+    crop_h = min(max(1, round(crop_h / factor)), rows - top_r) * factor
+    crop_w = min(max(1, round(crop_w / factor)), cols - left_r) * factor
+    top, left = top_r * factor, left_r * factor
+    return top, left, min(crop_h, height - top), min(crop_w, width - left)
+
+
+def _pil_crop(image: Any, box: tuple[int, int, int, int], factor: int) -> torch.Tensor:
+    if factor > 1:
+        image.draft(image.mode, (-(-image.size[0] // factor), -(-image.size[1] // factor)))
+    image.load()
+    rgb = to_rgb(image)
+    top, left, crop_h, crop_w = box
+    reduced = (
+        left // factor,
+        top // factor,
+        min(rgb.width, -(-(left + crop_w) // factor)),
+        min(rgb.height, -(-(top + crop_h) // factor)),
+    )
+    pixels = np.array(rgb.crop(reduced), dtype=np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _bounded(crop: torch.Tensor, bound: int, interpolation: str) -> torch.Tensor:
+    height, width = crop.shape[-2:]
+    if max(height, width) <= bound:
+        return crop
+    scale = bound / max(height, width)
+    size = [max(1, min(bound, round(height * scale))), max(1, min(bound, round(width * scale)))]
+    return F.resize(crop, size, interpolation=INTERPOLATIONS[interpolation], antialias=True)

@@ -1,0 +1,141 @@
+"""The device half of the split image pipeline: a batch of uint8 crops (data/decode.py) in,
+the normalised float images of :meth:`AugmentRecipe.apply` out, on the training device.
+
+Same ops, same order as the recipe: resize (antialiased, the recipe's interpolation; crops of
+one size resized together) -> flip -> RandAugment -> colour jitter -> grayscale -> /255 ->
+normalise. Pixels stay uint8 until the normalisation, rounded after every op as PIL's are, so
+the result matches open_clip's PIL transform for the same crop within a few 1/255 steps
+(bicubic PIL and antialiased tensor resizing differ slightly; tests/data/test_device_augment.py
+holds the tolerance). Flip and grayscale act on the whole batch; RandAugment and jitter, which
+differ per sample, loop over the samples that drew them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as F
+
+from tinyclip_fast.data.augment import (
+    INTERPOLATIONS,
+    JITTER_OPS,
+    RAND_AUGMENT_OPS,
+    AugmentRecipe,
+    apply_jitter,
+    apply_rand_augment_op,
+)
+
+# Batch fields the augmentation reads as Python values: they stay on the host.
+HOST_FIELDS = (
+    "image_size",
+    "aug_flip",
+    "aug_gray",
+    "aug_jitter",
+    "aug_jitter_order",
+    "aug_rand_ops",
+    "aug_rand_magnitudes",
+)
+
+
+class DeviceAugment:
+    """``augment(batch)``: replaces ``batch["image"]`` (uint8 [B, 3, H, W], each sample's crop
+    in its top-left ``image_size``) with float32 [B, 3, *recipe.size] and drops the
+    ``HOST_FIELDS``; the images may be on any device, the host fields on the CPU."""
+
+    host_fields = HOST_FIELDS
+
+    def __init__(self, recipe: AugmentRecipe) -> None:
+        self.recipe = recipe
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = dict(batch)
+        fields = {name: batch.pop(name) for name in HOST_FIELDS if name in batch}
+        images = resize_crops(
+            batch.pop("image"), fields["image_size"], self.recipe.size, self.recipe.interpolation
+        )
+        if "aug_flip" in fields:
+            images = _where(fields["aug_flip"], images.flip(-1), images)
+        if "aug_rand_ops" in fields:
+            images = _per_sample(images, _rand_augment_ops(fields))
+        if "aug_jitter" in fields:
+            images = _per_sample(images, _jitter_ops(fields))
+        if "aug_gray" in fields:
+            images = _where(fields["aug_gray"], F.rgb_to_grayscale(images, 3), images)
+        batch["image"] = self._normalise(images)
+        return batch
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float().div_(255.0)
+        if self.recipe.mean is None:
+            return pixels
+        mean = torch.tensor(self.recipe.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.recipe.std, device=images.device).view(1, -1, 1, 1)
+        return pixels.sub_(mean).div_(std)
+
+
+def resize_crops(
+    images: torch.Tensor, sizes: torch.Tensor, size: tuple[int, int], interpolation: str
+) -> torch.Tensor:
+    """uint8 [B, 3, *size]: each image's top-left ``sizes[i]`` (h, w) region resized,
+    antialiased; regions of equal size in one call."""
+    out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.uint8)
+    out = out.to(images.device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (height, width) in enumerate(sizes.tolist()):
+        groups.setdefault((height, width), []).append(index)
+    mode = INTERPOLATIONS[interpolation]
+    for (height, width), indices in groups.items():
+        where = torch.tensor(indices, device=images.device)
+        crops = images.index_select(0, where)[:, :, :height, :width]
+        out[where] = F.resize(crops, list(size), interpolation=mode, antialias=True)
+    return out
+
+
+def _where(mask: torch.Tensor, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(chosen.device, non_blocking=True).view(-1, 1, 1, 1)
+    return torch.where(mask, chosen, other)
+
+
+def _per_sample(images: torch.Tensor, ops: dict[int, Any]) -> torch.Tensor:
+    if not ops:
+        return images
+    images = images.clone()
+    for index, op in ops.items():
+        images[index] = op(images[index])
+    return images
+
+
+def _rand_augment_ops(fields: dict[str, torch.Tensor]) -> dict[int, Any]:
+    ops = fields["aug_rand_ops"].tolist()
+    magnitudes = fields["aug_rand_magnitudes"].tolist()
+
+    def replay(drawn: list[tuple[str, float]]) -> Any:
+        def run(image: torch.Tensor) -> torch.Tensor:
+            for name, magnitude in drawn:
+                image = apply_rand_augment_op(image, name, magnitude)
+            return image
+
+        return run
+
+    return {
+        index: replay([(RAND_AUGMENT_OPS[op], m) for op, m in zip(row, mags, strict=True)])
+        for index, (row, mags) in enumerate(zip(ops, magnitudes, strict=True))
+        if row
+    }
+
+
+def _jitter_ops(fields: dict[str, torch.Tensor]) -> dict[int, Any]:
+    factors = fields["aug_jitter"].tolist()
+    orders = fields["aug_jitter_order"].tolist()
+    ops = {}
+    for index, (row, order) in enumerate(zip(factors, orders, strict=True)):
+        if all(math.isnan(f) for f in row):
+            continue
+        drawn = {
+            name: None if math.isnan(f) else f for name, f in zip(JITTER_OPS, row, strict=True)
+        }
+        drawn["order"] = order
+        ops[index] = lambda image, drawn=drawn: apply_jitter(image, drawn)
+    return ops
