@@ -46,7 +46,7 @@ from tinyclip_fast.data.augment import (
 )
 from tinyclip_fast.data.images import orientation, to_rgb
 
-DECODERS = ("pil", "tensor")
+DECODERS = ("pil", "tensor", "nvjpeg")
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _DRAFT_FACTORS = (8, 4, 2)
 
@@ -61,8 +61,10 @@ def crop_bound(recipe: AugmentRecipe) -> int:
 @dataclass(frozen=True)
 class CropDecoder:
     """``decoder(source) -> sample fields``: ``source`` is a path or encoded bytes; with
-    ``params`` (a recorded augmentation) the crop is replayed instead of drawn. ``decode``:
-    "tensor" decodes RGB/grayscale JPEGs with torchvision.io, "pil" uses PIL for all."""
+    ``params`` (a recorded augmentation) the crop is replayed instead of drawn. ``decode``
+    (see :data:`DECODERS`): "pil" decodes everything with PIL, "tensor" RGB/grayscale JPEGs
+    with torchvision.io, "nvjpeg" hands those JPEGs' bytes and crop box over undecoded
+    (``jpeg``, ``jpeg_box``) for a batched decode on the GPU."""
 
     recipe: AugmentRecipe
     decode: str = "tensor"
@@ -72,36 +74,59 @@ class CropDecoder:
             raise ValueError(f"decode must be one of {DECODERS}, got {self.decode!r}")
 
     def __call__(self, source: str | Path | bytes, params: Params | None = None) -> dict[str, Any]:
-        crop, params = self.crop(source, params)
-        return {"image": crop, **encode_params(self.recipe, params, crop)}
+        crop, params, data = self._crop(source, params, defer=self.decode == "nvjpeg")
+        fields = {"image": crop}
+        if self.decode == "nvjpeg":
+            encoded = torch.empty(0, dtype=torch.uint8)
+            if data is not None:
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            fields.update(
+                jpeg=encoded,
+                jpeg_length=torch.tensor(encoded.numel()),
+                jpeg_box=torch.tensor(params["crop"], dtype=torch.long),
+            )
+        if data is not None:
+            crop_h, crop_w = params["crop"][2:]
+        else:
+            crop_h, crop_w = crop.shape[-2:]
+        return {**fields, **encode_params(self.recipe, params, (crop_h, crop_w))}
 
     def crop(
         self, source: str | Path | bytes, params: Params | None = None
     ) -> tuple[torch.Tensor, Params]:
-        """The uint8 crop [3, h, w] (h, w <= :func:`crop_bound`) and its parameters."""
+        """The uint8 crop [3, h, w] (h, w <= :func:`crop_bound`) and its parameters, decoded
+        on the CPU ("nvjpeg" as "tensor")."""
+        crop, params, _ = self._crop(source, params, defer=False)
+        return crop, params
+
+    def _crop(
+        self, source: str | Path | bytes, params: Params | None, *, defer: bool
+    ) -> tuple[torch.Tensor, Params, bytes | None]:
+        # (crop, params, None), or, deferring a plain JPEG to the GPU decode, (empty
+        # [3, 0, 0], params, its bytes).
         from PIL import Image
 
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            turned = orientation(image) in _TRANSPOSED
-            width, height = image.size[::-1] if turned else image.size
+            turn = orientation(image)
+            width, height = image.size[::-1] if turn in _TRANSPOSED else image.size
             drawn = params is None
             if drawn:
                 # The global stream, as open_clip's transform draws (seeded per worker).
                 params = self.recipe.sample(height, width, torch.default_generator)
             box = check_crop(params["crop"], height, width)
+            plain_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+            if defer and plain_jpeg and turn == 1:
+                return torch.empty((3, 0, 0), dtype=torch.uint8), params, data
             factor = self._draft_factor(image.format, box, height, width, drawn)
             if factor > 1:
                 box = _snap(box, factor, height, width)
                 params = {**params, "crop": list(box)}
-            if factor == 1 and self._tensor_route(image):
+            if factor == 1 and plain_jpeg and self.decode != "pil":
                 crop = _jpeg_crop(data, box)
             else:
                 crop = _pil_crop(image, box, factor)
-        return _bounded(crop, crop_bound(self.recipe), self.recipe.interpolation), params
-
-    def _tensor_route(self, image: Any) -> bool:
-        return self.decode == "tensor" and image.format == "JPEG" and image.mode in ("RGB", "L")
+        return _bounded(crop, crop_bound(self.recipe), self.recipe.interpolation), params, None
 
     def _draft_factor(
         self,
@@ -123,12 +148,14 @@ class CropDecoder:
         return 1
 
 
-def encode_params(recipe: AugmentRecipe, params: Params, crop: torch.Tensor) -> dict[str, Any]:
-    """The parameters after the crop as tensors: ``image_size`` (h, w of ``crop``),
+def encode_params(
+    recipe: AugmentRecipe, params: Params, crop_size: tuple[int, int]
+) -> dict[str, Any]:
+    """The parameters after the crop as tensors: ``image_size`` (the crop's h, w),
     ``aug_flip`` / ``aug_gray`` (bool), ``aug_jitter`` [4] factors (NaN: op off) with
     ``aug_jitter_order`` [4], ``aug_rand_ops`` [n] (indices in RAND_AUGMENT_OPS) with
     ``aug_rand_magnitudes`` [n]; only the fields ``recipe`` records."""
-    fields: dict[str, Any] = {"image_size": torch.tensor(crop.shape[-2:], dtype=torch.long)}
+    fields: dict[str, Any] = {"image_size": torch.tensor(crop_size, dtype=torch.long)}
     if "flip" in params:
         fields["aug_flip"] = torch.tensor(bool(params["flip"]))
     if "gray" in params:

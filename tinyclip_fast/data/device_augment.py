@@ -36,6 +36,9 @@ HOST_FIELDS = (
     "aug_jitter_order",
     "aug_rand_ops",
     "aug_rand_magnitudes",
+    "jpeg",
+    "jpeg_length",
+    "jpeg_box",
 )
 
 
@@ -52,9 +55,16 @@ class DeviceAugment:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = dict(batch)
         fields = {name: batch.pop(name) for name in HOST_FIELDS if name in batch}
+        deferred = _deferred(fields)
         images = resize_crops(
-            batch.pop("image"), fields["image_size"], self.recipe.size, self.recipe.interpolation
+            batch.pop("image"),
+            fields["image_size"],
+            self.recipe.size,
+            self.recipe.interpolation,
+            skip=set(deferred),
         )
+        if deferred:
+            self._decode_into(images, fields, deferred)
         if "aug_flip" in fields:
             images = _where(fields["aug_flip"], images.flip(-1), images)
         if "aug_rand_ops" in fields:
@@ -66,6 +76,23 @@ class DeviceAugment:
         batch["image"] = self._normalise(images)
         return batch
 
+    def _decode_into(
+        self, images: torch.Tensor, fields: dict[str, torch.Tensor], deferred: list[int]
+    ) -> None:
+        # The JPEGs data/decode.py left encoded: one batched decode on the images' device.
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        lengths = fields["jpeg_length"].tolist()
+        encoded = [fields["jpeg"][index, : lengths[index]] for index in deferred]
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=images.device)
+        mode = INTERPOLATIONS[self.recipe.interpolation]
+        for index, image in zip(deferred, decoded, strict=True):
+            top, left, height, width = fields["jpeg_box"][index].tolist()
+            crop = image[:, top : top + height, left : left + width]
+            images[index] = F.resize(
+                crop, list(self.recipe.size), interpolation=mode, antialias=True
+            )
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.float().div_(255.0)
         if self.recipe.mean is None:
@@ -76,14 +103,20 @@ class DeviceAugment:
 
 
 def resize_crops(
-    images: torch.Tensor, sizes: torch.Tensor, size: tuple[int, int], interpolation: str
+    images: torch.Tensor,
+    sizes: torch.Tensor,
+    size: tuple[int, int],
+    interpolation: str,
+    skip: set[int] = frozenset(),
 ) -> torch.Tensor:
     """uint8 [B, 3, *size]: each image's top-left ``sizes[i]`` (h, w) region resized,
-    antialiased; regions of equal size in one call."""
+    antialiased; regions of equal size in one call; the ``skip`` slots are left unset."""
     out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.uint8)
     out = out.to(images.device)
     groups: dict[tuple[int, int], list[int]] = {}
     for index, (height, width) in enumerate(sizes.tolist()):
+        if index in skip:
+            continue
         groups.setdefault((height, width), []).append(index)
     mode = INTERPOLATIONS[interpolation]
     for (height, width), indices in groups.items():
@@ -91,6 +124,12 @@ def resize_crops(
         crops = images.index_select(0, where)[:, :, :height, :width]
         out[where] = F.resize(crops, list(size), interpolation=mode, antialias=True)
     return out
+
+
+def _deferred(fields: dict[str, torch.Tensor]) -> list[int]:
+    if "jpeg_length" not in fields:
+        return []
+    return [index for index, length in enumerate(fields["jpeg_length"].tolist()) if length]
 
 
 def _where(mask: torch.Tensor, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

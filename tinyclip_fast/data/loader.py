@@ -75,8 +75,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack tensor fields, turn int fields (index, label) into a LongTensor. Images of
-    different sizes (the uint8 crops of data/decode.py) are zero-padded at the bottom and
-    right to the largest; each sample's ``image_size`` says what it holds."""
+    different sizes (the uint8 crops and encoded bytes of data/decode.py) are zero-padded at
+    the end of every dimension to the largest; the samples record their own sizes."""
     batch = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]
@@ -90,11 +90,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def _pad_stack(values: list[torch.Tensor]) -> torch.Tensor:
-    height = max(value.shape[-2] for value in values)
-    width = max(value.shape[-1] for value in values)
-    out = values[0].new_zeros((len(values), *values[0].shape[:-2], height, width))
+    shape = [max(sizes) for sizes in zip(*(value.shape for value in values), strict=True)]
+    out = values[0].new_zeros((len(values), *shape))
     for slot, value in zip(out, values, strict=True):
-        slot[..., : value.shape[-2], : value.shape[-1]] = value
+        slot[tuple(slice(0, size) for size in value.shape)] = value
     return out
 
 
