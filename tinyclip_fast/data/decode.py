@@ -45,10 +45,43 @@ from tinyclip_fast.data.augment import (
     check_crop,
 )
 from tinyclip_fast.data.images import orientation, to_rgb
+from tinyclip_fast.data.options import DECODERS
 
-DECODERS = ("pil", "tensor", "nvjpeg")
+# Data kinds whose samples the split pipeline can read (encoded image files or bytes).
+SPLIT_KINDS = ("csv", "webdataset")
+
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _DRAFT_FACTORS = (8, 4, 2)
+
+
+def resolve_decode(setting: str, device: torch.device) -> str:
+    """The decoder a run on ``device`` uses for ``data.decode = setting``. "auto": on CUDA
+    "nvjpeg" where torchvision decodes JPEGs on that GPU, else "tensor"; elsewhere "pil"
+    (the device half would share the CPU with the loader and costs more there than PIL's
+    resize: bench/results/loader_cpu.md)."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return "pil"
+        return "nvjpeg" if gpu_decodes_jpeg(device) else "tensor"
+    if setting not in DECODERS:
+        raise ValueError(f"data.decode must be auto or one of {DECODERS}, got {setting!r}")
+    if setting == "nvjpeg" and device.type != "cuda":
+        raise ValueError(f"data.decode 'nvjpeg' decodes on a CUDA GPU; this run is on {device}")
+    return setting
+
+
+def gpu_decodes_jpeg(device: torch.device) -> bool:
+    """Whether this torchvision build decodes a JPEG on ``device`` (nvjpeg)."""
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, "JPEG")
+    encoded = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        return decode_jpeg([encoded], device=device)[0].shape == (3, 16, 16)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
 
 
 def crop_bound(recipe: AugmentRecipe) -> int:
@@ -116,14 +149,14 @@ class CropDecoder:
                 params = self.recipe.sample(height, width, torch.default_generator)
             box = check_crop(params["crop"], height, width)
             plain_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
-            if defer and plain_jpeg and turn == 1:
+            if defer and plain_jpeg and turn == 1 and _ends_whole(data):
                 return torch.empty((3, 0, 0), dtype=torch.uint8), params, data
             factor = self._draft_factor(image.format, box, height, width, drawn)
             if factor > 1:
                 box = _snap(box, factor, height, width)
                 params = {**params, "crop": list(box)}
             if factor == 1 and plain_jpeg and self.decode != "pil":
-                crop = _jpeg_crop(data, box)
+                crop = _jpeg_crop(data, box, upright=turn != 1)
             else:
                 crop = _pil_crop(image, box, factor)
         return _bounded(crop, crop_bound(self.recipe), self.recipe.interpolation), params, None
@@ -178,12 +211,18 @@ def encode_params(
     return fields
 
 
-def _jpeg_crop(data: bytes, box: tuple[int, int, int, int]) -> torch.Tensor:
+def _ends_whole(data: bytes) -> bool:
+    # A JPEG cut short lacks its end-of-image marker: decoded here, it fails naming the file
+    # (on the GPU it would fail the whole batch).
+    return data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+def _jpeg_crop(data: bytes, box: tuple[int, int, int, int], upright: bool) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
     except RuntimeError as err:  # "decode_jpeg, <source file>:<line>, <libjpeg's reason>"
         raise ValueError(str(err).split(", ")[-1]) from None
     top, left, crop_h, crop_w = box

@@ -40,6 +40,7 @@ class DeviceFeed:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        self.wait = 0.0
         if self.stream is None:
             batch = self._move(self._take())
         else:
@@ -52,15 +53,13 @@ class DeviceFeed:
                     value.record_stream(torch.cuda.current_stream(self.device))
         batch = self.augment(batch) if self.augment is not None else batch
         if self.stream is not None:
-            wait = self.wait
             self._next = self._copy_ahead(self._take())
-            self.wait += wait
         return batch
 
     def _take(self) -> dict[str, Any]:
         start = time.perf_counter()
         batch = next(self.batches)
-        self.wait = time.perf_counter() - start
+        self.wait += time.perf_counter() - start
         return batch
 
     def _move(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tinyclip_fast.data.augment import AugmentRecipe
 from tinyclip_fast.data.datasets import build_dataset
-from tinyclip_fast.data.loader import BadSampleLog, make_loader
+from tinyclip_fast.data.decode import SPLIT_KINDS, CropDecoder, resolve_decode
+from tinyclip_fast.data.device_augment import DeviceAugment
+from tinyclip_fast.data.feed import DeviceFeed
+from tinyclip_fast.data.loader import BadSampleLog, default_workers, make_loader
 from tinyclip_fast.inheritance.student_io import save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.factory import build_targets
@@ -69,10 +73,11 @@ from tinyclip_fast.train.students import add_logit_bias, count_parameters, stage
 class DistillResult:
     """What :func:`distill` returns.
 
-    history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
-        "bad_samples"]} every log_every steps, {"step", "stage", "top1"} after every
-        evaluation, and {"step", "stage", "event": "pruned", "expected_sparsity",
-        "target_sparsity", "params_before", "params_after"} when an auto stage prunes.
+    history: {"step", "stage", "loss", "lr", "images_per_s", "data_wait_ms",
+        "data_wait_share"[, "sparsity", "penalty", "bad_samples"]} every log_every steps,
+        {"step", "stage", "top1"} after every evaluation, and {"step", "stage", "event":
+        "pruned", "expected_sparsity", "target_sparsity", "params_before", "params_after"}
+        when an auto stage prunes.
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -101,6 +106,7 @@ class _Run:
     checkpoints: Checkpointer
     bad_samples: BadSampleLog | None
     stage_params: list[int] = field(default_factory=list)
+    augment: DeviceAugment | None = None  # the device half of the split image pipeline
 
     def save(self, stage: Stage, stage_step: int, step: int) -> None:
         self.checkpoints.save(
@@ -159,10 +165,12 @@ def distill(
             )
         resume = _open_run_folder(config, rank, world_size)
         torch.manual_seed(config.seed + rank)
-        eval_preprocess = preprocess
+        eval_preprocess, augment = preprocess, None
         if teacher is None:
             teachers, built_tokenizer, train_tf, eval_tf = build_teachers(config.teacher_configs())
             tokenizer = tokenizer or built_tokenizer
+            if preprocess is None and train_dataset is None and not config.teacher.cache:
+                preprocess, augment = _split_pipeline(config, train_tf, device)
             # Cached teacher embeddings are those of un-augmented images.
             preprocess = preprocess or (eval_tf if config.teacher.cache else train_tf)
             eval_preprocess = eval_preprocess or eval_tf
@@ -185,10 +193,30 @@ def distill(
         run = _assemble(
             config, precision, teachers, train_dataset, evaluator, device, rank, world_size
         )
+        run.augment = augment
         return _train(run, student, resume)
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _split_pipeline(
+    config: DistillConfig, train_tf: Callable, device: torch.device
+) -> tuple[CropDecoder | None, DeviceAugment | None]:
+    """The loader's and the device's halves of ``train_tf`` (data/decode.py), or (None, None)
+    where data.decode resolves to pil on this device."""
+    decode = resolve_decode(config.data.decode, device)
+    if decode == "pil":
+        return None, None
+    if config.data.kind not in SPLIT_KINDS:
+        if config.data.decode == "auto":
+            return None, None
+        raise ValueError(
+            f"data.decode {decode!r} reads {' and '.join(SPLIT_KINDS)} data; data kind "
+            f"{config.data.kind!r} decodes its own images: use data.decode auto or pil"
+        )
+    recipe = AugmentRecipe.from_transform(train_tf)
+    return CropDecoder(recipe, decode), DeviceAugment(recipe)
 
 
 def _open_run_folder(config: DistillConfig, rank: int, world_size: int) -> TrainingState | None:
@@ -266,16 +294,20 @@ def _train(run: _Run, student: nn.Module | None, resume: TrainingState | None) -
     step = resume.step if resume else 0
     if resume:
         student = _restore(run, resume)
-    loader = make_loader(
+    device = run.ctx.device
+    workers = config.num_workers
+    batches = make_loader(
         run.dataset,
         config.batch_size // run.world_size,
         seed=config.seed,
         start_step=step,
         rank=run.rank,
         world_size=run.world_size,
-        num_workers=config.num_workers,
+        num_workers=default_workers(device.type) if workers is None else workers,
         bad_samples=run.bad_samples,
+        pin_memory=device.type == "cuda",
     )
+    loader = DeviceFeed(batches, device, run.augment)
     output.say(
         f"distilling on {run.ctx.device} in {run.precision}: {len(config.stages)} stage(s), "
         f"{config.total_steps} steps, batch {config.batch_size}; run folder {Path(config.out_dir)}"
@@ -385,7 +417,7 @@ def _train_stage(
     stage: Stage,
     stage_step: int,
     step: int,
-    loader: Iterator[dict[str, torch.Tensor]],
+    loader: DeviceFeed,
     stop: StopFlag,
 ) -> tuple[Stage, int, bool]:
     """Train one stage to its last step; returns (its final stage, global step, interrupted)."""
@@ -396,7 +428,8 @@ def _train_stage(
             stage, report = stage.prune()
             output.pruned(report, spec, index, step)
         lr = stage.set_learning_rate(stage_step)
-        batch = {k: v.to(run.ctx.device, non_blocking=True) for k, v in next(loader).items()}
+        batch = next(loader)
+        output.data_wait(loader.wait)
         loss = stage.backward(batch, run.targets(batch), step)
         sparsity, penalty = stage.add_penalty(stage_step)
         loss_value = mean_over_ranks(loss, run.world_size)
