@@ -14,6 +14,7 @@ ranks gather equal shapes) and a resumed run reads the same substitutes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,6 @@ def default_workers(device_type: str, local_gpus: int | None = None) -> int:
     less one for the training process, capped at MAX_WORKERS_PER_GPU."""
     if device_type != "cuda":
         return 0
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if local_gpus is None:
         local_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
