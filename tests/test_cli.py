@@ -783,3 +783,19 @@ def test_ensemble_and_sigmoid_runs_from_the_command_line(files, capsys):
     train = ["--data", f"reinforced:{files / 'shards'}", "--overwrite"]
     assert run_main(base_args(files, *second, *train)) == 0
     assert "the data holds 2 teachers' embeddings" in capsys.readouterr().out
+
+
+def test_the_split_image_pipeline_trains_resumes_exactly_and_records_data_wait(files):
+    # data.decode=tensor on the CPU: the loader hands uint8 crops, the device half finishes.
+    split = ["--set", "data.decode=tensor", "--set", "save_every=2"]
+    assert run_main(base_args(files, *split)) == 0
+    whole = [r for r in metrics(files / "run") if "loss" in r]
+    assert all(r["data_wait_ms"] >= 0 and 0 <= r["data_wait_share"] <= 1 for r in whole)
+    halves = [*split, "--out-dir", files / "halves"]
+    assert run_main(base_args(files, *halves, "--steps", "2")) == 0
+    assert run_main(base_args(files, *halves, "--resume")) == 0
+    resumed = [r for r in metrics(files / "halves") if "loss" in r]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+    # The setting reaches the run: the GPU decoder is refused on the CPU, in one line.
+    nvjpeg = ["--set", "data.decode=nvjpeg", "--out-dir", files / "gpu", "--steps", "1"]
+    assert run_main(base_args(files, *nvjpeg)) == 2
