@@ -55,13 +55,13 @@ BATCH = 64
 
 
 def photo(height: int, width: int, rng: np.random.Generator) -> bytes:
-    """A JPEG with a photo's mix of smooth regions and texture (quality 90)."""
+    """A JPEG with a photo's mix of smooth regions and texture (quality 85)."""
     coarse = rng.integers(0, 256, size=(height // 24 + 2, width // 24 + 2, 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
-    texture = rng.normal(0.0, 9.0, size=(height, width, 1))
+    texture = rng.normal(0.0, 6.0, size=(height, width, 1))
     pixels = np.clip(smooth + texture, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
 
 
@@ -182,7 +182,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "# Loader: CPU milliseconds per image, open_clip's transform against the split pipeline",
         "",
         f"`OMP_NUM_THREADS=1 python bench/bench_loader.py --images {args.images}`: generated "
-        "photo-like JPEGs (quality 90), read through CsvPairDataset and WebDatasetPairs, "
+        "photo-like JPEGs (quality 85), read through CsvPairDataset and WebDatasetPairs, "
         f"output {OUTPUT} px. {cpu_name()}, one thread, load average {load} (1, 5, 15 min) on "
         f"a shared machine: rough numbers, compare within a row. {versions}.",
         "",

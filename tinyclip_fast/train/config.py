@@ -246,7 +246,7 @@ class DataConfig:
         "in the loader workers), tensor (workers decode with libjpeg-turbo and crop in uint8; "
         "the training device resizes, flips, jitters and normalises), nvjpeg (workers read "
         "bytes, the GPU decodes), auto (CUDA: nvjpeg where torchvision has it, else tensor; "
-        "CPU: pil); see docs/data.md",
+        "CPU: pil; docs/data.md)",
     )
 
     def require(self) -> None:
