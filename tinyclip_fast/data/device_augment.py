@@ -26,6 +26,8 @@ from tinyclip_fast.data.augment import (
     apply_jitter,
     apply_rand_augment_op,
 )
+from tinyclip_fast.data.decode import crop_bound
+from tinyclip_fast.data.loader import pad_stack
 
 # Batch fields the augmentation reads as Python values: they stay on the host.
 HOST_FIELDS = (
@@ -79,18 +81,29 @@ class DeviceAugment:
     def _decode_into(
         self, images: torch.Tensor, fields: dict[str, torch.Tensor], deferred: list[int]
     ) -> None:
-        # The JPEGs data/decode.py left encoded: one batched decode on the images' device.
+        # The JPEGs data/decode.py left encoded: one batched decode on the images' device,
+        # then the crops up to crop_bound resized together, larger ones one by one (padding
+        # a batch to a full-size photo would cost more memory than it saves launches).
         from torchvision.io import ImageReadMode, decode_jpeg
 
         lengths = fields["jpeg_length"].tolist()
         encoded = [fields["jpeg"][index, : lengths[index]] for index in deferred]
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=images.device)
-        mode = INTERPOLATIONS[self.recipe.interpolation]
+        crops = {}
         for index, image in zip(deferred, decoded, strict=True):
             top, left, height, width = fields["jpeg_box"][index].tolist()
-            crop = image[:, top : top + height, left : left + width]
+            crops[index] = image[:, top : top + height, left : left + width]
+        bound = crop_bound(self.recipe)
+        small = [index for index, crop in crops.items() if max(crop.shape[-2:]) <= bound]
+        if small:
+            padded = pad_stack([crops[index] for index in small])
+            sizes = torch.tensor([list(crops[index].shape[-2:]) for index in small])
+            where = torch.tensor(small, device=images.device)
+            images[where] = resize_crops(padded, sizes, self.recipe.size, self.recipe.interpolation)
+        mode = INTERPOLATIONS[self.recipe.interpolation]
+        for index in set(crops) - set(small):
             images[index] = F.resize(
-                crop, list(self.recipe.size), interpolation=mode, antialias=True
+                crops[index], list(self.recipe.size), interpolation=mode, antialias=True
             )
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:

@@ -100,13 +100,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not isinstance(values[0], torch.Tensor):
             batch[key] = torch.tensor(values, dtype=torch.long)
         elif len({value.shape for value in values}) > 1:
-            batch[key] = _pad_stack(values)
+            batch[key] = pad_stack(values)
         else:
             batch[key] = torch.stack(values)
     return batch
 
 
-def _pad_stack(values: list[torch.Tensor]) -> torch.Tensor:
+def pad_stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked, each zero-padded at the end of every dimension to the largest."""
     shape = [max(sizes) for sizes in zip(*(value.shape for value in values), strict=True)]
     out = values[0].new_zeros((len(values), *shape))
     for slot, value in zip(out, values, strict=True):
