@@ -604,6 +604,14 @@ def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherw
     assert "no teacher forward in any step" in capsys.readouterr().out
     records = metrics(files / "run")
     assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+    # The split image pipeline replays the same stored crops.
+    split = [*train, "--set", "data.decode=tensor", "--out-dir", files / "split"]
+    assert run_main(base_args(files, *split)) == 0
+    replayed = metrics(files / "split")
+    assert [r["step"] for r in replayed] == [r["step"] for r in records]
+    # Same crops, pixels within a few levels: the first losses differ, but barely.
+    assert replayed[0]["loss"] != records[0]["loss"]
+    assert abs(replayed[0]["loss"] - records[0]["loss"]) < 0.01 * records[0]["loss"]
     # A CSV: cache files beside it.
     csv_build = ["--build-reinforced-cache", "--set", "reinforced.augmentations=2"]
     assert run_main(base_args(files, *csv_build)) == 0

@@ -47,9 +47,6 @@ from tinyclip_fast.data.augment import (
 from tinyclip_fast.data.images import orientation, to_rgb
 from tinyclip_fast.data.options import DECODERS
 
-# Data kinds whose samples the split pipeline can read (encoded image files or bytes).
-SPLIT_KINDS = ("csv", "webdataset")
-
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _DRAFT_FACTORS = (8, 4, 2)
 

@@ -55,6 +55,7 @@ from tinyclip_fast.data.datasets import (
     csv_separator,
     split_shards,
 )
+from tinyclip_fast.data.decode import CropDecoder
 from tinyclip_fast.data.options import given_options
 from tinyclip_fast.data.sources import ShardedSource, open_source, source_kind
 
@@ -346,7 +347,7 @@ class ReinforcedItem(NamedTuple):
     """What a shard reader hands the stream for one sample (captions real first)."""
 
     uid: str
-    image: Any
+    image: Any  # a PIL image, or the source Record, decoded when the sample is made
     captions: Sequence[str]
     num_real: int
     params: Sequence[Params]  # one per stored augmentation
@@ -415,7 +416,7 @@ class ReinforcedStream(IterableDataset):
             self.seed, self.epoch, item.uid, f"{self.caption_mode} caption", hi - lo
         )
         return {
-            "image": self.recipe.apply(item.image, item.params[aug]),
+            **self._image_fields(item.image, item.params[aug]),
             "text": _tokenize_one(self.tokenizer, item.captions[caption]),
             "index": position,
             "aug_index": aug,
@@ -424,6 +425,9 @@ class ReinforcedStream(IterableDataset):
             TEACHER_IMAGE: item.image_emb[aug].clone(),
             TEACHER_TEXT: item.text_emb[caption].clone(),
         }
+
+    def _image_fields(self, image: Any, params: Params) -> dict[str, Any]:
+        return {"image": self.recipe.apply(image, params)}
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -438,7 +442,12 @@ class ReinforcedDataset(ReinforcedStream):
     dtype); with ``recipe`` and/or ``teachers`` given, the caches must have been built with
     exactly those (refused with the differences named otherwise). A shard whose samples no
     longer match its cache (changed, truncated) is an error naming both paths.
+
+    ``decoder`` (None: PIL and ``recipe.apply``): a :class:`CropDecoder` of ``recipe`` replays
+    the stored crops from the encoded images, the rest left to data/device_augment.py.
     """
+
+    decoder: CropDecoder | None = None
 
     def __init__(
         self,
@@ -474,6 +483,14 @@ class ReinforcedDataset(ReinforcedStream):
             num_samples=sum(h["num_samples"] for h in headers),
         )
 
+    def _image_fields(self, record: Any, params: Params) -> dict[str, Any]:
+        if self.decoder is None:
+            return {"image": self.recipe.apply(record.load_image(), params)}
+        try:
+            return self.decoder(record.encoded(), params)
+        except (OSError, ValueError, SyntaxError) as err:  # as sources.decode_image words it
+            raise ValueError(f"cannot decode the image of {record.where}: {err}") from err
+
     def _items(self, shard: Any) -> Iterator[ReinforcedItem]:
         path = self.source.cache_path(shard)
         cache = load_shard_cache(path)
@@ -497,7 +514,7 @@ class ReinforcedDataset(ReinforcedStream):
             count += 1
             yield ReinforcedItem(
                 f"{shard.name}/{record.key}",
-                record.load_image(),
+                record,  # decoded in _image_fields, by PIL or the split pipeline's decoder
                 record.captions,
                 num_real,
                 cache.params[position],

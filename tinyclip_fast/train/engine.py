@@ -31,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from tinyclip_fast.data.augment import AugmentRecipe
-from tinyclip_fast.data.datasets import build_dataset
-from tinyclip_fast.data.decode import SPLIT_KINDS, CropDecoder, resolve_decode
+from tinyclip_fast.data.datasets import CsvPairDataset, WebDatasetPairs, build_dataset
+from tinyclip_fast.data.decode import CropDecoder, resolve_decode
 from tinyclip_fast.data.device_augment import DeviceAugment
 from tinyclip_fast.data.feed import DeviceFeed
 from tinyclip_fast.data.loader import BadSampleLog, default_workers, make_loader
+from tinyclip_fast.data.reinforced import ReinforcedDataset
 from tinyclip_fast.inheritance.student_io import save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.factory import build_targets
@@ -165,12 +166,10 @@ def distill(
             )
         resume = _open_run_folder(config, rank, world_size)
         torch.manual_seed(config.seed + rank)
-        eval_preprocess, augment = preprocess, None
+        eval_preprocess, train_tf, augment = preprocess, None, None
         if teacher is None:
             teachers, built_tokenizer, train_tf, eval_tf = build_teachers(config.teacher_configs())
             tokenizer = tokenizer or built_tokenizer
-            if preprocess is None and train_dataset is None and not config.teacher.cache:
-                preprocess, augment = _split_pipeline(config, train_tf, device)
             # Cached teacher embeddings are those of un-augmented images.
             preprocess = preprocess or (eval_tf if config.teacher.cache else train_tf)
             eval_preprocess = eval_preprocess or eval_tf
@@ -186,6 +185,7 @@ def distill(
                 **config.data.as_dict(),
             }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
+            augment = _split_pipeline(config, train_dataset, train_tf, device)
         if evaluator is None and config.eval.enabled:
             evaluator = build_evaluator(
                 config.eval, tokenizer=tokenizer, preprocess=eval_preprocess, device=device
@@ -201,22 +201,33 @@ def distill(
 
 
 def _split_pipeline(
-    config: DistillConfig, train_tf: Callable, device: torch.device
-) -> tuple[CropDecoder | None, DeviceAugment | None]:
-    """The loader's and the device's halves of ``train_tf`` (data/decode.py), or (None, None)
-    where data.decode resolves to pil on this device."""
+    config: DistillConfig,
+    dataset: torch.utils.data.Dataset,
+    train_tf: Callable | None,
+    device: torch.device,
+) -> DeviceAugment | None:
+    """Hand ``dataset`` the loader's half of the split image pipeline (data/decode.py) and
+    return the device's half, where data.decode resolves to tensor or nvjpeg on ``device``:
+    csv and webdataset data read with the teacher's training transform, reinforced data."""
     decode = resolve_decode(config.data.decode, device)
     if decode == "pil":
-        return None, None
-    if config.data.kind not in SPLIT_KINDS:
-        if config.data.decode == "auto":
-            return None, None
-        raise ValueError(
-            f"data.decode {decode!r} reads {' and '.join(SPLIT_KINDS)} data; data kind "
-            f"{config.data.kind!r} decodes its own images: use data.decode auto or pil"
-        )
-    recipe = AugmentRecipe.from_transform(train_tf)
-    return CropDecoder(recipe, decode), DeviceAugment(recipe)
+        return None
+    if isinstance(dataset, ReinforcedDataset):
+        dataset.decoder = CropDecoder(dataset.recipe, decode)
+        return DeviceAugment(dataset.recipe)
+    plain = isinstance(dataset, (CsvPairDataset, WebDatasetPairs))
+    if plain and train_tf is not None and dataset.preprocess is train_tf:
+        recipe = AugmentRecipe.from_transform(train_tf)
+        dataset.preprocess = CropDecoder(recipe, decode)
+        return DeviceAugment(recipe)
+    if config.data.decode == "auto":
+        return None
+    raise ValueError(
+        f"data.decode {decode!r} reads csv, webdataset and reinforced data augmented by the "
+        f"teacher's training transform; this run's data ({config.data.kind!r}"
+        f"{', un-augmented for the teacher cache' if config.teacher.cache else ''}) is "
+        "decoded with PIL: use data.decode auto or pil"
+    )
 
 
 def _open_run_folder(config: DistillConfig, rank: int, world_size: int) -> TrainingState | None:
