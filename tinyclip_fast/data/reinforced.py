@@ -57,7 +57,7 @@ from tinyclip_fast.data.datasets import (
 )
 from tinyclip_fast.data.decode import CropDecoder
 from tinyclip_fast.data.options import given_options
-from tinyclip_fast.data.sources import ShardedSource, open_source, source_kind
+from tinyclip_fast.data.sources import Record, ShardedSource, open_source, source_kind
 
 FORMAT = "tinyclip_fast.reinforced"
 FORMAT_VERSION = 1
@@ -347,7 +347,7 @@ class ReinforcedItem(NamedTuple):
     """What a shard reader hands the stream for one sample (captions real first)."""
 
     uid: str
-    image: Any  # a PIL image, or the source Record, decoded when the sample is made
+    image: Record  # decoded when the sample is made, by PIL or the split pipeline
     captions: Sequence[str]
     num_real: int
     params: Sequence[Params]  # one per stored augmentation
@@ -361,7 +361,11 @@ class ReinforcedStream(IterableDataset):
 
     ``teachers`` (TeacherInfo list) and ``recipe`` describe the stored embeddings;
     ``caption_mode``: pick among all captions, only the real or only the synthetic ones.
+    ``decoder`` (None: PIL and ``recipe.apply``): a :class:`CropDecoder` of ``recipe`` replays
+    the stored crops from the encoded images, the rest left to data/device_augment.py.
     """
+
+    decoder: CropDecoder | None = None
 
     def __init__(
         self,
@@ -426,8 +430,13 @@ class ReinforcedStream(IterableDataset):
             TEACHER_TEXT: item.text_emb[caption].clone(),
         }
 
-    def _image_fields(self, image: Any, params: Params) -> dict[str, Any]:
-        return {"image": self.recipe.apply(image, params)}
+    def _image_fields(self, record: Record, params: Params) -> dict[str, Any]:
+        if self.decoder is None:
+            return {"image": self.recipe.apply(record.load_image(), params)}
+        try:
+            return self.decoder(record.encoded(), params)
+        except (OSError, ValueError, SyntaxError) as err:  # as sources.decode_image words it
+            raise ValueError(f"cannot decode the image of {record.where}: {err}") from err
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -443,11 +452,7 @@ class ReinforcedDataset(ReinforcedStream):
     exactly those (refused with the differences named otherwise). A shard whose samples no
     longer match its cache (changed, truncated) is an error naming both paths.
 
-    ``decoder`` (None: PIL and ``recipe.apply``): a :class:`CropDecoder` of ``recipe`` replays
-    the stored crops from the encoded images, the rest left to data/device_augment.py.
     """
-
-    decoder: CropDecoder | None = None
 
     def __init__(
         self,
@@ -482,14 +487,6 @@ class ReinforcedDataset(ReinforcedStream):
             shuffle=shuffle,
             num_samples=sum(h["num_samples"] for h in headers),
         )
-
-    def _image_fields(self, record: Any, params: Params) -> dict[str, Any]:
-        if self.decoder is None:
-            return {"image": self.recipe.apply(record.load_image(), params)}
-        try:
-            return self.decoder(record.encoded(), params)
-        except (OSError, ValueError, SyntaxError) as err:  # as sources.decode_image words it
-            raise ValueError(f"cannot decode the image of {record.where}: {err}") from err
 
     def _items(self, shard: Any) -> Iterator[ReinforcedItem]:
         path = self.source.cache_path(shard)

@@ -242,7 +242,8 @@ class DataConfig:
     decode: str = setting(
         "auto",
         choices=("auto", *DECODERS),
-        help="csv and webdataset training images: pil (PIL decode and open_clip's transform "
+        help="training images of csv, webdataset (with the teacher's training transform), "
+        "reinforced and datacompdr data: pil (PIL decode and the transform "
         "in the loader workers), tensor (workers decode with libjpeg-turbo and crop in uint8; "
         "the training device resizes, flips, jitters and normalises), nvjpeg (workers read "
         "bytes, the GPU decodes), auto (CUDA: nvjpeg where torchvision has it, else tensor; "

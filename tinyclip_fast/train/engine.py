@@ -36,7 +36,7 @@ from tinyclip_fast.data.decode import CropDecoder, resolve_decode
 from tinyclip_fast.data.device_augment import DeviceAugment
 from tinyclip_fast.data.feed import DeviceFeed
 from tinyclip_fast.data.loader import BadSampleLog, default_workers, make_loader
-from tinyclip_fast.data.reinforced import ReinforcedDataset
+from tinyclip_fast.data.reinforced import ReinforcedStream
 from tinyclip_fast.inheritance.student_io import save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.factory import build_targets
@@ -208,11 +208,12 @@ def _split_pipeline(
 ) -> DeviceAugment | None:
     """Hand ``dataset`` the loader's half of the split image pipeline (data/decode.py) and
     return the device's half, where data.decode resolves to tensor or nvjpeg on ``device``:
-    csv and webdataset data read with the teacher's training transform, reinforced data."""
+    csv and webdataset data read with the teacher's training transform, reinforced and
+    DataCompDR data (their stored crops)."""
     decode = resolve_decode(config.data.decode, device)
     if decode == "pil":
         return None
-    if isinstance(dataset, ReinforcedDataset):
+    if isinstance(dataset, ReinforcedStream):
         dataset.decoder = CropDecoder(dataset.recipe, decode)
         return DeviceAugment(dataset.recipe)
     plain = isinstance(dataset, (CsvPairDataset, WebDatasetPairs))
@@ -223,8 +224,9 @@ def _split_pipeline(
     if config.data.decode == "auto":
         return None
     raise ValueError(
-        f"data.decode {decode!r} reads csv, webdataset and reinforced data augmented by the "
-        f"teacher's training transform; this run's data ({config.data.kind!r}"
+        f"data.decode {decode!r} reads reinforced and datacompdr data, and csv and webdataset "
+        "data augmented by the teacher's training transform; this run's data "
+        f"({config.data.kind!r}"
         f"{', un-augmented for the teacher cache' if config.teacher.cache else ''}) is "
         "decoded with PIL: use data.decode auto or pil"
     )
