@@ -46,14 +46,18 @@ class DeviceFeed:
         else:
             if self._next is None:
                 self._next = self._copy_ahead(self._take())
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            batch = self._next
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            batch, self._next = self._next, None
             for value in batch.values():
                 if value.device.type == "cuda":
-                    value.record_stream(torch.cuda.current_stream(self.device))
+                    value.record_stream(current)
         batch = self.augment(batch) if self.augment is not None else batch
         if self.stream is not None:
-            self._next = self._copy_ahead(self._take())
+            try:
+                self._next = self._copy_ahead(self._take())
+            except StopIteration:  # a finite loader: this was its last batch
+                pass
         return batch
 
     def _take(self) -> dict[str, Any]:
@@ -68,13 +72,13 @@ class DeviceFeed:
             for key, value in batch.items()
         }
 
+    def _to_pin(self, key: str, value: torch.Tensor) -> bool:
+        return key not in self.host_fields and value.device.type == "cpu" and not value.is_pinned()
+
     def _copy_ahead(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pinned = {
+            key: value.pin_memory() if self._to_pin(key, value) else value
+            for key, value in batch.items()
+        }
         with torch.cuda.stream(self.stream):
-            return self._move(
-                {
-                    key: value
-                    if key in self.host_fields or value.is_pinned()
-                    else value.pin_memory()
-                    for key, value in batch.items()
-                }
-            )
+            return self._move(pinned)
