@@ -1,13 +1,14 @@
 """The device half of the split image pipeline: a batch of uint8 crops (data/decode.py) in,
 the normalised float images of :meth:`AugmentRecipe.apply` out, on the training device.
 
-Same ops, same order as the recipe: resize (antialiased, the recipe's interpolation; crops of
-one size resized together) -> flip -> RandAugment -> colour jitter -> grayscale -> /255 ->
-normalise. Pixels stay uint8 until the normalisation, rounded after every op as PIL's are, so
-the result matches open_clip's PIL transform for the same crop within a few 1/255 steps
-(bicubic PIL and antialiased tensor resizing differ slightly; tests/data/test_device_augment.py
-holds the tolerance). Flip and grayscale act on the whole batch; RandAugment and jitter, which
-differ per sample, loop over the samples that drew them.
+Same ops, same order as the recipe: resize (PIL's antialiased filter; on CUDA one batched
+pair of matrix products for crops of any sizes, elsewhere a call per crop size) -> flip ->
+RandAugment -> colour jitter -> grayscale -> /255 -> normalise. Pixels stay uint8 until the
+normalisation, rounded after every op as PIL's are, so the result matches open_clip's PIL
+transform for the same crop within a few 1/255 steps (bicubic PIL and antialiased tensor
+resizing differ slightly; tests/data/test_device_augment.py holds the tolerance). Flip and
+grayscale act on the whole batch; RandAugment and jitter, which differ per sample, loop over
+the samples that drew them.
 """
 
 from __future__ import annotations
