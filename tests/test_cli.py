@@ -755,6 +755,14 @@ def test_reinforced_cache_built_then_trained_from_then_refused_when_built_otherw
     assert "no teacher forward in any step" in capsys.readouterr().out
     records = metrics(files / "run")
     assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+    # The split image pipeline replays the same stored crops.
+    split = [*train, "--set", "data.decode=tensor", "--out-dir", files / "split"]
+    assert run_main(base_args(files, *split)) == 0
+    replayed = metrics(files / "split")
+    assert [r["step"] for r in replayed] == [r["step"] for r in records]
+    # Same crops, pixels within a few levels: the first losses differ, but barely.
+    assert replayed[0]["loss"] != records[0]["loss"]
+    assert abs(replayed[0]["loss"] - records[0]["loss"]) < 0.01 * records[0]["loss"]
     # A CSV: cache files beside it.
     csv_build = ["--build-reinforced-cache", "--set", "reinforced.augmentations=2"]
     assert run_main(base_args(files, *csv_build)) == 0
@@ -962,3 +970,19 @@ def test_the_end_line_names_what_loads_the_student(tmp_path, uniform, loader):
     assert line.startswith(f"done: student with 1,234 parameters in {tmp_path}; ")
     assert f"{loader.format(tmp_path)} loads it" in line
     assert ("save_hf_clip" in line) == uniform
+
+
+def test_the_split_image_pipeline_trains_resumes_exactly_and_records_data_wait(files):
+    # data.decode=tensor on the CPU: the loader hands uint8 crops, the device half finishes.
+    split = ["--set", "data.decode=tensor", "--set", "save_every=2"]
+    assert run_main(base_args(files, *split)) == 0
+    whole = [r for r in metrics(files / "run") if "loss" in r]
+    assert all(r["data_wait_ms"] >= 0 and 0 <= r["data_wait_share"] <= 1 for r in whole)
+    halves = [*split, "--out-dir", files / "halves"]
+    assert run_main(base_args(files, *halves, "--steps", "2")) == 0
+    assert run_main(base_args(files, *halves, "--resume")) == 0
+    resumed = [r for r in metrics(files / "halves") if "loss" in r]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+    # The setting reaches the run: the GPU decoder is refused on the CPU, in one line.
+    nvjpeg = ["--set", "data.decode=nvjpeg", "--out-dir", files / "gpu", "--steps", "1"]
+    assert run_main(base_args(files, *nvjpeg)) == 2

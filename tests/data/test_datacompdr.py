@@ -36,7 +36,9 @@ from tinyclip_fast.data.datacompdr import (
     datacompdr_recipe,
     decompress_params,
 )
-from tinyclip_fast.data.loader import make_loader
+from tinyclip_fast.data.decode import CropDecoder
+from tinyclip_fast.data.device_augment import DeviceAugment
+from tinyclip_fast.data.loader import collate, make_loader
 from tinyclip_fast.data.reinforced import TEACHER_IMAGE, TEACHER_TEXT, teacher_targets
 from tinyclip_fast.losses import AffinityMimickingLoss
 from tinyclip_fast.ops.backend import force_backend
@@ -83,6 +85,30 @@ def test_datacompdr_shards_read_back_with_replayed_augmentations(shards):
             assert torch.equal(sample[TEACHER_IMAGE], image_emb[aug])
             assert torch.equal(sample[TEACHER_TEXT], text_rows[caption])
             assert sample[TEACHER_IMAGE].dtype == image_emb.dtype  # float32 npz, bf16 pth.gz
+
+
+def test_the_split_pipeline_replays_datacompdr_crops_and_rand_augment(shards):
+    folder, _ = shards
+    datasets = [
+        DataCompDRDataset(
+            f"{folder}/{{00000000..00000001}}.tar",
+            tokenizer=WordTokenizer(),
+            recipe=datacompdr_recipe(24),
+            teachers=TEACHERS,
+            shuffle=False,
+        )
+        for _ in range(2)
+    ]
+    datasets[1].decoder = CropDecoder(datasets[1].recipe)
+    for dataset in datasets:
+        dataset.set_stream(seed=0, epoch=1, rank=0, world_size=1)
+    expected, samples = (list(dataset) for dataset in datasets)
+    assert samples[0]["image"].dtype == torch.uint8 and "aug_rand_ops" in samples[0]
+    batch = DeviceAugment(datasets[1].recipe)(collate(samples))
+    assert [s["aug_index"] for s in samples] == [s["aug_index"] for s in expected]
+    reference = torch.stack([s["image"] for s in expected])
+    std = torch.tensor(OPENAI_STD).view(1, -1, 1, 1)
+    assert float(((batch["image"] - reference) * std).abs().mean()) * 255 < 3.0
 
 
 def test_a_distillation_step_from_datacompdr_shards(shards):

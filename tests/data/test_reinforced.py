@@ -15,7 +15,9 @@ from open_clip.transform import image_transform
 from support import WordTokenizer, write_image_shards
 
 from tinyclip_fast.data.augment import AugmentRecipe
-from tinyclip_fast.data.loader import make_loader
+from tinyclip_fast.data.decode import CropDecoder
+from tinyclip_fast.data.device_augment import DeviceAugment
+from tinyclip_fast.data.loader import collate, make_loader
 from tinyclip_fast.data.reinforced import (
     TEACHER_IMAGE,
     TEACHER_TEXT,
@@ -133,6 +135,23 @@ def test_samples_replay_the_chosen_augmentation_with_its_embeddings(source):
     # Over the samples and epochs every augmentation and caption index is used.
     dataset.set_stream(seed=1, epoch=0, rank=0, world_size=1)
     assert {s["aug_index"] for s in dataset} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("decode", ["tensor", "pil"])
+def test_the_split_pipeline_replays_the_stored_crops(source, decode):
+    # The decoder replays each stored crop from the encoded image; the device half finishes it.
+    plain = ReinforcedDataset(source, tokenizer=WordTokenizer(), shuffle=False)
+    split = ReinforcedDataset(source, tokenizer=WordTokenizer(), shuffle=False)
+    split.decoder = CropDecoder(split.recipe, decode)
+    for dataset in (plain, split):
+        dataset.set_stream(seed=7, epoch=0, rank=0, world_size=1)
+    expected, samples = list(plain), list(split)
+    batch = DeviceAugment(split.recipe)(collate(samples))
+    assert [s["aug_index"] for s in samples] == [s["aug_index"] for s in expected]
+    reference = torch.stack([s["image"] for s in expected])
+    std = torch.tensor(RECIPE.std).view(1, -1, 1, 1)
+    assert float(((batch["image"] - reference) * std).abs().mean()) * 255 < 3.0
+    assert torch.equal(batch[TEACHER_IMAGE], torch.stack([s[TEACHER_IMAGE] for s in expected]))
 
 
 def test_caption_modes(source):

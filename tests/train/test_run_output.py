@@ -3,6 +3,7 @@ out of images/s and recorded once per step, the pruning report, the non-finite m
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def test_records_every_log_every_steps_and_at_the_stage_end(tmp_path):
         "loss",
         "lr",
         "images_per_s",
+        "data_wait_ms",
+        "data_wait_share",
         "sparsity",
         "penalty",
         "bad_samples",
@@ -57,6 +60,21 @@ def test_records_every_log_every_steps_and_at_the_stage_end(tmp_path):
     )
     records = (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in records] == output.history
+
+
+def test_data_wait_is_the_mean_per_step_and_its_share_of_the_time(tmp_path):
+    output, _ = _output(tmp_path)
+    stage = StageConfig(steps=4)
+    with output.open(0, None):
+        output.start_timing()
+        for step, wait in zip((1, 2, 3, 4), (0.01, 0.03, 0.0, 0.0), strict=True):
+            time.sleep(wait)
+            output.data_wait(wait)
+            output.step_done(step, stage, 0, step, 1.0, 0.1, None, None, None)
+    first, second = output.history
+    assert first["data_wait_ms"] == pytest.approx(20.0)
+    assert 0.5 < first["data_wait_share"] <= 1.0
+    assert second["data_wait_ms"] == 0.0 and second["data_wait_share"] == 0.0
 
 
 def test_evaluation_is_recorded_once_per_step_and_untimed(tmp_path, capsys):

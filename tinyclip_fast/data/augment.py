@@ -192,7 +192,7 @@ class AugmentRecipe:
         else:
             image = to_rgb(image)
         height, width = _image_hw(image)
-        top, left, crop_h, crop_w = _check_crop(params["crop"], height, width)
+        top, left, crop_h, crop_w = check_crop(params["crop"], height, width)
         image = F.resized_crop(
             image,
             top,
@@ -206,9 +206,9 @@ class AugmentRecipe:
         if params.get("flip"):
             image = F.hflip(image)
         for name, magnitude in params.get("rand_augment", ()):
-            image = _apply_rand_augment_op(image, name, float(magnitude))
+            image = apply_rand_augment_op(image, name, float(magnitude))
         if params.get("color_jitter") is not None:
-            image = _apply_jitter(image, params["color_jitter"])
+            image = apply_jitter(image, params["color_jitter"])
         if params.get("gray"):
             image = F.rgb_to_grayscale(image, num_output_channels=3)
         tensor = image.float() if is_tensor else F.to_tensor(image)
@@ -377,7 +377,8 @@ def rand_augment_space(bins: int, size: Sequence[int]) -> dict[str, tuple[torch.
 RAND_AUGMENT_OPS = tuple(rand_augment_space(31, (32, 32)))
 
 
-def _apply_rand_augment_op(image: Any, name: str, magnitude: float) -> Any:
+def apply_rand_augment_op(image: Any, name: str, magnitude: float) -> Any:
+    """One recorded RandAugment op on a PIL image or tensor (torchvision's op table)."""
     from torchvision.transforms.autoaugment import _apply_op
 
     if name not in RAND_AUGMENT_OPS:
@@ -388,7 +389,8 @@ def _apply_rand_augment_op(image: Any, name: str, magnitude: float) -> Any:
 _JITTER_FUNCTIONS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
-def _apply_jitter(image: Any, drawn: dict[str, Any]) -> Any:
+def apply_jitter(image: Any, drawn: dict[str, Any]) -> Any:
+    """Recorded colour jitter (``drawn``: order and factors) on a PIL image or tensor."""
     order = drawn["order"]
     if sorted(order) != [0, 1, 2, 3]:
         raise ValueError(f"color_jitter order must be a permutation of 0..3, got {order}")
@@ -451,7 +453,8 @@ def _check_tensor_image(image: torch.Tensor, uses_color: bool) -> None:
         )
 
 
-def _check_crop(crop: Sequence[int], height: int, width: int) -> tuple[int, int, int, int]:
+def check_crop(crop: Sequence[int], height: int, width: int) -> tuple[int, int, int, int]:
+    """``crop`` as (top, left, height, width) ints; ValueError unless it fits the image."""
     if len(crop) != 4 or any(int(v) != v for v in crop):
         raise ValueError(f"crop must be 4 integers [top, left, height, width], got {crop}")
     top, left, crop_h, crop_w = (int(v) for v in crop)

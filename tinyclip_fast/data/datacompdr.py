@@ -48,6 +48,7 @@ from tinyclip_fast.data.datasets import WDS_IMAGE_EXTENSIONS, Tokenizer, expand_
 from tinyclip_fast.data.options import given_options
 from tinyclip_fast.data.reinforced import ReinforcedItem, ReinforcedStream, TeacherInfo
 from tinyclip_fast.data.sources import (
+    Record,
     decode_image,
     iter_tar_samples,
     sample_fields,
@@ -175,9 +176,18 @@ class DataCompDRDataset(ReinforcedStream):
                 )
             if not real and not synthetic:
                 raise ValueError(f"{where} has no caption ({self.caption_key} or syn.json)")
+            data = raw[image_ext]
+            record = Record(
+                key,
+                lambda data=data, where=where: decode_image(data, where),
+                tuple(real + synthetic),
+                len(real),
+                lambda data=data: data,
+                where,
+            )
             yield ReinforcedItem(
                 f"{Path(shard).name}/{key}",
-                decode_image(raw[image_ext], where),
+                record,
                 real + synthetic,
                 len(real),
                 params,

@@ -2,6 +2,8 @@
 
 Every dataset yields dict samples ``{"image": FloatTensor[3, H, W], "text": LongTensor[ctx],
 "index": int}`` (labelled datasets add ``"label": int``); ``loader.make_loader`` batches them.
+With a :class:`CropDecoder` as the preprocess, CSV and webdataset samples hold its uint8 crop
+and parameters instead (data/decode.py; data/device_augment.py finishes them on the device).
 
 A sample that cannot be read raises :class:`BadSampleError` naming the file, the CSV row or the
 shard member. Map-style datasets name each sample's identity with ``sample_key(index)`` (the
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from tinyclip_fast.data.decode import CropDecoder
 from tinyclip_fast.data.images import file_problem, open_rgb
 from tinyclip_fast.data.loader import BadSampleError, epoch_generator
 from tinyclip_fast.data.options import declare_data_options, given_options
@@ -166,14 +169,22 @@ class CsvPairDataset(Dataset):
         if problem is not None:
             raise BadSampleError(f"{where} {problem}", record)
         try:
-            image = self.preprocess(open_rgb(image_path))
+            fields = image_fields(self.preprocess, image_path)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
             raise BadSampleError(f"{where} cannot be read: {describe_error(err)}", record) from err
         return {
-            "image": image,
+            **fields,
             "text": _tokenize_one(self.tokenizer, self.captions[index]),
             "index": index,
         }
+
+
+def image_fields(preprocess: Preprocess, source: str | Path | bytes) -> dict[str, Any]:
+    """A sample's image fields: a :class:`CropDecoder` reads ``source`` itself (the uint8
+    crop and its parameters, data/decode.py); any other preprocess gets the PIL image."""
+    if isinstance(preprocess, CropDecoder):
+        return preprocess(source)
+    return {"image": preprocess(open_rgb(source))}
 
 
 def describe_error(err: BaseException) -> str:
@@ -391,7 +402,7 @@ class WebDatasetPairs(IterableDataset):
                 yield {"bad_sample": BadSampleError(message, record).record}
                 continue
             try:
-                image = self.preprocess(open_rgb(raw[image_ext]))
+                fields = image_fields(self.preprocess, raw[image_ext])
                 caption = raw[self.caption_key].decode("utf-8")
             except Exception as err:  # PIL's many error types, bad UTF-8
                 message = (
@@ -399,7 +410,7 @@ class WebDatasetPairs(IterableDataset):
                 )
                 yield {"bad_sample": BadSampleError(message, record).record}
                 continue
-            yield {"image": image, "text": _tokenize_one(self.tokenizer, caption)}
+            yield {**fields, "text": _tokenize_one(self.tokenizer, caption)}
         reason = None
         if errors:  # webdataset appends the stream and the url to the message's arguments
             first = errors[0]

@@ -37,7 +37,7 @@ def to_rgb(image: Any) -> Any:
     Returns ``image`` itself when it already is upright RGB."""
     from PIL import ImageOps
 
-    image = ImageOps.exif_transpose(image) if _has_orientation(image) else image
+    image = ImageOps.exif_transpose(image) if orientation(image) != 1 else image
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
@@ -74,11 +74,12 @@ def file_problem(path: Path) -> str | None:
     return "does not exist"
 
 
-def _has_orientation(image: Any) -> bool:
+def orientation(image: Any) -> int:
+    """The EXIF orientation of a PIL image (1: stored upright; 5-8 swap width and height)."""
     try:
-        return image.getexif().get(0x0112, 1) != 1  # 0x0112: the EXIF Orientation tag
+        return int(image.getexif().get(0x0112, 1))  # 0x0112: the EXIF Orientation tag
     except Exception:  # a broken EXIF block: show the image as stored
-        return False
+        return 1
 
 
 def _scale_to_8_bits(image: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ ranks gather equal shapes) and a resumed run reads the same substitutes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 # Consecutive unreadable indices tried for one slot of a batch before giving up.
 MAX_SUBSTITUTES = 100
+# Loader workers per local GPU when num_workers is not given (CUDA), and batches each worker
+# keeps ready: enough to hide a slow image behind the others without holding many batches.
+MAX_WORKERS_PER_GPU = 12
+PREFETCH_PER_WORKER = 4
 BAD_SAMPLES_KEY = "bad_samples"
 
 
@@ -68,22 +73,46 @@ def check_batch_settings(
         )
 
 
+def default_workers(device_type: str, local_gpus: int | None = None) -> int:
+    """Loader workers when num_workers is not given: 0 off CUDA (decode in the training
+    process, as open_clip's default); on CUDA the cores this process may use per local GPU,
+    less one for the training process, capped at MAX_WORKERS_PER_GPU."""
+    if device_type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if local_gpus is None:
+        local_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+    return max(1, min(MAX_WORKERS_PER_GPU, (cores or 1) // max(1, local_gpus) - 1))
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # One stream per (seed, epoch): a resumed run rebuilds the same permutation from scratch.
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack tensor fields, turn int fields (index, label) into a LongTensor."""
+    """Stack tensor fields, turn int fields (index, label) into a LongTensor. Images of
+    different sizes (the uint8 crops and encoded bytes of data/decode.py) are zero-padded at
+    the end of every dimension to the largest; the samples record their own sizes."""
     batch = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]
-        batch[key] = (
-            torch.stack(values)
-            if isinstance(values[0], torch.Tensor)
-            else torch.tensor(values, dtype=torch.long)
-        )
+        if not isinstance(values[0], torch.Tensor):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif len({value.shape for value in values}) > 1:
+            batch[key] = pad_stack(values)
+        else:
+            batch[key] = torch.stack(values)
     return batch
+
+
+def pad_stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked, each zero-padded at the end of every dimension to the largest."""
+    shape = [max(sizes) for sizes in zip(*(value.shape for value in values), strict=True)]
+    out = values[0].new_zeros((len(values), *shape))
+    for slot, value in zip(out, values, strict=True):
+        slot[tuple(slice(0, size) for size in value.shape)] = value
+    return out
 
 
 class BadSampleLog:
@@ -245,6 +274,7 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = True,
     bad_samples: BadSampleLog | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless collated batches of ``batch_size`` per rank, in a (seed, epoch)-determined order.
 
@@ -253,6 +283,8 @@ def make_loader(
     Iterable: shards go to ranks (``set_stream``) or, for other iterables, every world_size-th
     sample; ``start_step`` batches are consumed and dropped. ``bad_samples`` switches skipping
     of unreadable samples on (module docstring); without it the first one raises.
+    ``pin_memory``: map-style batches come from the workers in page-locked memory (for an
+    asynchronous copy to CUDA; data/feed.py pins the others), PREFETCH_PER_WORKER ahead.
     """
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start_step < 0:
         raise ValueError(
@@ -294,6 +326,8 @@ def make_loader(
                 num_workers=num_workers,
                 collate_fn=_identity,
                 persistent_workers=True,
+                pin_memory=pin_memory,
+                prefetch_factor=PREFETCH_PER_WORKER,
             )
         )
     return _checked(raw, bad_samples, start_step)

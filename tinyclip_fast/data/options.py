@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# How training images are decoded (data.decode; data/decode.py): PIL and the whole transform
+# in the loader workers, or the split pipeline with libjpeg-turbo or nvjpeg decoding.
+DECODERS = ("pil", "tensor", "nvjpeg")
+
 _CSV = {
     "img_key": "column of image paths, relative to the file's folder (default: filepath)",
     "caption_key": "column of captions (default: title)",

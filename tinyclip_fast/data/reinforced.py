@@ -55,8 +55,9 @@ from tinyclip_fast.data.datasets import (
     csv_separator,
     split_shards,
 )
+from tinyclip_fast.data.decode import CropDecoder
 from tinyclip_fast.data.options import given_options
-from tinyclip_fast.data.sources import ShardedSource, open_source, source_kind
+from tinyclip_fast.data.sources import Record, ShardedSource, open_source, source_kind
 
 FORMAT = "tinyclip_fast.reinforced"
 FORMAT_VERSION = 1
@@ -346,7 +347,7 @@ class ReinforcedItem(NamedTuple):
     """What a shard reader hands the stream for one sample (captions real first)."""
 
     uid: str
-    image: Any
+    image: Record  # decoded when the sample is made, by PIL or the split pipeline
     captions: Sequence[str]
     num_real: int
     params: Sequence[Params]  # one per stored augmentation
@@ -360,7 +361,11 @@ class ReinforcedStream(IterableDataset):
 
     ``teachers`` (TeacherInfo list) and ``recipe`` describe the stored embeddings;
     ``caption_mode``: pick among all captions, only the real or only the synthetic ones.
+    ``decoder`` (None: PIL and ``recipe.apply``): a :class:`CropDecoder` of ``recipe`` replays
+    the stored crops from the encoded images, the rest left to data/device_augment.py.
     """
+
+    decoder: CropDecoder | None = None
 
     def __init__(
         self,
@@ -415,7 +420,7 @@ class ReinforcedStream(IterableDataset):
             self.seed, self.epoch, item.uid, f"{self.caption_mode} caption", hi - lo
         )
         return {
-            "image": self.recipe.apply(item.image, item.params[aug]),
+            **self._image_fields(item.image, item.params[aug]),
             "text": _tokenize_one(self.tokenizer, item.captions[caption]),
             "index": position,
             "aug_index": aug,
@@ -424,6 +429,14 @@ class ReinforcedStream(IterableDataset):
             TEACHER_IMAGE: item.image_emb[aug].clone(),
             TEACHER_TEXT: item.text_emb[caption].clone(),
         }
+
+    def _image_fields(self, record: Record, params: Params) -> dict[str, Any]:
+        if self.decoder is None:
+            return {"image": self.recipe.apply(record.load_image(), params)}
+        try:
+            return self.decoder(record.encoded(), params)
+        except (OSError, ValueError, SyntaxError) as err:  # as sources.decode_image words it
+            raise ValueError(f"cannot decode the image of {record.where}: {err}") from err
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -438,6 +451,7 @@ class ReinforcedDataset(ReinforcedStream):
     dtype); with ``recipe`` and/or ``teachers`` given, the caches must have been built with
     exactly those (refused with the differences named otherwise). A shard whose samples no
     longer match its cache (changed, truncated) is an error naming both paths.
+
     """
 
     def __init__(
@@ -497,7 +511,7 @@ class ReinforcedDataset(ReinforcedStream):
             count += 1
             yield ReinforcedItem(
                 f"{shard.name}/{record.key}",
-                record.load_image(),
+                record,  # decoded in _image_fields, by PIL or the split pipeline's decoder
                 record.captions,
                 num_real,
                 cache.params[position],

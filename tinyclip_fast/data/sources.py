@@ -47,6 +47,8 @@ class Record:
     load_image: Callable[[], Any]  # -> PIL RGB image
     captions: tuple[str, ...]
     num_real: int
+    encoded: Callable[[], bytes] | None = None  # -> the image file's bytes
+    where: str = ""  # the sample, for error messages
 
 
 class TarShard:
@@ -86,6 +88,8 @@ class TarShard:
                 lambda data=data, where=where: decode_image(data, where),
                 (*real, *synthetic),
                 len(real),
+                lambda data=data: data,
+                where,
             )
 
     def __repr__(self) -> str:
@@ -122,17 +126,21 @@ class ListShard:
         for entry in self.entries:
             yield Record(
                 entry.key,
-                lambda entry=entry: self._load(entry),
+                lambda entry=entry: decode_image(self._path(entry), self._where(entry)),
                 entry.captions,
                 entry.num_real,
+                lambda entry=entry: self._path(entry).read_bytes(),
+                self._where(entry),
             )
 
-    def _load(self, entry: _Entry) -> Any:
-        where = f"image {entry.image_path} (sample {entry.key!r} of {self.origin})"
+    def _where(self, entry: _Entry) -> str:
+        return f"image {entry.image_path} (sample {entry.key!r} of {self.origin})"
+
+    def _path(self, entry: _Entry) -> Path:
         problem = file_problem(entry.image_path)
         if problem is not None:
-            raise FileNotFoundError(f"{where} {problem}")
-        return decode_image(entry.image_path, where)
+            raise FileNotFoundError(f"{self._where(entry)} {problem}")
+        return entry.image_path
 
     def __repr__(self) -> str:
         return f"ListShard({self.name!r}, {len(self.entries)} samples of {self.origin})"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tinyclip_fast.data.options import DECODERS
 from tinyclip_fast.inheritance import HF_PREFIX
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.train.config_io import (
@@ -125,6 +126,16 @@ class DataConfig:
         0.01,
         help="with skip_bad_samples: stop once more than this fraction of the samples read "
         "were bad",
+    )
+    decode: str = setting(
+        "auto",
+        choices=("auto", *DECODERS),
+        help="training images of csv, webdataset (with the teacher's training transform), "
+        "reinforced and datacompdr data: pil (PIL decode and the transform "
+        "in the loader workers), tensor (workers decode with libjpeg-turbo and crop in uint8; "
+        "the training device resizes, flips, jitters and normalises), nvjpeg (workers read "
+        "bytes, the GPU decodes), auto (CUDA: nvjpeg where torchvision has it, else tensor; "
+        "CPU: pil; docs/data.md)",
     )
 
     def require(self) -> None:
@@ -360,7 +371,12 @@ class DistillConfig:
         flag=True,
         help="replace another run's files in out_dir (checkpoint, metrics, student)",
     )
-    num_workers: int = setting(0, flag=True, help="data loader worker processes")
+    num_workers: int | None = setting(
+        None,
+        flag=True,
+        help="data loader worker processes (null: 0 on the CPU; on CUDA the cores available "
+        "per local GPU minus one, at most 12)",
+    )
     progress: bool = setting(True, help="tqdm progress bar")
     export_hf: bool = setting(
         False,
@@ -421,7 +437,7 @@ class DistillConfig:
             raise ValueError("log_every must be > 0; save_every and eval.every >= 0 (0 = off)")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads must be > 0, got {self.threads}")
-        if self.eval.batch_size <= 0 or self.num_workers < 0:
+        if self.eval.batch_size <= 0 or (self.num_workers or 0) < 0:
             raise ValueError("eval.batch_size must be > 0 and num_workers >= 0")
         if self.data.size is not None and self.data.size <= 0:
             raise ValueError(f"data.size must be > 0, got {self.data.size}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinyclip_fast.data.datasets import build_dataset
-from tinyclip_fast.data.loader import BadSampleLog, check_batch_settings, make_loader
+from tinyclip_fast.data.augment import AugmentRecipe
+from tinyclip_fast.data.datasets import CsvPairDataset, WebDatasetPairs, build_dataset
+from tinyclip_fast.data.decode import CropDecoder, resolve_decode
+from tinyclip_fast.data.device_augment import DeviceAugment
+from tinyclip_fast.data.feed import DeviceFeed
+from tinyclip_fast.data.loader import (
+    BadSampleLog,
+    check_batch_settings,
+    default_workers,
+    make_loader,
+)
+from tinyclip_fast.data.reinforced import ReinforcedStream
 from tinyclip_fast.inheritance.student_io import check_export_format, save_student
 from tinyclip_fast.pruning.masked_clip import MaskedCLIP
 from tinyclip_fast.teachers.embedding_cache import teacher_fingerprint
@@ -82,12 +92,12 @@ from tinyclip_fast.train.students import (
 class DistillResult:
     """What :func:`distill` returns.
 
-    history: {"step", "stage", "loss", "lr", "images_per_s"[, "sparsity", "penalty",
-        "bad_samples"]} every log_every steps, {"step", "stage", METRIC: value...} after
-        every evaluation ("top1" for zero-shot, the recall@k of retrieval), and {"step",
-        "stage", "event": "pruned", "expected_sparsity", "target_sparsity", "target_miss",
-        "prune_reason", "params_before", "params_after"} when an auto stage prunes
-        (target_miss: "under", "over" or None).
+    history: {"step", "stage", "loss", "lr", "images_per_s", "data_wait_ms",
+        "data_wait_share"[, "sparsity", "penalty", "bad_samples"]} every log_every steps,
+        {"step", "stage", METRIC: value...} after every evaluation ("top1" for zero-shot, the
+        recall@k of retrieval), and {"step", "stage", "event": "pruned", "expected_sparsity",
+        "target_sparsity", "target_miss", "prune_reason", "params_before", "params_after"}
+        when an auto stage prunes (target_miss: "under", "over" or None).
     student: the final compact, mask-free, open_clip-compatible student (eval mode), or the
         student in training when the run was interrupted.
     params: its parameter count; stage_params: the count after every finished stage.
@@ -118,6 +128,7 @@ class _Run:
     fingerprints: list[str]
     stage_params: list[int] = field(default_factory=list)
     tokenizer: Callable | None = None  # the student's (the teachers'): for export_hf
+    augment: DeviceAugment | None = None  # the device half of the split image pipeline
 
     def save(self, stage: Stage, stage_step: int, step: int) -> None:
         self.checkpoints.save(
@@ -184,7 +195,7 @@ def distill(
         check_batch_settings(config.batch_size, world_size)
         resume = _open_run_folder(config, rank, world_size)
         torch.manual_seed(config.seed + rank)
-        eval_preprocess = preprocess
+        eval_preprocess, train_tf, augment = preprocess, None, None
         if teacher is None:
             teachers, built_tokenizer, train_tf, eval_tf = build_teachers(config.teacher_configs())
             tokenizer = tokenizer or built_tokenizer
@@ -205,6 +216,7 @@ def distill(
                 **config.data.as_dict(),
             }
             train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
+            augment = _split_pipeline(config, train_dataset, train_tf, device)
         if hasattr(train_dataset, "__len__") and not isinstance(
             train_dataset, torch.utils.data.IterableDataset
         ):
@@ -229,6 +241,7 @@ def distill(
         run.tokenizer = tokenizer
         if changes:
             run.output.say(changes)
+        run.augment = augment
         return _train(run, student, resume)
     finally:
         if lock is not None:
@@ -269,6 +282,38 @@ def _take_lock(lock: RunLock | None, world_size: int) -> None:
         refusal = broadcast_object(refusal)
     if refusal is not None:
         raise RunFolderLocked(refusal)
+
+
+def _split_pipeline(
+    config: DistillConfig,
+    dataset: torch.utils.data.Dataset,
+    train_tf: Callable | None,
+    device: torch.device,
+) -> DeviceAugment | None:
+    """Hand ``dataset`` the loader's half of the split image pipeline (data/decode.py) and
+    return the device's half, where data.decode resolves to tensor or nvjpeg on ``device``:
+    csv and webdataset data read with the teacher's training transform, reinforced and
+    DataCompDR data (their stored crops)."""
+    decode = resolve_decode(config.data.decode, device)
+    if decode == "pil":
+        return None
+    if isinstance(dataset, ReinforcedStream):
+        dataset.decoder = CropDecoder(dataset.recipe, decode)
+        return DeviceAugment(dataset.recipe)
+    plain = isinstance(dataset, (CsvPairDataset, WebDatasetPairs))
+    if plain and train_tf is not None and dataset.preprocess is train_tf:
+        recipe = AugmentRecipe.from_transform(train_tf)
+        dataset.preprocess = CropDecoder(recipe, decode)
+        return DeviceAugment(recipe)
+    if config.data.decode == "auto":
+        return None
+    raise ValueError(
+        f"data.decode {decode!r} reads reinforced and datacompdr data, and csv and webdataset "
+        "data augmented by the teacher's training transform; this run's data "
+        f"({config.data.kind!r}"
+        f"{', un-augmented for the teacher cache' if config.teacher.cache else ''}) is "
+        "decoded with PIL: use data.decode auto or pil"
+    )
 
 
 def _open_run_folder(config: DistillConfig, rank: int, world_size: int) -> TrainingState | None:
@@ -361,16 +406,20 @@ def _train(run: _Run, student: nn.Module | None, resume: TrainingState | None) -
     step = resume.step if resume else 0
     if resume:
         student = _restore(run, resume)
-    loader = make_loader(
+    device = run.ctx.device
+    workers = config.num_workers
+    batches = make_loader(
         run.dataset,
         config.batch_size // run.world_size,
         seed=config.seed,
         start_step=step,
         rank=run.rank,
         world_size=run.world_size,
-        num_workers=config.num_workers,
+        num_workers=default_workers(device.type) if workers is None else workers,
         bad_samples=run.bad_samples,
+        pin_memory=device.type == "cuda",
     )
+    loader = DeviceFeed(batches, device, run.augment)
     output.say(
         f"distilling on {run.ctx.device} in {run.precision}: {len(config.stages)} stage(s), "
         f"{config.total_steps} steps, batch {config.batch_size}; run folder {Path(config.out_dir)}"
@@ -485,7 +534,7 @@ def _train_stage(
     stage: Stage,
     stage_step: int,
     step: int,
-    loader: Iterator[dict[str, torch.Tensor]],
+    loader: DeviceFeed,
     stop: StopFlag,
 ) -> tuple[Stage, int, bool]:
     """Train one stage to its last step; returns (its final stage, global step, interrupted)."""
@@ -496,7 +545,8 @@ def _train_stage(
             stage, report = stage.prune(stage_step)
             output.pruned(report, spec, index, step)
         lr = stage.set_learning_rate(stage_step)
-        batch = {k: v.to(run.ctx.device, non_blocking=True) for k, v in next(loader).items()}
+        batch = next(loader)
+        output.data_wait(loader.wait)
         loss = stage.backward(batch, run.targets(batch), step)
         sparsity, penalty = stage.add_penalty(stage_step)
         loss_value = mean_over_ranks(loss, run.world_size)

@@ -42,6 +42,7 @@ class RunOutput:
         self.log: MetricsLog | None = None
         self._tick, self._images = time.perf_counter(), 0
         self._plots = True  # until matplotlib turns out to be missing
+        self._wait, self._steps = 0.0, 0
 
     def say(self, message: str) -> None:
         """One line on rank 0 (above the progress bar when there is one)."""
@@ -76,8 +77,13 @@ class RunOutput:
         self.log.write(record)
 
     def start_timing(self) -> None:
-        """Images/s counts from now (a stage's first step)."""
+        """Images/s and data-wait count from now (a stage's first step)."""
         self._tick, self._images = time.perf_counter(), 0
+        self._wait, self._steps = 0.0, 0
+
+    def data_wait(self, seconds: float) -> None:
+        """Time the step just taken spent waiting for the loader (data/feed.py)."""
+        self._wait += seconds
 
     @contextlib.contextmanager
     def untimed(self) -> Iterator[None]:
@@ -101,8 +107,10 @@ class RunOutput:
         bad_samples: int | None,
     ) -> None:
         """Count the step's images; every log_every steps (and at a stage's end) a record
-        with the loss, rate, images/s (and the masks' sparsity and penalty, bad samples)."""
+        with the loss, rate, images/s, the mean data-wait per step in ms and its share of the
+        time (and the masks' sparsity and penalty, bad samples)."""
         self._images += self.config.batch_size
+        self._steps += 1
         if step % self.config.log_every == 0 or stage_step == stage.steps:
             elapsed = time.perf_counter() - self._tick
             record = {
@@ -111,6 +119,8 @@ class RunOutput:
                 "loss": loss,
                 "lr": lr,
                 "images_per_s": self._images / max(elapsed, 1e-9),
+                "data_wait_ms": 1000 * self._wait / max(self._steps, 1),
+                "data_wait_share": min(1.0, self._wait / max(elapsed, 1e-9)),
             }
             if sparsity is not None:
                 record["sparsity"] = float(sparsity.detach())
@@ -118,7 +128,11 @@ class RunOutput:
             if bad_samples is not None:
                 record["bad_samples"] = bad_samples
             self.record(record)
-            self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            self.progress.set_postfix(
+                loss=f"{loss:.4f}",
+                img_s=f"{record['images_per_s']:.0f}",
+                wait=f"{record['data_wait_ms']:.0f}ms ({record['data_wait_share']:.0%})",
+            )
             self.start_timing()
         self.progress.update(1)
 
