@@ -280,79 +280,10 @@ class AugmentRecipe:
             drawn[name] = None if bounds is None else _uniform(*bounds, generator)
         return drawn
 
-    # ---- from a torchvision / open_clip transform -------------------------------------
-
     @classmethod
     def from_transform(cls, transform: Callable) -> AugmentRecipe:
-        """The recipe of a torchvision ``Compose`` training transform, e.g. open_clip's
-        ``image_transform(size, is_train=True, ...)`` or the train preprocess that
-        ``open_clip.create_model_and_transforms`` returns (not the timm variant).
-
-        Raises ValueError naming the first op it cannot record and replay.
-        """
-        import open_clip.transform as oc
-
-        ops = getattr(transform, "transforms", None)
-        if ops is None:
-            raise ValueError(
-                f"cannot read an augmentation recipe from {type(transform).__name__}: expected "
-                "a torchvision Compose (open_clip's training transform)"
-            )
-        if not any(isinstance(op, T.RandomResizedCrop) for op in ops):
-            raise ValueError(
-                "the transform has no RandomResizedCrop: pass the training transform "
-                "(is_train=True), not the evaluation one"
-            )
-        values: dict[str, Any] = {}
-        stage = 0  # ops must come in apply()'s order
-        for op in ops:
-            if isinstance(op, T.RandomResizedCrop):
-                if op.antialias is False:
-                    raise ValueError("cannot replay RandomResizedCrop(antialias=False)")
-                position = 0
-                values.update(
-                    size=tuple(op.size),
-                    scale=tuple(op.scale),
-                    ratio=tuple(op.ratio),
-                    interpolation=op.interpolation.value,
-                )
-            elif isinstance(op, (oc.MaybeConvertMode, T.ToTensor)) or op is oc._convert_to_rgb:
-                continue  # no parameters; apply() converts to RGB and to a tensor itself
-            elif isinstance(op, T.RandomHorizontalFlip):
-                position, values["hflip_prob"] = 1, float(op.p)
-            elif isinstance(op, T.RandAugment):
-                if op.interpolation != InterpolationMode.NEAREST or op.fill is not None:
-                    raise ValueError("cannot replay RandAugment with interpolation or fill set")
-                position = 2
-                values["rand_augment"] = (op.num_ops, op.magnitude, op.num_magnitude_bins)
-            elif isinstance(op, (oc.color_jitter, T.ColorJitter)):
-                jitter = op.transf if isinstance(op, oc.color_jitter) else op
-                position = 3
-                values["color_jitter"] = tuple(
-                    None if getattr(jitter, name) is None else tuple(getattr(jitter, name))
-                    for name in JITTER_OPS
-                )
-                values["color_jitter_prob"] = float(getattr(op, "p", 1.0))
-            elif isinstance(op, (oc.gray_scale, T.RandomGrayscale)):
-                position, values["gray_prob"] = 4, float(op.p)
-            elif isinstance(op, T.Normalize):
-                position = 5
-                values.update(mean=tuple(op.mean), std=tuple(op.std))
-            else:
-                raise ValueError(
-                    f"cannot record and replay {type(op).__name__} of the training transform "
-                    "(supported: RandomResizedCrop, RandomHorizontalFlip, RandAugment, "
-                    "ColorJitter, grayscale, ToTensor, Normalize)"
-                )
-            if position < stage:
-                raise ValueError(
-                    f"{type(op).__name__} comes after an op that this recipe applies later; "
-                    "cannot replay the transform in its order"
-                )
-            stage = position
-        values.setdefault("mean", None)
-        values.setdefault("std", None)
-        return cls(**values)
+        """The recipe of a torchvision training transform (:func:`recipe_from_transform`)."""
+        return recipe_from_transform(transform)
 
     @classmethod
     def for_model(
@@ -366,6 +297,78 @@ class AugmentRecipe:
         return cls.from_transform(
             open_clip.transform.image_transform_v2(cfg, True, aug_cfg=aug_cfg)
         )
+
+
+def recipe_from_transform(transform: Callable) -> AugmentRecipe:
+    """The recipe of a torchvision ``Compose`` training transform, e.g. open_clip's
+    ``image_transform(size, is_train=True, ...)`` or the train preprocess that
+    ``open_clip.create_model_and_transforms`` returns (not the timm variant).
+
+    Raises ValueError naming the first op it cannot record and replay.
+    """
+    import open_clip.transform as oc
+
+    ops = getattr(transform, "transforms", None)
+    if ops is None:
+        raise ValueError(
+            f"cannot read an augmentation recipe from {type(transform).__name__}: expected "
+            "a torchvision Compose (open_clip's training transform)"
+        )
+    if not any(isinstance(op, T.RandomResizedCrop) for op in ops):
+        raise ValueError(
+            "the transform has no RandomResizedCrop: pass the training transform "
+            "(is_train=True), not the evaluation one"
+        )
+    values: dict[str, Any] = {}
+    stage = 0  # ops must come in apply()'s order
+    for op in ops:
+        if isinstance(op, T.RandomResizedCrop):
+            if op.antialias is False:
+                raise ValueError("cannot replay RandomResizedCrop(antialias=False)")
+            position = 0
+            values.update(
+                size=tuple(op.size),
+                scale=tuple(op.scale),
+                ratio=tuple(op.ratio),
+                interpolation=op.interpolation.value,
+            )
+        elif isinstance(op, (oc.MaybeConvertMode, T.ToTensor)) or op is oc._convert_to_rgb:
+            continue  # no parameters; apply() converts to RGB and to a tensor itself
+        elif isinstance(op, T.RandomHorizontalFlip):
+            position, values["hflip_prob"] = 1, float(op.p)
+        elif isinstance(op, T.RandAugment):
+            if op.interpolation != InterpolationMode.NEAREST or op.fill is not None:
+                raise ValueError("cannot replay RandAugment with interpolation or fill set")
+            position = 2
+            values["rand_augment"] = (op.num_ops, op.magnitude, op.num_magnitude_bins)
+        elif isinstance(op, (oc.color_jitter, T.ColorJitter)):
+            jitter = op.transf if isinstance(op, oc.color_jitter) else op
+            position = 3
+            values["color_jitter"] = tuple(
+                None if getattr(jitter, name) is None else tuple(getattr(jitter, name))
+                for name in JITTER_OPS
+            )
+            values["color_jitter_prob"] = float(getattr(op, "p", 1.0))
+        elif isinstance(op, (oc.gray_scale, T.RandomGrayscale)):
+            position, values["gray_prob"] = 4, float(op.p)
+        elif isinstance(op, T.Normalize):
+            position = 5
+            values.update(mean=tuple(op.mean), std=tuple(op.std))
+        else:
+            raise ValueError(
+                f"cannot record and replay {type(op).__name__} of the training transform "
+                "(supported: RandomResizedCrop, RandomHorizontalFlip, RandAugment, "
+                "ColorJitter, grayscale, ToTensor, Normalize)"
+            )
+        if position < stage:
+            raise ValueError(
+                f"{type(op).__name__} comes after an op that this recipe applies later; "
+                "cannot replay the transform in its order"
+            )
+        stage = position
+    values.setdefault("mean", None)
+    values.setdefault("std", None)
+    return AugmentRecipe(**values)
 
 
 def rand_augment_space(bins: int, size: Sequence[int]) -> dict[str, tuple[torch.Tensor, bool]]:

@@ -209,14 +209,9 @@ def distill(
         fingerprints = [teacher_fingerprint(t) for t in teachers]
         changes = _check_resume(resume, config, fingerprints) if resume is not None else None
         if train_dataset is None:
-            register_reinforced_kinds()
-            data_cfg = {
-                **dataset_defaults(teachers[0], config.seed),
-                **config.reinforced.data_options(),
-                **config.data.as_dict(),
-            }
-            train_dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
-            augment = _split_pipeline(config, train_dataset, train_tf, device)
+            train_dataset, augment = _build_data(
+                config, teachers[0], preprocess, train_tf, tokenizer, device
+            )
         if hasattr(train_dataset, "__len__") and not isinstance(
             train_dataset, torch.utils.data.IterableDataset
         ):
@@ -238,10 +233,9 @@ def distill(
             rank,
             world_size,
         )
-        run.tokenizer = tokenizer
+        run.tokenizer, run.augment = tokenizer, augment
         if changes:
             run.output.say(changes)
-        run.augment = augment
         return _train(run, student, resume)
     finally:
         if lock is not None:
@@ -282,6 +276,26 @@ def _take_lock(lock: RunLock | None, world_size: int) -> None:
         refusal = broadcast_object(refusal)
     if refusal is not None:
         raise RunFolderLocked(refusal)
+
+
+def _build_data(
+    config: DistillConfig,
+    teacher: nn.Module,
+    preprocess: Callable | None,
+    train_tf: Callable | None,
+    tokenizer: Callable | None,
+    device: torch.device,
+) -> tuple[torch.utils.data.Dataset, DeviceAugment | None]:
+    """The training data of config.data shaped for ``teacher``, and the device half of its
+    image pipeline (None: the loader hands finished images)."""
+    register_reinforced_kinds()
+    data_cfg = {
+        **dataset_defaults(teacher, config.seed),
+        **config.reinforced.data_options(),
+        **config.data.as_dict(),
+    }
+    dataset = build_dataset(data_cfg, preprocess=preprocess, tokenizer=tokenizer)
+    return dataset, _split_pipeline(config, dataset, train_tf, device)
 
 
 def _split_pipeline(
