@@ -85,7 +85,7 @@ def test_cadence_workers_and_device_may_change_and_are_said_in_one_line():
     current["eval"]["every"] = 10
     line = _check(current)
     assert line.startswith("resuming with changed settings: ")
-    for change in ("log_every 10 -> 5", "num_workers 0 -> 2", 'device null -> "cpu"'):
+    for change in ("log_every 10 -> 5", "num_workers null -> 2", 'device null -> "cpu"'):
         assert change in line
     assert "eval.every 1000 -> 10" in line and "threads null -> 1" in line
 
