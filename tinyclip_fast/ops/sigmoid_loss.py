@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import reduce
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -149,10 +150,11 @@ def _torch_tiles(
     device = rows.device
     m, n = rows.shape[0], cols.shape[0]
     cols_c = cols.to(dtype)
-    a, c = scale.detach().to(dtype), bias.detach().to(dtype)
-    alpha = float(a)
+    # The scales go on the [N, d] column operands, as 0-d tensors: never read on the host.
+    cols_a = cols_c * scale.detach().to(dtype)
+    c = bias.detach().to(dtype)
     prepared = [
-        (t_rows, t_cols.to(dtype), float(b), cb.to(dtype)) for t_rows, t_cols, b, cb in teachers
+        (t_rows, t_cols.to(dtype) * b.to(dtype), cb.to(dtype)) for t_rows, t_cols, b, cb in teachers
     ]
     distill = kind is not None
     w_c, w_d = weights
@@ -168,7 +170,7 @@ def _torch_tiles(
         size = stop - start
         logits, work, *rest = (buffer[:size] for buffer in workspace)
         x = rows[start:stop].to(dtype)
-        torch.addmm(c, x, cols_c.T, alpha=alpha, out=logits)
+        torch.addmm(c, x, cols_a.T, out=logits)
         # sum_j softplus(A_ij) is the loss of every negative pair and of a bce target 0.
         softplus_sum = torch.logaddexp(logits, zero, out=work).sum()
         local = torch.arange(size, device=device)
@@ -178,9 +180,9 @@ def _torch_tiles(
             sums[0] += softplus_sum - logits[local, label].sum()
         if distill:
             probs = rest[0]
-            for k, (t_rows, t_cols, b, cb) in enumerate(prepared):
+            for k, (t_rows, t_cols, cb) in enumerate(prepared):
                 target = probs if k == 0 else work
-                torch.addmm(cb, t_rows[start:stop].to(dtype), t_cols.T, alpha=b, out=target)
+                torch.addmm(cb, t_rows[start:stop].to(dtype), t_cols.T, out=target)
                 torch.sigmoid(target, out=target)
                 if k > 0:
                     probs += work
@@ -255,9 +257,13 @@ def _run_tiles(rows, cols, scale, bias, teachers, contrastive, kind, weights, la
     )
 
 
-def _same_gradient(first: torch.Tensor, second: torch.Tensor) -> bool:
-    # ``(c + d).backward()`` hands both outputs one tensor: no device round trip then.
-    return first is second or bool(torch.equal(first, second))
+def _scaled_products(products, grad_output, scale, m):
+    """(dx, dy, d scale, d bias) of one gradient pass times grad_output / m: a, 1/m and
+    grad_output in one in-place pass per feature gradient, all on the device."""
+    (dx, dy), sum_g, sum_gd = products
+    factor = grad_output.to(sum_g.dtype) / m
+    feature_factor = factor * scale.detach().to(sum_g.dtype)
+    return dx.mul_(feature_factor), dy.mul_(feature_factor), sum_gd * factor, sum_g * factor
 
 
 class _SigmoidLoss(torch.autograd.Function):
@@ -296,31 +302,44 @@ class _SigmoidLoss(torch.autograd.Function):
         rows, cols, scale, bias = ctx.saved_tensors
         contrastive, kind, weights, label_offset = ctx.config
         distill = kind is not None
-        if ctx.products is None or (contrastive and distill and not _same_gradient(grad_c, grad_d)):
-            # The forward's gradient is that of w_c L_c + w_d L_d: any other mix is recomputed.
-            mix = (weights[0] * float(grad_c), weights[1] * float(grad_d))
-            sums, products = _tiles(
-                rows, cols, scale, bias, ctx.teachers, contrastive, kind, mix, label_offset, True
-            )
-            factor = torch.ones((), dtype=sums.dtype, device=sums.device)
-            (dx, dy), sum_g, sum_gd = products, sums[2], sums[3]
-        else:
-            (dx, dy), sum_g, sum_gd = ctx.products
-            factor = grad_c if contrastive else grad_d
         # Scaled in place below, so consumed: a second backward (retain_graph) recomputes.
-        ctx.products = None
+        products, ctx.products = ctx.products, None
+        # ``(c + d).backward()`` hands both outputs one tensor, and the forward's gradient
+        # (that of w_c L_c + w_d L_d) serves; any other mix takes one pass per term, scaled
+        # on the device (comparing the two gradients' values would be a host read).
+        if products is not None and not (contrastive and distill and grad_c is not grad_d):
+            passes = [(products, grad_c if contrastive else grad_d)]
+        else:
+            passes = [
+                (_term_products(rows, cols, scale, bias, ctx.teachers, term, kind, weights,
+                                label_offset), grad_output)
+                for term, grad_output in (("contrastive", grad_c), ("distill", grad_d))
+                if (contrastive if term == "contrastive" else distill)
+            ]  # fmt: skip
         m = rows.shape[0]
-        factor = factor.to(sum_g.dtype) / m
-        # dS/dX = a G Y etc.: a, 1/m and grad_output in one in-place pass per gradient.
-        feature_factor = factor * scale.detach().to(sum_g.dtype)
+        scaled = [_scaled_products(p, g, scale, m) for p, g in passes]
+        dx, dy, d_scale, d_bias = (reduce(torch.add, parts) for parts in zip(*scaled, strict=True))
         needs = ctx.needs_input_grad
         return (
-            dx.mul_(feature_factor).to(rows.dtype) if needs[0] else None,
-            dy.mul_(feature_factor).to(cols.dtype) if needs[1] else None,
-            (sum_gd * factor).to(scale.dtype) if needs[2] else None,
-            (sum_g * factor).to(bias.dtype) if needs[3] else None,
+            dx.to(rows.dtype) if needs[0] else None,
+            dy.to(cols.dtype) if needs[1] else None,
+            d_scale.to(scale.dtype) if needs[2] else None,
+            d_bias.to(bias.dtype) if needs[3] else None,
             *([None] * 6),
         )
+
+
+def _term_products(rows, cols, scale, bias, teachers, term, kind, weights, label_offset):
+    """The gradient products of one term alone (``term`` "contrastive" or "distill")."""
+    if term == "contrastive":
+        sums, products = _tiles(
+            rows, cols, scale, bias, [], True, None, (weights[0], 0.0), label_offset, True
+        )
+    else:
+        sums, products = _tiles(
+            rows, cols, scale, bias, teachers, False, kind, (0.0, weights[1]), label_offset, True
+        )
+    return products, sums[2], sums[3]
 
 
 # ----------------------------------------------------------------------------- public API
