@@ -40,7 +40,7 @@ from tinyclip_fast.ops.affinity_torch import (
     torch_backward,
     torch_forward,
 )
-from tinyclip_fast.ops.backend import use_triton
+from tinyclip_fast.ops.backend import kernel_dtype, to_kernel_dtype, use_triton
 
 __all__ = [
     "KINDS",
@@ -149,8 +149,14 @@ class _AffinityLoss(torch.autograd.Function):
         compute_contrastive: bool,
         square: bool,
         label_offset: int,
+        half: torch.dtype | None,
         *teacher_tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast the kernels take fp32 features in its half dtype, cast once here;
+        # the gradients go back in the dtypes the features came in.
+        ctx.input_dtypes = rows.dtype, cols.dtype
+        rows, cols = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
+        teacher_tensors = [to_kernel_dtype(t, half) for t in teacher_tensors]
         teachers = _unflatten(teacher_tensors)
         row_stats, col_stats = _forward_stats(
             rows, cols, scale, teachers, square, label_offset, kind
@@ -197,11 +203,12 @@ class _AffinityLoss(torch.autograd.Function):
             grad_rows, grad_cols, grad_scale = _backward_grads(
                 rows, cols, scale, teachers, row_stats, col_stats, coeffs, 1 / num, label_offset
             )
+        rows_dtype, cols_dtype = ctx.input_dtypes
         return (
-            grad_rows.to(rows.dtype) if ctx.needs_input_grad[0] else None,
-            grad_cols.to(cols.dtype) if ctx.needs_input_grad[1] else None,
+            grad_rows.to(rows_dtype) if ctx.needs_input_grad[0] else None,
+            grad_cols.to(cols_dtype) if ctx.needs_input_grad[1] else None,
             grad_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
-            *([None] * (5 + len(teacher_tensors))),
+            *([None] * (6 + len(teacher_tensors))),
         )
 
 
@@ -216,12 +223,13 @@ def _affinity_loss(
             f"label_offset={label_offset} puts labels of {rows.shape[0]} rows outside the "
             f"{cols.shape[0]} columns of {named_student[1][0]} {tuple(cols.shape)}"
         )
-    # The losses are fp32 sums over N columns: under autocast the matmuls would run (and the
-    # values round) in bf16/fp16. Inputs keep their dtype; the math runs in fp32 regardless.
+    # The losses are fp32 sums over N columns: autocast must not recast the ops inside
+    # (the values would round in bf16/fp16). It picks the kernels' operand dtype instead.
+    half = kernel_dtype(rows)
     with torch.autocast(rows.device.type, enabled=False):
         return _AffinityLoss.apply(
             rows, cols, scale, kind, compute_distill, compute_contrastive, square,
-            label_offset, *_flatten(teachers),
+            label_offset, half, *_flatten(teachers),
         )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import torch
 from tinyclip_fast.kernels import INTERPRETING, TRITON_AVAILABLE
 
 _forced: str | None = None
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "torch")
 
 
@@ -42,3 +43,21 @@ def force_backend(name: str | None) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+def kernel_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The half dtype the kernels take fp32 features in for ``tensor``'s op: autocast's on
+    its device (bf16/fp16 operands on the tensor cores, fp32 accumulation), or None outside
+    autocast and on the PyTorch path, which computes in fp32 from the features as given."""
+    device = tensor.device.type
+    if not use_triton(tensor) or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in HALF_DTYPES else None
+
+
+def to_kernel_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` cast once to ``dtype`` when it is fp32 (float64 keeps its float64 math)."""
+    if dtype is None or tensor.dtype != torch.float32:
+        return tensor
+    return tensor.to(dtype)

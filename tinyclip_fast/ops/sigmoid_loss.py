@@ -36,7 +36,7 @@ from tinyclip_fast.ops.arguments import (
     check_on_device,
     scalar_argument,
 )
-from tinyclip_fast.ops.backend import use_triton
+from tinyclip_fast.ops.backend import kernel_dtype, to_kernel_dtype, use_triton
 from tinyclip_fast.ops.chunking import chunk_rows
 
 KINDS = ("bce", "kl", "mobileclip")
@@ -282,7 +282,16 @@ class _SigmoidLoss(torch.autograd.Function):
         label_offset: int,
         grad: bool,
         out_dtype: torch.dtype,
+        half: torch.dtype | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast the kernels take fp32 features in its half dtype, cast once here;
+        # the gradients go back in the dtypes the features came in.
+        ctx.input_dtypes = rows.dtype, cols.dtype
+        rows, cols = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
+        teachers = [
+            (to_kernel_dtype(t_rows, half), to_kernel_dtype(t_cols, half), *affine)
+            for t_rows, t_cols, *affine in teachers
+        ]
         contrastive = weights[0] != 0
         sums, products = _tiles(
             rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad
@@ -320,12 +329,13 @@ class _SigmoidLoss(torch.autograd.Function):
         scaled = [_scaled_products(p, g, scale, m) for p, g in passes]
         dx, dy, d_scale, d_bias = (reduce(torch.add, parts) for parts in zip(*scaled, strict=True))
         needs = ctx.needs_input_grad
+        rows_dtype, cols_dtype = ctx.input_dtypes
         return (
-            dx.to(rows.dtype) if needs[0] else None,
-            dy.to(cols.dtype) if needs[1] else None,
+            dx.to(rows_dtype) if needs[0] else None,
+            dy.to(cols_dtype) if needs[1] else None,
             d_scale.to(scale.dtype) if needs[2] else None,
             d_bias.to(bias.dtype) if needs[3] else None,
-            *([None] * 6),
+            *([None] * 7),
         )
 
 
@@ -431,7 +441,7 @@ def sigmoid_loss_rows(
     weights = (float(contrastive_weight), float(distill_weight) if distill else 0.0)
     return _SigmoidLoss.apply(
         rows, cols, scale, bias, teachers, kind if distill else None, weights, label_offset,
-        grad, out_dtype,
+        grad, out_dtype, kernel_dtype(rows),
     )  # fmt: skip
 
 
