@@ -147,5 +147,5 @@ def test_the_counter_sees_the_package_reads(host_reads):
     code = compile(
         "x.item(); x.tolist(); float(x); torch.equal(x, x)", PACKAGE[0] + "/x.py", "exec"
     )
-    exec(code, {"x": _scale(1.0), "torch": torch})
+    exec(code, {"x": _scale(1.0).detach(), "torch": torch})
     assert [name for name, _ in host_reads] == ["item", "tolist", "__float__", "equal"]

@@ -3,7 +3,7 @@
 fp32 math (float64 for float64 features); the [chunk, N] blocks are allocated once per call
 and reused by every chunk and teacher, so the peak memory is set by the chunk size
 (``tinyclip_fast.ops.chunking``). The statistics it keeps are those of the kernels
-(``AffinityStats``), so one autograd Function serves both; see docs/method.md for the math.
+(``AffinityStats``), so one operator serves both; see docs/method.md for the math.
 """
 
 from __future__ import annotations

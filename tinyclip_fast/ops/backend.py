@@ -15,6 +15,8 @@ import torch
 from tinyclip_fast.kernels import INTERPRETING, TRITON_AVAILABLE
 
 _forced: str | None = None
+# The torch.library namespace of the package's registered operators.
+OP_NAMESPACE = "tinyclip_fast"
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "torch")
 
