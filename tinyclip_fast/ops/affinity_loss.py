@@ -130,7 +130,7 @@ def _flatten(teachers: list[Teacher]) -> list[torch.Tensor]:
     return [t for teacher in teachers for t in teacher]
 
 
-def _unflatten(flat, half: torch.dtype | None = None) -> list[Teacher]:
+def _unflatten(flat, half: torch.dtype | None) -> list[Teacher]:
     flat = [to_kernel_dtype(t, half) for t in flat]
     return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
@@ -140,8 +140,11 @@ def _features_dtype(rows, cols, teacher_tensors) -> torch.dtype:
     return compute_dtype(rows, cols, *teacher_tensors[0::3], *teacher_tensors[1::3])
 
 
-def _none_if_empty(tensor: torch.Tensor) -> torch.Tensor | None:
-    return tensor if tensor.numel() else None
+def _saved_stats(lse_a: torch.Tensor, lse_b: torch.Tensor) -> AffinityStats | None:
+    """The forward's log-sum-exps as the backward reads them (target_a is never read)."""
+    if not lse_a.numel():
+        return None
+    return AffinityStats(lse_a=lse_a, target_a=lse_a, lse_b=lse_b if lse_b.numel() else None)
 
 
 # The two halves of the loss are registered operators (torch.library): torch.compile keeps
@@ -230,10 +233,7 @@ def _affinity_backward(
     log-sum-exps, the column ones empty for the rectangular problem."""
     teachers = _unflatten(teacher_tensors, half)
     rows_c, cols_c = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
-    row_stats = AffinityStats(row_lse[0], row_lse[0], lse_b=_none_if_empty(row_lse[1]))
-    col_stats = None
-    if col_lse[0].numel():
-        col_stats = AffinityStats(col_lse[0], col_lse[0], lse_b=_none_if_empty(col_lse[1]))
+    row_stats, col_stats = _saved_stats(*row_lse), _saved_stats(*col_lse)
     with torch.autocast(rows.device.type, enabled=False):  # as in the forward
         grad_rows, grad_cols, grad_scale = _backward_grads(
             rows_c, cols_c, scale, teachers, row_stats, col_stats, coeffs, factor, label_offset
