@@ -1,5 +1,6 @@
-"""Which implementation and which operand dtype an op runs: under autocast the kernels take
-fp32 features in autocast's half dtype (cast once inside the op), the PyTorch path keeps fp32.
+"""Which implementation and which operand dtype an op runs: under autocast (or with a
+``compute_dtype``) the kernels take fp32 features in a half dtype (cast once inside the op),
+the PyTorch path keeps fp32.
 
 The tests hand the ops fp32 features under CPU autocast, as CUDA autocast produces them
 (``F.normalize`` returns fp32 there), and record the dtype the kernel launchers receive.
@@ -50,20 +51,20 @@ def _features(dtype=torch.float32):
     return [f.to(dtype).to(KERNEL_DEVICE).requires_grad_() for f in features]
 
 
-def _affinity(x, y, t):
+def _affinity(x, y, t, **options):
     scale = torch.tensor(20.0, dtype=x.dtype, device=x.device)
     distill, contrastive = affinity_loss_square(
-        x, y, scale, t, t.flip(0), 10.0, compute_contrastive=True
+        x, y, scale, t, t.flip(0), 10.0, compute_contrastive=True, **options
     )
     return distill + 0.5 * contrastive
 
 
-def _sigmoid(x, y, t):
-    contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, t, t.flip(0), 5.0, 1.0)
+def _sigmoid(x, y, t, **options):
+    contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, t, t.flip(0), 5.0, 1.0, **options)
     return contrastive + distill
 
 
-def _run(loss, features, backend, autocast_dtype=None):
+def _run(loss, features, backend, autocast_dtype=None, **options):
     with (
         force_backend(backend),
         torch.autocast(
@@ -72,7 +73,7 @@ def _run(loss, features, backend, autocast_dtype=None):
             enabled=autocast_dtype is not None,
         ),
     ):
-        value = loss(*features)
+        value = loss(*features, **options)
         value.backward()
     return value.detach(), [f.grad for f in features[:2]]
 
@@ -93,6 +94,29 @@ def test_autocast_runs_the_half_kernels_on_fp32_features(launched, loss, dtype):
     assert set(launched) == {dtype} and torch.equal(value, half_value)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("loss", [_affinity, _sigmoid], ids=["affinity", "sigmoid"])
+def test_compute_dtype_runs_the_half_kernels_without_autocast(launched, loss, dtype):
+    value, grads = _run(loss, _features(), "triton", compute_dtype=dtype)
+    assert launched and set(launched) == {dtype}
+    autocast_value, autocast_grads = _run(loss, _features(), "triton", dtype)
+    assert torch.equal(value, autocast_value)
+    assert all(torch.equal(g, e) for g, e in zip(grads, autocast_grads, strict=True))
+
+
+@pytest.mark.parametrize("loss", [_affinity, _sigmoid], ids=["affinity", "sigmoid"])
+def test_compute_dtype_float32_keeps_fp32_kernels_under_autocast(launched, loss):
+    _run(loss, _features(), "triton", torch.bfloat16, compute_dtype=torch.float32)
+    assert launched and set(launched) == {torch.float32}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("loss", [_affinity, _sigmoid], ids=["affinity", "sigmoid"])
+def test_compute_dtype_must_be_a_float_dtype(loss, backend):
+    with pytest.raises(ValueError, match="compute_dtype"):
+        _run(loss, _features(), backend, compute_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("loss", [_affinity, _sigmoid], ids=["affinity", "sigmoid"])
 def test_fp32_features_run_the_fp32_kernels_outside_autocast(launched, loss):
     _run(loss, _features(), "triton")
@@ -100,19 +124,23 @@ def test_fp32_features_run_the_fp32_kernels_outside_autocast(launched, loss):
 
 
 @pytest.mark.parametrize("loss", [_affinity, _sigmoid], ids=["affinity", "sigmoid"])
-def test_the_pytorch_path_computes_in_fp32_under_autocast(launched, loss):
+def test_the_pytorch_path_computes_in_fp32_under_autocast_or_compute_dtype(launched, loss):
     plain, plain_grads = _run(loss, _features(), "torch")
-    value, grads = _run(loss, _features(), "torch", torch.bfloat16)
-    assert launched == [] and torch.equal(value, plain)
-    assert all(torch.equal(g, e) for g, e in zip(grads, plain_grads, strict=True))
+    for options in ({}, {"compute_dtype": torch.float16}):
+        value, grads = _run(loss, _features(), "torch", torch.bfloat16, **options)
+        assert launched == [] and torch.equal(value, plain)
+        assert all(torch.equal(g, e) for g, e in zip(grads, plain_grads, strict=True))
 
 
-def test_kernel_dtype_only_under_autocast_on_the_kernel_path():
+def test_kernel_dtype_only_under_autocast_or_when_asked_on_the_kernel_path():
     x = torch.ones(2, 2, device=KERNEL_DEVICE)
     device = x.device.type
     with force_backend("triton"):
         assert kernel_dtype(x) is None
         with torch.autocast(device, dtype=torch.float16):
             assert kernel_dtype(x) == torch.float16
+        assert kernel_dtype(x, torch.bfloat16) == torch.bfloat16
+        with torch.autocast(device, dtype=torch.bfloat16):
+            assert kernel_dtype(x, torch.float32) is None
     with force_backend("torch"), torch.autocast(device, dtype=torch.bfloat16):
-        assert kernel_dtype(x) is None
+        assert kernel_dtype(x) is None and kernel_dtype(x, torch.float16) is None

@@ -281,7 +281,7 @@ _affinity_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 def _affinity_loss(
     named_student, named_teacher, scale, kind, compute_distill, compute_contrastive, square,
-    label_offset,
+    label_offset, requested_dtype,
 ):  # fmt: skip
     rows, cols, teachers = validate(named_student, named_teacher, square, kind, compute_distill)
     scale = check_scale(named_student[2][0], scale, rows.device)
@@ -292,7 +292,7 @@ def _affinity_loss(
         )
     # The losses are fp32 sums over N columns: autocast must not recast the ops inside
     # (the values would round in bf16/fp16). It picks the kernels' operand dtype instead.
-    half = kernel_dtype(rows)
+    half = kernel_dtype(rows, requested_dtype)
     with torch.autocast(rows.device.type, enabled=False):
         distill, contrastive, *_ = _affinity_forward(
             rows, cols, scale, _flatten(teachers), kind, compute_distill, compute_contrastive,
@@ -319,6 +319,7 @@ def affinity_loss_square(
     kind: str = "soft_ce",
     compute_distill: bool = True,
     compute_contrastive: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One device, n rows = n columns: ``(distill, contrastive)``, 0-d fp32 tensors.
 
@@ -329,6 +330,8 @@ def affinity_loss_square(
     requested are 0-d zeros. ``logit_scale`` is the multiplicative scale a (already
     exponentiated), as in open_clip. Float64 features give float64 losses: computed in
     float64 on the PyTorch (CPU) path, in fp32 by the Triton kernels.
+    ``compute_dtype`` (bf16, fp16 or fp32) is the kernels' operand dtype for fp32 features,
+    cast once inside the op; None takes autocast's under autocast (docs/losses.md).
     """
     return _affinity_loss(
         [("image_features", image_features), ("text_features", text_features),
@@ -337,6 +340,7 @@ def affinity_loss_square(
          ("teacher_text_features", teacher_text_features),
          ("teacher_logit_scale", teacher_logit_scale)],
         logit_scale, kind, compute_distill, compute_contrastive, square=True, label_offset=0,
+        requested_dtype=compute_dtype,
     )  # fmt: skip
 
 
@@ -352,12 +356,13 @@ def affinity_loss_rows(
     compute_distill: bool = True,
     compute_contrastive: bool = False,
     label_offset: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectangular [m, N] problem, softmax along the N columns only (open_clip local loss).
 
     Returns ``(mean_i distill_i, mean_i infonce_i)`` where infonce_i = lse(A_i) -
     A_{i, label_offset + i}; teachers as in ``affinity_loss_square`` (lists: an ensemble).
-    Gradients reach row_features, col_features and logit_scale.
+    Gradients reach row_features, col_features and logit_scale; ``compute_dtype`` as there.
     """
     return _affinity_loss(
         [("row_features", row_features), ("col_features", col_features),
@@ -366,7 +371,7 @@ def affinity_loss_rows(
          ("teacher_col_features", teacher_col_features),
          ("teacher_logit_scale", teacher_logit_scale)],
         logit_scale, kind, compute_distill, compute_contrastive, square=False,
-        label_offset=label_offset,
+        label_offset=label_offset, requested_dtype=compute_dtype,
     )  # fmt: skip
 
 

@@ -47,12 +47,19 @@ def force_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
-def kernel_dtype(tensor: torch.Tensor) -> torch.dtype | None:
-    """The half dtype the kernels take fp32 features in for ``tensor``'s op: autocast's on
-    its device (bf16/fp16 operands on the tensor cores, fp32 accumulation), or None outside
-    autocast and on the PyTorch path, which computes in fp32 from the features as given."""
+def kernel_dtype(tensor: torch.Tensor, requested: torch.dtype | None = None) -> torch.dtype | None:
+    """The half dtype the kernels take fp32 features in for ``tensor``'s op: ``requested``
+    (bf16/fp16; fp32 keeps fp32 operands) or else autocast's on its device (bf16/fp16
+    operands on the tensor cores, fp32 accumulation); None outside autocast and on the
+    PyTorch path, which computes in fp32 from the features as given."""
+    if requested is not None and requested not in (*HALF_DTYPES, torch.float32):
+        raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {requested}")
     device = tensor.device.type
-    if not use_triton(tensor) or not torch.is_autocast_enabled(device):
+    if not use_triton(tensor):
+        return None
+    if requested is not None:
+        return requested if requested in HALF_DTYPES else None
+    if not torch.is_autocast_enabled(device):
         return None
     dtype = torch.get_autocast_dtype(device)
     return dtype if dtype in HALF_DTYPES else None

@@ -269,6 +269,7 @@ def sigmoid_loss_rows(
     contrastive_weight: float = 1.0,
     distill_weight: float = 1.0,
     label_offset: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_c L_c, w_d L_d)`` of the [m, N] problem rows x columns, each a 0-d tensor.
 
@@ -278,6 +279,8 @@ def sigmoid_loss_rows(
     A term with weight 0 (or, for L_d, without teachers) is not computed and is 0. Results
     are fp32 (float64 for float64 student features); gradients reach the student features,
     scale and bias, never the teachers. ``logit_scale`` is multiplicative (already exp'd).
+    ``compute_dtype`` (bf16, fp16 or fp32) is the kernels' operand dtype for fp32 features,
+    cast once inside the op; None takes autocast's under autocast (docs/losses.md).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -341,7 +344,7 @@ def sigmoid_loss_rows(
     flat = [t for teacher in teachers for t in teacher]
     loss_c, loss_d, *_ = _sigmoid_forward(
         rows, cols, scale, bias, flat, kind if distill else None, weights, label_offset, grad,
-        kernel_dtype(rows),
+        kernel_dtype(rows, compute_dtype),
     )  # fmt: skip
     return loss_c, loss_d
 
