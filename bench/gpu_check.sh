@@ -46,7 +46,8 @@ trap 'rm -f "$MARK"' EXIT
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 STATUS=0
-TESTS_AFFINITY="tests/kernels/test_init.py tests/ops/test_affinity_loss.py tests/test_losses.py"
+TESTS_AFFINITY="tests/kernels/test_init.py tests/ops/test_affinity_loss.py tests/test_losses.py \
+tests/ops/test_host_reads.py tests/ops/test_backend.py"
 TESTS_MASKED="tests/ops/test_masked_linear.py tests/pruning/test_masked_clip.py"
 TESTS_SIGMOID="tests/ops/test_sigmoid_loss.py tests/test_sigmoid_losses.py"
 PYTEST="$PY -m pytest -q -rfE -p no:cacheprovider -p autotune_first"
