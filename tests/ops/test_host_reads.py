@@ -5,7 +5,8 @@ values to the host (item, tolist, float / int / bool of a tensor, cpu, numpy, no
 torch.equal) is counted while the ops run under the Triton interpreter: on CUDA each one
 would stall the launch queue for a host round trip. Scales are given as tensors, as a
 training step passes them; the Triton interpreter's own reads (it runs the kernels in numpy)
-are not the package's and are not counted.
+are not the package's and are not counted. Both backends run: the PyTorch path of the CPU
+takes the same code path as the kernels' (no read there either).
 """
 
 import sys
@@ -17,6 +18,7 @@ import torch
 from support import KERNEL_DEVICE
 
 import tinyclip_fast
+from tinyclip_fast.losses import ClipLoss, DistillClipLoss, DistillSigLipLoss, SigLipLoss
 from tinyclip_fast.ops.affinity_loss import affinity_loss_rows, affinity_loss_square
 from tinyclip_fast.ops.backend import force_backend
 from tinyclip_fast.ops.sigmoid_loss import sigmoid_loss_rows
@@ -79,28 +81,71 @@ def _affinity_rows():
     (distill * 2 + contrastive).backward()
 
 
-def _sigmoid_rows():
+def _sigmoid_rows(weights=(1.0, 1.0)):
     x, y = _features(37, 16, True), _features(37, 16, True)
     contrastive, distill = sigmoid_loss_rows(
         x, y, _scale(10.0), _scale(-3.0), _features(37, 8), _features(37, 8), _scale(5.0),
         _scale(1.0),
     )  # fmt: skip
+    if weights == (1.0, 1.0):
+        (contrastive + distill).backward()
+    else:  # another mix than the forward's: one pass per term in the backward
+        (weights[0] * contrastive + weights[1] * distill).backward()
+
+
+def _clip_loss():
+    x, y = _features(37, 16, True), _features(37, 16, True)
+    ClipLoss()(x, y, _scale(20.0)).backward()
+
+
+def _distill_clip_loss():
+    x, y = _features(37, 16, True), _features(37, 16, True)
+    contrastive, distill = DistillClipLoss()(
+        x, y, _scale(20.0), _features(37, 24), _features(37, 24), _scale(10.0)
+    )
     (contrastive + distill).backward()
 
 
-@pytest.mark.parametrize(
-    "run",
-    [_affinity_square, _affinity_rows, _sigmoid_rows],
-    ids=["affinity_square_kl_ensemble", "affinity_rows", "sigmoid_rows"],
-)
-def test_forward_and_backward_read_nothing_on_the_host(host_reads, run):
+def _siglip_loss():
+    x, y = _features(37, 16, True), _features(37, 16, True)
+    SigLipLoss()(x, y, _scale(10.0), _scale(-3.0)).backward()
+
+
+def _distill_siglip_loss():
+    x, y = _features(37, 16, True), _features(37, 16, True)
+    teachers = [_features(37, 8), _features(37, 24)], [_features(37, 8), _features(37, 24)]
+    contrastive, distill = DistillSigLipLoss(distill_loss_weights=(0.5, 1.0), kind="kl")(
+        x, y, _scale(10.0), _scale(-3.0), *teachers, [_scale(5.0), _scale(8.0)],
+        [_scale(1.0), _scale(-2.0)],
+    )  # fmt: skip
+    (contrastive + distill).backward()
+
+
+RUNS = {
+    "affinity_square_kl_ensemble": _affinity_square,
+    "affinity_rows": _affinity_rows,
+    "sigmoid_rows": _sigmoid_rows,
+    "sigmoid_rows_other_mix": lambda: _sigmoid_rows((0.7, -1.3)),
+    "ClipLoss": _clip_loss,
+    "DistillClipLoss": _distill_clip_loss,
+    "SigLipLoss": _siglip_loss,
+    "DistillSigLipLoss": _distill_siglip_loss,
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("run", list(RUNS.values()), ids=list(RUNS))
+def test_forward_and_backward_read_nothing_on_the_host(host_reads, run, backend):
     torch.manual_seed(0)
-    with force_backend("triton"):
+    with force_backend(backend):
         run()
     assert host_reads == []
 
 
 def test_the_counter_sees_the_package_reads(host_reads):
-    with force_backend("torch"):  # the PyTorch path reads its backward coefficients
-        _affinity_square()
-    assert any(name == "tolist" for name, _ in host_reads)
+    # Code whose frames the package's files own, as the counter attributes them.
+    code = compile(
+        "x.item(); x.tolist(); float(x); torch.equal(x, x)", PACKAGE[0] + "/x.py", "exec"
+    )
+    exec(code, {"x": _scale(1.0).detach(), "torch": torch})
+    assert [name for name, _ in host_reads] == ["item", "tolist", "__float__", "equal"]

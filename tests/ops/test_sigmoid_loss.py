@@ -204,8 +204,8 @@ def test_no_gradient_work_without_autograd(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE)])
-def test_second_backward_recomputes(backend, device):
-    """The first backward consumes the forward's gradient; retain_graph's next one recomputes."""
+def test_a_second_backward_gives_the_same_gradients(backend, device):
+    """retain_graph's second backward reads the forward's gradient products as the first did."""
     x, y, tx, ty = (unit(37, 8, torch.float32, device).requires_grad_() for _ in range(4))
     with force_backend(backend):
         contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, tx, ty, 5.0, 1.0)
@@ -217,13 +217,13 @@ def test_second_backward_recomputes(backend, device):
     assert tx.grad is None and ty.grad is None
 
 
-@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE)])
-def test_autocast_does_not_recast_the_products(backend, device):
-    x, y, tx, ty = (unit(37, 8, torch.float32, device).requires_grad_() for _ in range(4))
+def test_autocast_does_not_recast_the_products_torch():
+    # The kernels take autocast's dtype as their operand dtype: tests/ops/test_backend.py.
+    x, y, tx, ty = (unit(37, 8, torch.float32, "cpu").requires_grad_() for _ in range(4))
     results = []
     for enabled in (False, True):
         x.grad = None
-        with force_backend(backend), torch.autocast(x.device.type, enabled=enabled):
+        with force_backend("torch"), torch.autocast(x.device.type, enabled=enabled):
             contrastive, distill = sigmoid_loss_rows(x, y, 10.0, -3.0, tx, ty, 5.0, 1.0)
             (contrastive + distill).backward()
         results.append((contrastive.detach(), distill.detach(), x.grad.clone()))

@@ -450,20 +450,25 @@ def test_prune_like_weights_selects_what_prune_keeps():
     assert sum(p.numel() for p in compact.values()) < sum(p.numel() for p in params.values())
 
 
-def test_forward_reads_each_towers_zero_pattern_once(monkeypatch):
-    # The zero patterns set the compact shapes, so the host must read them: once per tower per
-    # forward, never once per layer or linear (a sync each, ~100 per step at ViT-B sizes).
+def test_forward_reads_both_towers_zero_patterns_at_once(monkeypatch):
+    # The zero patterns set the compact shapes, so the host must read them: once per forward
+    # for both towers together, never once per tower, layer or linear (a sync each, ~100 per
+    # step at ViT-B sizes).
     import tinyclip_fast.pruning.compact as compact
 
     reads = []
     read_once = compact.channel_indices
     monkeypatch.setattr(compact, "channel_indices", lambda *a: reads.append(1) or read_once(*a))
+    transfers = []
+    to_host = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: transfers.append(1) or to_host(t))
     masked = MaskedCLIP(_model()).train()
     _set_masks(masked)
     image_f, text_f, scale = masked(*_inputs())
     (image_f.sum() + text_f.sum() * scale).backward()
-    assert len(reads) == 2
+    assert len(reads) == 1 and len(transfers) == 1
     assert masked.visual_masks.head.log_alpha.grad.abs().sum() > 0
+    assert masked.text_masks.head.log_alpha.grad.abs().sum() > 0
 
 
 def test_prune_like_weights_maps_gradients_with_soft_masks():

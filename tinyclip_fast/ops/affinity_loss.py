@@ -15,10 +15,13 @@ for K >= 2 one more pass over the teacher tiles, once their log-sum-exps are kno
 P ln P (soft-CE, the default, needs no such pass; one teacher's entropy is
 lse(B_i) - sum_j P_ij B_ij, gathered in the first pass). The gradient is the same either way.
 
-Two implementations share the one autograd Function of this module: the Triton kernels
-(``tinyclip_fast.kernels.affinity_loss``, fp32 math) and a chunked PyTorch path for CPU
-tensors (``tinyclip_fast.ops.affinity_torch``); the argument checks live in
-``tinyclip_fast.ops.affinity_checks``.
+Two implementations share the registered operators of this module
+(``tinyclip_fast::affinity_forward`` / ``affinity_backward``, with fake and autograd
+registrations, so that torch.compile captures them in one graph): the Triton kernels
+(``tinyclip_fast.kernels.affinity_loss``, fp32 math; under autocast fp32 features are cast
+once to its half dtype) and a chunked PyTorch path for CPU tensors
+(``tinyclip_fast.ops.affinity_torch``); the argument checks live in
+``tinyclip_fast.ops.affinity_checks``. Nothing reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from tinyclip_fast.ops.affinity_torch import (
     torch_backward,
     torch_forward,
 )
-from tinyclip_fast.ops.backend import use_triton
+from tinyclip_fast.ops.backend import OP_NAMESPACE, kernel_dtype, to_kernel_dtype, use_triton
 
 __all__ = [
     "KINDS",
@@ -127,87 +130,158 @@ def _flatten(teachers: list[Teacher]) -> list[torch.Tensor]:
     return [t for teacher in teachers for t in teacher]
 
 
-def _unflatten(flat) -> list[Teacher]:
+def _unflatten(flat, half: torch.dtype | None) -> list[Teacher]:
+    flat = [to_kernel_dtype(t, half) for t in flat]
     return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
 
-class _AffinityLoss(torch.autograd.Function):
-    """(distill, contrastive) of the square or rectangular problem; see the module docstring.
+def _features_dtype(rows, cols, teacher_tensors) -> torch.dtype:
+    """The dtype of the losses: float64 for float64 features, fp32 for every other dtype."""
+    return compute_dtype(rows, cols, *teacher_tensors[0::3], *teacher_tensors[1::3])
 
-    The K teachers come last, flattened as (rows, cols, scale) triples: autograd sees every
-    tensor input (none of them gets a gradient).
-    """
 
-    @staticmethod
-    def forward(
-        ctx,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        scale: torch.Tensor,
-        kind: str,
-        compute_distill: bool,
-        compute_contrastive: bool,
-        square: bool,
-        label_offset: int,
-        *teacher_tensors: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        teachers = _unflatten(teacher_tensors)
-        row_stats, col_stats = _forward_stats(
-            rows, cols, scale, teachers, square, label_offset, kind
+def _saved_stats(lse_a: torch.Tensor, lse_b: torch.Tensor) -> AffinityStats | None:
+    """The forward's log-sum-exps as the backward reads them (target_a is never read)."""
+    if not lse_a.numel():
+        return None
+    return AffinityStats(lse_a=lse_a, target_a=lse_a, lse_b=lse_b if lse_b.numel() else None)
+
+
+# The two halves of the loss are registered operators (torch.library): torch.compile keeps
+# each as one node (its fake implementation gives the output shapes) and a CUDA graph
+# captures them, which a Python autograd Function calling Triton would not allow.
+@torch.library.custom_op(f"{OP_NAMESPACE}::affinity_forward", mutates_args=())
+def _affinity_forward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_tensors: list[torch.Tensor],
+    kind: str,
+    compute_distill: bool,
+    compute_contrastive: bool,
+    square: bool,
+    label_offset: int,
+    half: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distill, contrastive) and the statistics the backward reads: the row and column
+    log-sum-exps of the student [r] and of each teacher [K, r] (empty where absent). The
+    teachers come flattened as (rows, cols, scale) triples; ``half`` is the kernels'
+    operand dtype for fp32 features under autocast (cast once here)."""
+    dtype = _features_dtype(rows, cols, teacher_tensors)
+    teachers = _unflatten(teacher_tensors, half)
+    rows, cols = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
+    row_stats, col_stats = _forward_stats(rows, cols, scale, teachers, square, label_offset, kind)
+    zero = torch.zeros((), dtype=dtype, device=rows.device)
+    distill, contrastive = zero, zero.clone()
+    row_distill, row_infonce = _direction_losses(row_stats, kind)
+    if square:
+        col_distill, col_infonce = _direction_losses(col_stats, kind)
+        if compute_distill:
+            distill = (row_distill + col_distill) / 2
+        if compute_contrastive:
+            contrastive = (row_infonce.mean() + col_infonce.mean()) / 2
+    else:
+        if compute_distill:
+            distill = row_distill
+        if compute_contrastive:
+            contrastive = row_infonce.mean()
+    empty = row_stats.lse_a.new_empty(0)
+    saved = [
+        row_stats.lse_a, row_stats.lse_b,
+        col_stats.lse_a if square else None, col_stats.lse_b if square else None,
+    ]  # fmt: skip
+    # Fresh tensors: an operator's outputs alias neither its inputs nor each other.
+    return (
+        distill.to(dtype),
+        contrastive.to(dtype),
+        *((empty if t is None else t).clone() for t in saved),
+    )
+
+
+@_affinity_forward.register_fake
+def _(rows, cols, scale, teacher_tensors, kind, compute_distill, compute_contrastive, square,
+      label_offset, half):  # fmt: skip
+    dtype = _features_dtype(rows, cols, teacher_tensors)
+    # The kernels keep their statistics in fp32; the PyTorch path in the compute dtype.
+    stats = torch.float32 if use_triton(rows) else dtype
+    k = len(teacher_tensors) // 3
+    loss = lambda: rows.new_empty((), dtype=dtype)
+    lse = lambda r, teachers: rows.new_empty((k, r) if teachers else (r,), dtype=stats)
+    empty = lambda: rows.new_empty(0, dtype=stats)
+    m, n = rows.shape[0], cols.shape[0]
+    return (
+        loss(), loss(), lse(m, False), lse(m, True) if k else empty(),
+        lse(n, False) if square else empty(), lse(n, True) if square and k else empty(),
+    )  # fmt: skip
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::affinity_backward", mutates_args=())
+def _affinity_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_tensors: list[torch.Tensor],
+    row_lse: list[torch.Tensor],
+    col_lse: list[torch.Tensor],
+    coeffs: torch.Tensor,
+    factor: float,
+    label_offset: int,
+    half: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d rows, d cols, d scale) in the dtypes of rows, cols and scale, for dA = factor *
+    (the coefficient mix); ``row_lse`` / ``col_lse`` are the forward's (student, teachers)
+    log-sum-exps, the column ones empty for the rectangular problem."""
+    teachers = _unflatten(teacher_tensors, half)
+    rows_c, cols_c = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
+    row_stats, col_stats = _saved_stats(*row_lse), _saved_stats(*col_lse)
+    with torch.autocast(rows.device.type, enabled=False):  # as in the forward
+        grad_rows, grad_cols, grad_scale = _backward_grads(
+            rows_c, cols_c, scale, teachers, row_stats, col_stats, coeffs, factor, label_offset
         )
-        # A float64 loss for float64 features (computed in float64 on the PyTorch path and
-        # in fp32 by the kernels); fp32 for every other dtype.
-        dtype = compute_dtype(rows, cols, *(t for teacher in teachers for t in teacher[:2]))
-        zero = torch.zeros((), dtype=dtype, device=rows.device)
-        distill, contrastive = zero, zero.clone()
-        row_distill, row_infonce = _direction_losses(row_stats, kind)
-        if square:
-            col_distill, col_infonce = _direction_losses(col_stats, kind)
-            if compute_distill:
-                distill = (row_distill + col_distill) / 2
-            if compute_contrastive:
-                contrastive = (row_infonce.mean() + col_infonce.mean()) / 2
-        else:
-            if compute_distill:
-                distill = row_distill
-            if compute_contrastive:
-                contrastive = row_infonce.mean()
-        ctx.save_for_backward(rows, cols, scale, *teacher_tensors)
-        ctx.stats = (row_stats, col_stats)
-        ctx.config = (compute_distill, compute_contrastive, square, label_offset)
-        return distill.to(dtype), contrastive.to(dtype)
+    return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype), grad_scale.to(scale.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_distill: torch.Tensor, grad_contrastive: torch.Tensor):
-        rows, cols, scale, *teacher_tensors = ctx.saved_tensors
-        teachers = _unflatten(teacher_tensors)
-        row_stats, col_stats = ctx.stats
-        compute_distill, compute_contrastive, square, label_offset = ctx.config
-        # dL/dA per direction is g_d (Q - P) + g_c (Q - onehot), divided by the rows averaged
-        # over; the square loss averages two directions, hence 2n.
-        dtype = compute_dtype(rows, cols, *(t for teacher in teachers for t in teacher[:2]))
-        g_d = grad_distill.to(dtype) if compute_distill else grad_distill.new_zeros((), dtype=dtype)
-        g_c = grad_contrastive.to(dtype) if compute_contrastive else g_d.new_zeros(())
-        num = rows.shape[0] * (2 if square else 1)
-        row_q, row_p = g_d + g_c, g_d
-        col_q, col_p = (row_q, row_p) if square else (row_q * 0, row_p * 0)
-        onehot = g_c * (2 if square else 1)
-        coeffs = torch.stack([row_q, row_p, col_q, col_p, onehot])
-        with torch.autocast(rows.device.type, enabled=False):  # as in the forward
-            grad_rows, grad_cols, grad_scale = _backward_grads(
-                rows, cols, scale, teachers, row_stats, col_stats, coeffs, 1 / num, label_offset
-            )
-        return (
-            grad_rows.to(rows.dtype) if ctx.needs_input_grad[0] else None,
-            grad_cols.to(cols.dtype) if ctx.needs_input_grad[1] else None,
-            grad_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
-            *([None] * (5 + len(teacher_tensors))),
-        )
+
+@_affinity_backward.register_fake
+def _(rows, cols, scale, teacher_tensors, row_lse, col_lse, coeffs, factor, label_offset, half):
+    return torch.empty_like(rows), torch.empty_like(cols), torch.empty_like(scale)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    rows, cols, scale, teacher_tensors, _, compute_distill, compute_contrastive, square = inputs[:8]
+    ctx.save_for_backward(rows, cols, scale, *teacher_tensors, *output[2:])
+    ctx.config = (compute_distill, compute_contrastive, square, inputs[8], inputs[9])
+
+
+def _backward(ctx, grad_distill: torch.Tensor, grad_contrastive: torch.Tensor, *_):
+    rows, cols, scale, *teacher_tensors = ctx.saved_tensors
+    teacher_tensors, (row_lse_a, row_lse_b, col_lse_a, col_lse_b) = (
+        teacher_tensors[:-4], teacher_tensors[-4:]
+    )  # fmt: skip
+    compute_distill, compute_contrastive, square, label_offset, half = ctx.config
+    # dL/dA per direction is g_d (Q - P) + g_c (Q - onehot), divided by the rows averaged
+    # over; the square loss averages two directions, hence 2n. The coefficients stay on
+    # the device.
+    dtype = _features_dtype(rows, cols, teacher_tensors)
+    g_d = grad_distill.to(dtype) if compute_distill else grad_distill.new_zeros((), dtype=dtype)
+    g_c = grad_contrastive.to(dtype) if compute_contrastive else g_d.new_zeros(())
+    num = rows.shape[0] * (2 if square else 1)
+    row_q, row_p = g_d + g_c, g_d
+    col_q, col_p = (row_q, row_p) if square else (row_q * 0, row_p * 0)
+    onehot = g_c * (2 if square else 1)
+    coeffs = torch.stack([row_q, row_p, col_q, col_p, onehot])
+    grad_rows, grad_cols, grad_scale = _affinity_backward(
+        rows, cols, scale, teacher_tensors, [row_lse_a, row_lse_b], [col_lse_a, col_lse_b],
+        coeffs, 1 / num, label_offset, half,
+    )  # fmt: skip
+    return grad_rows, grad_cols, grad_scale, [None] * len(teacher_tensors), *([None] * 6)
+
+
+_affinity_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def _affinity_loss(
     named_student, named_teacher, scale, kind, compute_distill, compute_contrastive, square,
-    label_offset,
+    label_offset, requested_dtype,
 ):  # fmt: skip
     rows, cols, teachers = validate(named_student, named_teacher, square, kind, compute_distill)
     scale = check_scale(named_student[2][0], scale, rows.device)
@@ -216,13 +290,15 @@ def _affinity_loss(
             f"label_offset={label_offset} puts labels of {rows.shape[0]} rows outside the "
             f"{cols.shape[0]} columns of {named_student[1][0]} {tuple(cols.shape)}"
         )
-    # The losses are fp32 sums over N columns: under autocast the matmuls would run (and the
-    # values round) in bf16/fp16. Inputs keep their dtype; the math runs in fp32 regardless.
+    # The losses are fp32 sums over N columns: autocast must not recast the ops inside
+    # (the values would round in bf16/fp16). It picks the kernels' operand dtype instead.
+    half = kernel_dtype(rows, requested_dtype)
     with torch.autocast(rows.device.type, enabled=False):
-        return _AffinityLoss.apply(
-            rows, cols, scale, kind, compute_distill, compute_contrastive, square,
-            label_offset, *_flatten(teachers),
+        distill, contrastive, *_ = _affinity_forward(
+            rows, cols, scale, _flatten(teachers), kind, compute_distill, compute_contrastive,
+            square, label_offset, half,
         )  # fmt: skip
+    return distill, contrastive
 
 
 # ----------------------------------------------------------------------------- public API
@@ -243,6 +319,7 @@ def affinity_loss_square(
     kind: str = "soft_ce",
     compute_distill: bool = True,
     compute_contrastive: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One device, n rows = n columns: ``(distill, contrastive)``, 0-d fp32 tensors.
 
@@ -253,6 +330,8 @@ def affinity_loss_square(
     requested are 0-d zeros. ``logit_scale`` is the multiplicative scale a (already
     exponentiated), as in open_clip. Float64 features give float64 losses: computed in
     float64 on the PyTorch (CPU) path, in fp32 by the Triton kernels.
+    ``compute_dtype`` (bf16, fp16 or fp32) is the kernels' operand dtype for fp32 features,
+    cast once inside the op; None takes autocast's under autocast (docs/losses.md).
     """
     return _affinity_loss(
         [("image_features", image_features), ("text_features", text_features),
@@ -261,6 +340,7 @@ def affinity_loss_square(
          ("teacher_text_features", teacher_text_features),
          ("teacher_logit_scale", teacher_logit_scale)],
         logit_scale, kind, compute_distill, compute_contrastive, square=True, label_offset=0,
+        requested_dtype=compute_dtype,
     )  # fmt: skip
 
 
@@ -276,12 +356,13 @@ def affinity_loss_rows(
     compute_distill: bool = True,
     compute_contrastive: bool = False,
     label_offset: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectangular [m, N] problem, softmax along the N columns only (open_clip local loss).
 
     Returns ``(mean_i distill_i, mean_i infonce_i)`` where infonce_i = lse(A_i) -
     A_{i, label_offset + i}; teachers as in ``affinity_loss_square`` (lists: an ensemble).
-    Gradients reach row_features, col_features and logit_scale.
+    Gradients reach row_features, col_features and logit_scale; ``compute_dtype`` as there.
     """
     return _affinity_loss(
         [("row_features", row_features), ("col_features", col_features),
@@ -290,7 +371,7 @@ def affinity_loss_rows(
          ("teacher_col_features", teacher_col_features),
          ("teacher_logit_scale", teacher_logit_scale)],
         logit_scale, kind, compute_distill, compute_contrastive, square=False,
-        label_offset=label_offset,
+        label_offset=label_offset, requested_dtype=compute_dtype,
     )  # fmt: skip
 
 

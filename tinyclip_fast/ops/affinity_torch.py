@@ -3,7 +3,7 @@
 fp32 math (float64 for float64 features); the [chunk, N] blocks are allocated once per call
 and reused by every chunk and teacher, so the peak memory is set by the chunk size
 (``tinyclip_fast.ops.chunking``). The statistics it keeps are those of the kernels
-(``AffinityStats``), so one autograd Function serves both; see docs/method.md for the math.
+(``AffinityStats``), so one operator serves both; see docs/method.md for the math.
 """
 
 from __future__ import annotations
@@ -266,9 +266,9 @@ def torch_backward(
     device = rows.device
     cols_c = cols.to(dtype)
     teachers_c = [(t_rows, t_cols.to(dtype), b.to(dtype)) for t_rows, t_cols, b in teachers]
-    # Python floats let every scaled add below be one fused pass (alpha=...); the mean over
-    # the teachers goes into their coefficients.
-    row_q, row_p, col_q, col_p, onehot = coeffs.double().tolist()
+    # The coefficients stay 0-d tensors (read on the host, they would stall a CUDA stream and
+    # break a compiled graph); the mean over the teachers goes into their coefficients.
+    row_q, row_p, col_q, col_p, onehot = coeffs.to(dtype).unbind()
     row_p, col_p = row_p / max(len(teachers), 1), col_p / max(len(teachers), 1)
     a = scale.to(dtype)
     grad_rows = torch.empty(rows.shape, dtype=dtype, device=device)
@@ -284,14 +284,14 @@ def torch_backward(
         _, row_sum = _exp_rows(logits, grad)
         grad.mul_(row_sum.reciprocal_().mul_(row_q)[:, None])
         if col_stats is not None:
-            grad.add_(logits.sub_(col_stats.lse_a[None, :]).exp_(), alpha=col_q)
+            grad.add_(logits.sub_(col_stats.lse_a[None, :]).exp_().mul_(col_q))
         for k, (t_rows, t_cols, b) in enumerate(teachers_c):
             logits = work.logits(0, f"teacher_rows{k}", t_rows, start, stop, b, t_cols)
             probs = work.block(2, stop - start)
             _, row_sum = _exp_rows(logits, probs)
             grad.sub_(probs.mul_(row_sum.reciprocal_().mul_(row_p)[:, None]))
             if col_stats is not None:
-                grad.add_(logits.sub_(col_stats.lse_b[k][None, :]).exp_(), alpha=-col_p)
+                grad.sub_(logits.sub_(col_stats.lse_b[k][None, :]).exp_().mul_(col_p))
         local, label = _labels_in_chunk(start, stop, label_offset, device)
         grad[local, label] -= onehot
         rows_chunk = work.rows("rows", rows, start, stop)

@@ -15,6 +15,9 @@ import torch
 from tinyclip_fast.kernels import INTERPRETING, TRITON_AVAILABLE
 
 _forced: str | None = None
+# The torch.library namespace of the package's registered operators.
+OP_NAMESPACE = "tinyclip_fast"
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "torch")
 
 
@@ -42,3 +45,28 @@ def force_backend(name: str | None) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+def kernel_dtype(tensor: torch.Tensor, requested: torch.dtype | None = None) -> torch.dtype | None:
+    """The half dtype the kernels take fp32 features in for ``tensor``'s op: ``requested``
+    (bf16/fp16; fp32 keeps fp32 operands) or else autocast's on its device (bf16/fp16
+    operands on the tensor cores, fp32 accumulation); None outside autocast and on the
+    PyTorch path, which computes in fp32 from the features as given."""
+    if requested is not None and requested not in (*HALF_DTYPES, torch.float32):
+        raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {requested}")
+    device = tensor.device.type
+    if not use_triton(tensor):
+        return None
+    if requested is not None:
+        return requested if requested in HALF_DTYPES else None
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in HALF_DTYPES else None
+
+
+def to_kernel_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` cast once to ``dtype`` when it is fp32 (float64 keeps its float64 math)."""
+    if dtype is None or tensor.dtype != torch.float32:
+        return tensor
+    return tensor.to(dtype)

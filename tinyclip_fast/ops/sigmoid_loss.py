@@ -14,19 +14,22 @@ sigmoid, as its ``average_after_sigmoid``).
 
 Nothing normalises over rows or columns, so one pass over the tiles gives the loss and the
 gradient together: the forward also produces dX, dY and the scale and bias gradients of
-w_c L_c + w_d L_d, and the backward only scales them by grad_output (recomputing instead
-when the two outputs receive gradients in another ratio). Extra memory is O((m + N) d) plus
-one bounded chunk of rows. Two implementations share the autograd Function: the Triton
-kernels (``tinyclip_fast.kernels.sigmoid_loss``) and a chunked PyTorch path for CPU tensors.
+w_c L_c + w_d L_d, and the backward only scales them by grad_output (one pass per term instead when
+the two outputs receive different gradient tensors). Extra memory is O((m + N) d) plus one
+bounded chunk of rows. Two implementations share one registered operator
+(``tinyclip_fast::sigmoid_forward``, with its fake and autograd registrations): the Triton
+kernels (``tinyclip_fast.kernels.sigmoid_loss``) and a chunked PyTorch path for CPU tensors
+(``tinyclip_fast.ops.sigmoid_torch``). Under autocast the kernels take fp32 features in
+autocast's half dtype; nothing reads a device value on the host (see docs/losses.md).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import reduce
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from tinyclip_fast.kernels.limits import MAX_TEACHERS
 from tinyclip_fast.ops.arguments import (
@@ -35,13 +38,12 @@ from tinyclip_fast.ops.arguments import (
     check_on_device,
     scalar_argument,
 )
-from tinyclip_fast.ops.backend import use_triton
-from tinyclip_fast.ops.chunking import chunk_rows
+from tinyclip_fast.ops.backend import OP_NAMESPACE, kernel_dtype, to_kernel_dtype, use_triton
+from tinyclip_fast.ops.sigmoid_torch import Teacher, torch_tiles
 
 KINDS = ("bce", "kl", "mobileclip")
 
 Scalar = float | torch.Tensor
-Teacher = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -124,105 +126,6 @@ def _check_teachers(
     return teachers
 
 
-# ----------------------------------------------------------------------------- PyTorch path
-
-
-def _torch_tiles(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    teachers: list[Teacher],
-    contrastive: bool,
-    kind: str | None,
-    weights: tuple[float, float],
-    label_offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The kernels' contract (``sigmoid_loss_tiles``) over [chunk, N] row blocks.
-
-    fp32 math for fp32/bf16/fp16 inputs, float64 for float64. The workspace (two to four
-    [chunk, N] buffers) is allocated once and every elementwise step writes into it.
-    """
-    every = [rows, cols, *(t for teacher in teachers for t in teacher[:2])]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in every) else torch.float32
-    device = rows.device
-    m, n = rows.shape[0], cols.shape[0]
-    cols_c = cols.to(dtype)
-    a, c = scale.detach().to(dtype), bias.detach().to(dtype)
-    alpha = float(a)
-    prepared = [
-        (t_rows, t_cols.to(dtype), float(b), cb.to(dtype)) for t_rows, t_cols, b, cb in teachers
-    ]
-    distill = kind is not None
-    w_c, w_d = weights
-    step = min(m, chunk_rows(n))
-    buffers = 2 + distill + (kind == "mobileclip")
-    workspace = torch.empty(buffers, step, n, dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    dx = torch.empty(m, rows.shape[1], dtype=dtype, device=device) if grad else None
-    dy = torch.empty(n, cols.shape[1], dtype=dtype, device=device) if grad else None
-    for start in range(0, m, step):
-        stop = min(start + step, m)
-        size = stop - start
-        logits, work, *rest = (buffer[:size] for buffer in workspace)
-        x = rows[start:stop].to(dtype)
-        torch.addmm(c, x, cols_c.T, alpha=alpha, out=logits)
-        # sum_j softplus(A_ij) is the loss of every negative pair and of a bce target 0.
-        softplus_sum = torch.logaddexp(logits, zero, out=work).sum()
-        local = torch.arange(size, device=device)
-        label = local + start + label_offset
-        if contrastive:
-            # A positive pair's -log s(A) = softplus(A) - A.
-            sums[0] += softplus_sum - logits[local, label].sum()
-        if distill:
-            probs = rest[0]
-            for k, (t_rows, t_cols, b, cb) in enumerate(prepared):
-                target = probs if k == 0 else work
-                torch.addmm(cb, t_rows[start:stop].to(dtype), t_cols.T, alpha=b, out=target)
-                torch.sigmoid(target, out=target)
-                if k > 0:
-                    probs += work
-            if len(prepared) > 1:
-                probs /= len(prepared)
-            if kind == "mobileclip":
-                target = probs.mul_(2).sub_(1)  # t = 2p - 1
-                minus_u = torch.mul(target, logits, out=work).neg_()
-                sums[1] += torch.logaddexp(minus_u, zero, out=rest[1]).sum()
-                grad_d = torch.sigmoid(minus_u, out=work).mul_(target).neg_()  # -t s(-tA)
-            else:
-                # softplus(A) - p A, then the teacher entropy for "kl".
-                sums[1] += softplus_sum - torch.dot(probs.reshape(-1), logits.reshape(-1))
-                if kind == "kl":
-                    sums[1] += torch.special.xlogy(probs, probs, out=work).sum()
-                    complement = torch.neg(probs, out=work).add_(1)
-                    sums[1] += torch.special.xlogy(complement, complement, out=work).sum()
-        if not grad:
-            continue
-        # G = w_c (s(A) - onehot) + w_d g_d, built in the logits buffer.
-        g = logits
-        if kind == "mobileclip":
-            if contrastive:
-                torch.sigmoid(logits, out=g).mul_(w_c).add_(grad_d, alpha=w_d)
-            else:
-                g = grad_d.mul_(w_d)
-        else:
-            torch.sigmoid(logits, out=g).mul_(w_c + (w_d if distill else 0.0))
-            if distill:
-                g.sub_(probs, alpha=w_d)
-        if contrastive:
-            g[local, label] -= w_c
-        torch.matmul(g, cols_c, out=dx[start:stop])
-        if start == 0:
-            torch.matmul(g.T, x, out=dy)
-        else:
-            dy.addmm_(g.T, x)
-        sums[2] += g.sum()
-        sums[3] += torch.dot(dx[start:stop].reshape(-1), x.reshape(-1))
-    return sums, ((dx, dy) if grad else None)
-
-
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -250,77 +153,103 @@ def _run_tiles(rows, cols, scale, bias, teachers, contrastive, kind, weights, la
             contrastive=contrastive, kind=kind, weights=weights, label_offset=label_offset,
             grad=grad,
         )  # fmt: skip
-    return _torch_tiles(
+    return torch_tiles(
         rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad
     )
 
 
-def _same_gradient(first: torch.Tensor, second: torch.Tensor) -> bool:
-    # ``(c + d).backward()`` hands both outputs one tensor: no device round trip then.
-    return first is second or bool(torch.equal(first, second))
+def _out_dtype(rows: torch.Tensor, cols: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (rows.dtype, cols.dtype) else torch.float32
 
 
-class _SigmoidLoss(torch.autograd.Function):
-    """(w_c L_c, w_d L_d) with the gradient of their sum written in the forward."""
+# Registered operators (torch.library): torch.compile keeps the op as one node (its fake
+# implementation gives the output shapes) and a CUDA graph captures it, which a Python
+# autograd Function calling Triton would not allow.
+@torch.library.custom_op(f"{OP_NAMESPACE}::sigmoid_forward", mutates_args=())
+def _sigmoid_forward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    teacher_tensors: list[torch.Tensor],
+    kind: str | None,
+    weights: list[float],
+    label_offset: int,
+    grad: bool,
+    half: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w_c L_c, w_d L_d, G Y, G^T X, sums) with G the gradient of w_c L_c + w_d L_d with
+    respect to the logits (the products empty without ``grad``) and sums the fp64 [4] of
+    ``sigmoid_loss_tiles``. The teachers come flattened as (rows, cols, scale, bias);
+    ``half`` is the kernels' operand dtype for fp32 features under autocast (cast once)."""
+    dtype = _out_dtype(rows, cols)
+    rows, cols = to_kernel_dtype(rows, half), to_kernel_dtype(cols, half)
+    flat = [to_kernel_dtype(t, half) for t in teacher_tensors]
+    teachers = [tuple(flat[i : i + 4]) for i in range(0, len(flat), 4)]
+    sums, products = _tiles(
+        rows, cols, scale, bias, teachers, weights[0] != 0, kind, tuple(weights), label_offset,
+        grad,
+    )  # fmt: skip
+    m = rows.shape[0]
+    loss_c = (sums[0] * (weights[0] / m)).to(dtype)
+    loss_d = (sums[1] * (weights[1] / m)).to(dtype)
+    dx, dy = products if grad else (rows.new_empty(0), cols.new_empty(0))
+    return loss_c, loss_d, dx.to(dtype), dy.to(dtype), sums
 
-    @staticmethod
-    def forward(
-        ctx,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        scale: torch.Tensor,
-        bias: torch.Tensor,
-        teachers: list[Teacher],
-        kind: str | None,
-        weights: tuple[float, float],
-        label_offset: int,
-        grad: bool,
-        out_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        contrastive = weights[0] != 0
-        sums, products = _tiles(
-            rows, cols, scale, bias, teachers, contrastive, kind, weights, label_offset, grad
-        )
-        m = rows.shape[0]
-        loss_c = (sums[0] * (weights[0] / m)).to(out_dtype)
-        loss_d = (sums[1] * (weights[1] / m)).to(out_dtype)
-        ctx.save_for_backward(rows, cols, scale, bias)
-        ctx.teachers = teachers
-        ctx.config = (contrastive, kind, weights, label_offset)
-        ctx.products = (products, sums[2], sums[3]) if grad else None
-        return loss_c, loss_d
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_c: torch.Tensor, grad_d: torch.Tensor):
-        rows, cols, scale, bias = ctx.saved_tensors
-        contrastive, kind, weights, label_offset = ctx.config
-        distill = kind is not None
-        if ctx.products is None or (contrastive and distill and not _same_gradient(grad_c, grad_d)):
-            # The forward's gradient is that of w_c L_c + w_d L_d: any other mix is recomputed.
-            mix = (weights[0] * float(grad_c), weights[1] * float(grad_d))
-            sums, products = _tiles(
-                rows, cols, scale, bias, ctx.teachers, contrastive, kind, mix, label_offset, True
-            )
-            factor = torch.ones((), dtype=sums.dtype, device=sums.device)
-            (dx, dy), sum_g, sum_gd = products, sums[2], sums[3]
-        else:
-            (dx, dy), sum_g, sum_gd = ctx.products
-            factor = grad_c if contrastive else grad_d
-        # Scaled in place below, so consumed: a second backward (retain_graph) recomputes.
-        ctx.products = None
-        m = rows.shape[0]
-        factor = factor.to(sum_g.dtype) / m
-        # dS/dX = a G Y etc.: a, 1/m and grad_output in one in-place pass per gradient.
-        feature_factor = factor * scale.detach().to(sum_g.dtype)
-        needs = ctx.needs_input_grad
-        return (
-            dx.mul_(feature_factor).to(rows.dtype) if needs[0] else None,
-            dy.mul_(feature_factor).to(cols.dtype) if needs[1] else None,
-            (sum_gd * factor).to(scale.dtype) if needs[2] else None,
-            (sum_g * factor).to(bias.dtype) if needs[3] else None,
-            *([None] * 6),
-        )
+@_sigmoid_forward.register_fake
+def _(rows, cols, scale, bias, teacher_tensors, kind, weights, label_offset, grad, half):
+    dtype = _out_dtype(rows, cols)
+    products = (rows.shape, cols.shape) if grad else ((0,), (0,))
+    return (
+        rows.new_empty((), dtype=dtype), rows.new_empty((), dtype=dtype),
+        rows.new_empty(products[0], dtype=dtype), cols.new_empty(products[1], dtype=dtype),
+        rows.new_empty(4, dtype=torch.float64),
+    )  # fmt: skip
+
+
+def _scaled_products(products, grad_output, scale, m):
+    """(dx, dy, d scale, d bias) of one gradient pass times grad_output / m, on the device."""
+    dx, dy, sums = products
+    factor = grad_output.to(sums.dtype) / m
+    feature_factor = factor * scale.detach().to(sums.dtype)
+    return dx * feature_factor, dy * feature_factor, sums[3] * factor, sums[2] * factor
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    rows, cols, scale, bias, teacher_tensors, kind, weights, label_offset, grad, half = inputs
+    ctx.save_for_backward(rows, cols, scale, bias, *teacher_tensors, *output[2:])
+    ctx.config = (kind, weights, label_offset, grad, half)
+
+
+def _backward(ctx, grad_c: torch.Tensor, grad_d: torch.Tensor, *_):
+    rows, cols, scale, bias, *rest = ctx.saved_tensors
+    teacher_tensors, products = rest[:-3], rest[-3:]
+    kind, weights, label_offset, grad, half = ctx.config
+    contrastive, distill = weights[0] != 0, kind is not None
+    # ``(c + d).backward()`` hands both outputs one tensor, and the forward's gradient (that
+    # of w_c L_c + w_d L_d) serves; any other mix takes one pass per term, scaled on the
+    # device (comparing the two gradients' values would be a host read).
+    if grad and not (contrastive and distill and grad_c is not grad_d):
+        passes = [(products, grad_c if contrastive else grad_d)]
+    else:
+        terms = [((weights[0], 0.0), None, [], grad_c)] if contrastive else []
+        if distill:
+            terms.append(((0.0, weights[1]), kind, teacher_tensors, grad_d))
+        passes = [
+            (_sigmoid_forward(rows, cols, scale, bias, teachers, term_kind, list(term_weights),
+                              label_offset, True, half)[2:], grad_output)
+            for term_weights, term_kind, teachers, grad_output in terms
+        ]  # fmt: skip
+    scaled = [_scaled_products(p, g, scale, rows.shape[0]) for p, g in passes]
+    dx, dy, d_scale, d_bias = (reduce(torch.add, parts) for parts in zip(*scaled, strict=True))
+    return (
+        dx.to(rows.dtype), dy.to(cols.dtype), d_scale.to(scale.dtype), d_bias.to(bias.dtype),
+        [None] * len(teacher_tensors), *([None] * 5),
+    )  # fmt: skip
+
+
+_sigmoid_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -340,6 +269,7 @@ def sigmoid_loss_rows(
     contrastive_weight: float = 1.0,
     distill_weight: float = 1.0,
     label_offset: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_c L_c, w_d L_d)`` of the [m, N] problem rows x columns, each a 0-d tensor.
 
@@ -349,6 +279,8 @@ def sigmoid_loss_rows(
     A term with weight 0 (or, for L_d, without teachers) is not computed and is 0. Results
     are fp32 (float64 for float64 student features); gradients reach the student features,
     scale and bias, never the teachers. ``logit_scale`` is multiplicative (already exp'd).
+    ``compute_dtype`` (bf16, fp16 or fp32) is the kernels' operand dtype for fp32 features,
+    cast once inside the op; None takes autocast's under autocast (docs/losses.md).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -408,12 +340,13 @@ def sigmoid_loss_rows(
             f"the {cols.shape[0]} columns of col_features {tuple(cols.shape)}"
         )
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, cols, scale, bias))
-    out_dtype = torch.float64 if torch.float64 in (rows.dtype, cols.dtype) else torch.float32
-    weights = (float(contrastive_weight), float(distill_weight) if distill else 0.0)
-    return _SigmoidLoss.apply(
-        rows, cols, scale, bias, teachers, kind if distill else None, weights, label_offset,
-        grad, out_dtype,
+    weights = [float(contrastive_weight), float(distill_weight) if distill else 0.0]
+    flat = [t for teacher in teachers for t in teacher]
+    loss_c, loss_d, *_ = _sigmoid_forward(
+        rows, cols, scale, bias, flat, kind if distill else None, weights, label_offset, grad,
+        kernel_dtype(rows, compute_dtype),
     )  # fmt: skip
+    return loss_c, loss_d
 
 
 def siglip_loss(

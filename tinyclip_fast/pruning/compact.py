@@ -65,22 +65,48 @@ def cut_tower(
 ) -> TowerCut:
     """The TowerCut of masks z_h [width], z_head [layers, >= heads], z_int [layers, >= mlp].
 
-    Which entries are zero decides every shape, so the host reads them: one transfer for the
-    whole tower, and one copy of all index vectors back. Row l of z_head / z_int covers the
-    layer's own layer_heads[l] / layer_mlp[l] entries (the rest is padding).
+    Row l of z_head / z_int covers the layer's own layer_heads[l] / layer_mlp[l] entries
+    (the rest is padding). One host sync; :func:`cut_towers` cuts several towers with one.
     """
-    nonzero = torch.cat([z.detach().flatten() != 0 for z in (z_h, z_head, z_int)]).cpu()
-    hidden_on, head_on, int_on = nonzero.split([z_h.numel(), z_head.numel(), z_int.numel()])
-    head_on, int_on = head_on.view(z_head.shape), int_on.view(z_int.shape)
-    flags = [hidden_on]
-    for layer, (heads, mlp) in enumerate(zip(layer_heads, layer_mlp, strict=True)):
-        head_cols = head_on[layer, :heads].repeat_interleave(head_width)
-        flags += [head_cols.repeat(3), head_cols, int_on[layer, :mlp]]
-    indices = [None if pair is None else pair[0] for pair in channel_indices(flags, z_h.device)]
-    hidden = indices[0]
+    return cut_towers([(z_h, z_head, z_int, layer_heads, layer_mlp, head_width)])[0]
+
+
+def cut_towers(towers: list[tuple]) -> list[TowerCut]:
+    """The TowerCuts of several towers' (z_h, z_head, z_int, layer_heads, layer_mlp,
+    head_width), as :func:`cut_tower` gives them one by one.
+
+    Which entries are zero decides every shape, so the host reads them: one transfer for
+    all the towers together (one sync per step for image and text), and one copy of all
+    index vectors back.
+    """
+    masks = [z for tower in towers for z in tower[:3]]
+    nonzero = torch.cat([z.detach().flatten() != 0 for z in masks]).cpu()
+    on = nonzero.split([z.numel() for z in masks])
+    flags, shapes = [], []
+    for tower, hidden_on, head_on, int_on in zip(towers, on[0::3], on[1::3], on[2::3], strict=True):
+        _, z_head, z_int, layer_heads, layer_mlp, head_width = tower
+        head_on, int_on = head_on.view(z_head.shape), int_on.view(z_int.shape)
+        flags.append(hidden_on)
+        for layer, (heads, mlp) in enumerate(zip(layer_heads, layer_mlp, strict=True)):
+            head_cols = head_on[layer, :heads].repeat_interleave(head_width)
+            flags += [head_cols.repeat(3), head_cols, int_on[layer, :mlp]]
+        shapes.append((head_on, int_on))
+    indices = iter(
+        None if pair is None else pair[0] for pair in channel_indices(flags, masks[0].device)
+    )
+    return [
+        _tower_cut(tower, on_masks, indices) for tower, on_masks in zip(towers, shapes, strict=True)
+    ]
+
+
+def _tower_cut(tower: tuple, on_masks: tuple, indices) -> TowerCut:
+    """One tower's TowerCut from its host-side flags and the next of the index vectors."""
+    z_h, z_head, z_int, layer_heads, layer_mlp, head_width = tower
+    head_on, int_on = on_masks
+    hidden = next(indices)
     layers = []
     for layer, (heads, mlp) in enumerate(zip(layer_heads, layer_mlp, strict=True)):
-        qkv_rows, head_cols, mlp_kept = indices[1 + 3 * layer : 4 + 3 * layer]
+        qkv_rows, head_cols, mlp_kept = next(indices), next(indices), next(indices)
         z_cols = z_head[layer, :heads].repeat_interleave(head_width)
         z_mlp = z_int[layer, :mlp]
         layers.append(

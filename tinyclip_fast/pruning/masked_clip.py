@@ -41,6 +41,7 @@ from tinyclip_fast.inheritance.architecture import (
 from tinyclip_fast.pruning.compact import (
     TowerCut,
     cut_tower,
+    cut_towers,
     encode_image,
     encode_text,
     fold_text,
@@ -147,7 +148,11 @@ class TowerMasks(nn.Module):
 
     def cut(self, z_h: torch.Tensor, z_head: torch.Tensor, z_int: torch.Tensor) -> TowerCut:
         """What masks (z_h, z_head, z_int) of this tower keep (one host sync)."""
-        return cut_tower(z_h, z_head, z_int, self.layer_heads, self.layer_mlp, self.head_width)
+        return cut_tower(*self.cut_args(z_h, z_head, z_int))
+
+    def cut_args(self, z_h: torch.Tensor, z_head: torch.Tensor, z_int: torch.Tensor) -> tuple:
+        """The arguments of ``cut_tower`` / one entry of ``cut_towers`` for these masks."""
+        return z_h, z_head, z_int, self.layer_heads, self.layer_mlp, self.head_width
 
 
 def _tower_masks(
@@ -281,28 +286,46 @@ class MaskedCLIP(nn.Module):
         # sparsity.py counts the total from the mask shapes, which padding inflates.
         return 1 - self.expected_remaining_params() / self.full_prunable_params()
 
-    def _tower_cut(self, tower: TowerMasks, index: int, name: str) -> TowerCut:
-        cut = tower.cut(*tower(self._mask_generator(index)))
-        if cut.width == 0:
-            raise ValueError(f"MaskedCLIP: every hidden channel of the {name} tower is masked out")
-        return cut
+    def _tower_cuts(self, towers: list[int]) -> list[TowerCut]:
+        """The cuts of freshly drawn masks of ``towers`` (0: vision, 1: text), one sync."""
+        masks = [(self.visual_masks, self.text_masks)[index] for index in towers]
+        cuts = cut_towers(
+            [
+                tower.cut_args(*tower(self._mask_generator(i)))
+                for tower, i in zip(masks, towers, strict=True)
+            ]
+        )
+        for cut, index in zip(cuts, towers, strict=True):
+            if cut.width == 0:
+                name = ("vision", "text")[index]
+                raise ValueError(
+                    f"MaskedCLIP: every hidden channel of the {name} tower is masked out"
+                )
+        return cuts
 
-    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, cut: TowerCut, normalize: bool) -> torch.Tensor:
         visual = self.model.visual
-        cut = self._tower_cut(self.visual_masks, 0, "vision")
         pooled = encode_image(visual, fold_visual(visual, cut), cut, image)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        cut = self._tower_cut(self.text_masks, 1, "text")
+    def _encode_text(self, text: torch.Tensor, cut: TowerCut, normalize: bool) -> torch.Tensor:
         pooled = encode_text(self.model, fold_text(self.model, cut, False), cut, text)
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode_image(image, self._tower_cuts([0])[0], normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode_text(text, self._tower_cuts([1])[0], normalize)
 
     def forward(
         self, image: torch.Tensor | None = None, text: torch.Tensor | None = None
     ) -> dict[str, Any] | tuple:
-        image_features = self.encode_image(image, normalize=True) if image is not None else None
-        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        # Both towers' masks are read on the host together: one sync per forward.
+        towers = [i for i, given in enumerate((image, text)) if given is not None]
+        cuts = dict(zip(towers, self._tower_cuts(towers), strict=True))
+        image_features = self._encode_image(image, cuts[0], True) if image is not None else None
+        text_features = self._encode_text(text, cuts[1], True) if text is not None else None
         scale = self.model.logit_scale.exp()
         if self.model.output_dict:
             out = {
