@@ -115,8 +115,11 @@ class Kernel:
         return self.programs / (card.sms * self.blocks_per_sm)
 
     def fill(self, card: Card) -> float:
-        """Share of the machine's block slots busy over the kernel's whole waves."""
+        """Share of the machine busy: of the SMs within one wave, else of the block slots
+        over the kernel's whole waves."""
         waves = self.waves(card)
+        if waves <= 1:
+            return min(self.programs, card.sms) / card.sms
         return waves / math.ceil(waves)
 
     def resource_times(self, card: Card) -> dict[str, float]:
@@ -142,7 +145,7 @@ class Kernel:
 # kernel launches stubbed out under the interpreter, open_clip eager as is. (forward,
 # backward) of distill + contrastive (affinity) and of SigLIP alone (sigmoid).
 HOST_OPS = {
-    ("affinity", "ours"): (115, 35),
+    ("affinity", "ours"): (119, 35),
     ("affinity", "open_clip"): (39, 53),
     ("sigmoid", "ours"): (78, 19),
     ("sigmoid", "open_clip"): (14, 20),
@@ -258,32 +261,45 @@ def _fastest(kernels: list[Kernel]) -> Kernel:
 
 
 def fused_affinity(shape: Shape, mode: str, registers: dict) -> list[Kernel]:
-    """This package's fused kernels: the statistics pass (forward), the dL/dA pass per
-    gradient chunk and its two cuBLAS GEMMs (backward)."""
+    """This package's fused kernels: the statistics pass over row blocks x column splits and
+    the merge of its partials (forward), the dL/dA pass per gradient chunk and its two cuBLAS
+    GEMMs (backward)."""
     import tinyclip_fast.kernels.affinity_loss as kernels
+    from tinyclip_fast.kernels.common import column_splits
+    from tinyclip_fast.kernels.row_stats_combine import partial_fields
 
     k, columns = shape.teachers, 1 + shape.square
     out = []
     if mode in ("forward", "full"):
         stats = (1 + k) * columns
         alu = stats * ALU_PER_STAT + (k + (k == 1)) * columns * ALU_PER_SUM + 3
-        candidates = [
-            _tile_loop(
-                "_affinity_stats_kernel",
-                shape,
-                config,
-                registers,
-                shape.m,
-                math.ceil(shape.m / configuration_blocks(config)[0]),
-                stats,
-                alu,
+        splits = column_splits(shape.m, shape.n)
+        candidates = []
+        for config in _configs(shape, kernels._STATS_SHAPES):
+            programs = math.ceil(shape.m / configuration_blocks(config)[0]) * splits
+            kernel = _tile_loop(
+                "_affinity_stats_kernel", shape, config, registers, shape.m, programs, stats,
+                alu, extra_hbm=splits * partial_fields(k) * shape.m * 4, column_programs=splits,
             )  # fmt: skip
-            for config in _configs(shape, kernels._STATS_SHAPES)
-        ]
+            candidates.append(kernel)
         out.append(_fastest(candidates))
+        out.append(_combine(shape.m, splits, k))
     if mode in ("backward", "full"):
         out += _affinity_backward(shape, registers)
     return out
+
+
+def _combine(m: int, splits: int, teachers: int) -> Kernel:
+    """The log-sum-exp merge of the column splits' partial row statistics (read twice)."""
+    from tinyclip_fast.kernels import row_stats_combine
+    from tinyclip_fast.kernels.row_stats_combine import partial_fields
+
+    fields = partial_fields(teachers)
+    return Kernel(
+        "_combine_row_stats_kernel", hbm_bytes=4.0 * m * (2 * splits * fields + fields),
+        sfu=2.0 * m * splits * (1 + teachers), programs=math.ceil(m / row_stats_combine.BLOCK),
+        blocks_per_sm=8,
+    )  # fmt: skip
 
 
 def _affinity_backward(shape: Shape, registers: dict) -> list[Kernel]:
@@ -512,6 +528,19 @@ def predicted_ms(family: str, shape: Shape, mode: str, card: Card, registers: di
         name: 1e3 * predict(kernels, card, host_ops(family, name, mode))
         for name, kernels in designs.items()
     }
+
+
+def card_for(name: str) -> Card:
+    """The model's card for a device name (an H200 by name, else the H100's rates)."""
+    return H200 if "H200" in name.upper() else H100
+
+
+def model_cell(predicted_ms: float, measured_ms: float | None) -> str:
+    """A GPU table's model cell: the prediction and measured / predicted (the model's
+    error: x1.30 = 30% slower than predicted)."""
+    if measured_ms is None:
+        return f"{predicted_ms:.3f}"
+    return f"{predicted_ms:.3f} (x{measured_ms / predicted_ms:.2f})"
 
 
 def _ms(seconds: float) -> str:

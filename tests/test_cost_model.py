@@ -41,6 +41,11 @@ def test_kernel_time_is_the_slowest_resource_over_the_filled_share():
     assert kernel.seconds(CARD) == pytest.approx(2e-3 / 0.75 + cm.GPU_GAP_S)
 
 
+def test_a_grid_within_one_wave_fills_its_share_of_the_sms():
+    assert cm.Kernel("k", programs=2, blocks_per_sm=8).fill(CARD) == 0.5
+    assert cm.Kernel("k", programs=12, blocks_per_sm=8).fill(CARD) == 1.0
+
+
 def test_triton_dots_run_at_their_share_of_the_gemm_rate():
     kernel = cm.Kernel("k", flops=1e9, programs=4, dot_cost=6.0)
     assert kernel.resource_times(CARD)["tensor"] == pytest.approx(6e-3 / cm.TRITON_DOT_SHARE)
@@ -167,6 +172,7 @@ def test_our_host_ops(monkeypatch):
     stub = _Stub(counter)
     for name in ("_STATS_KERNELS", "_GRAD_KERNELS"):
         monkeypatch.setattr(affinity, name, stub)
+    monkeypatch.setattr(affinity, "combine_row_stats", stub)
     for name in ("_contrastive_kernel", "_distill_kernel"):
         monkeypatch.setattr(sigmoid, name, stub)
 
@@ -186,3 +192,45 @@ def test_our_host_ops(monkeypatch):
     assert count(ours, x, y, scale, tx, ty, torch.tensor(20.0)) == cm.HOST_OPS["affinity", "ours"]
     bias = torch.tensor(-10.0, requires_grad=True)
     assert count(siglip_loss, x, y, scale, bias) == cm.HOST_OPS["sigmoid", "ours"]
+
+
+def test_model_cells_and_cards():
+    assert cm.model_cell(2.0, 3.0) == "2.000 (x1.50)"
+    assert cm.model_cell(2.0, None) == "2.000"
+    assert cm.card_for("NVIDIA H200") is cm.H200
+    assert cm.card_for("NVIDIA H100 80GB HBM3") is cm.H100
+
+
+def test_gpu_tables_print_the_model_beside_each_measurement():
+    import bench_affinity_loss
+    import bench_sigmoid_loss
+
+    results = {("tinyclip_fast", 256, "full"): (1.0, 10.0), ("open_clip", 256, "full"): None}
+    lines = bench_affinity_loss.gpu_report(results, [256], ("full",), "NVIDIA H100", 800.0, "v")
+    row = lines[-1].split("|")
+    predicted = cm.predicted_ms("affinity", cm.Shape(256, 256), "full", cm.H100, cm.read_report())
+    assert row[-3].strip() == cm.model_cell(predicted["fused (ours)"], 1.0)
+    assert row[-2].strip() == cm.model_cell(predicted["open_clip bf16 logits"], None)
+    sigmoid = {
+        (w, impl, 256, mode): (2.0, 5.0)
+        for w in bench_sigmoid_loss.WORKLOADS
+        for impl in bench_sigmoid_loss.IMPLS
+        for mode in bench_sigmoid_loss.MODES
+    }
+    lines = bench_sigmoid_loss.gpu_report(sigmoid, [256], "NVIDIA H200", 800.0, "v")
+    rows = [line for line in lines if line.startswith("| 256 |")]
+    assert sum("(x" in row for row in rows) == len(bench_sigmoid_loss.MODES)
+
+
+def test_summary_reads_the_model_error(tmp_path):
+    from gpu_summary import model_summary
+
+    (tmp_path / "affinity_loss_H100.md").write_text(
+        "| n | ours model ms | open_clip model ms |\n|---|---|---|\n"
+        "| 256 | 0.100 (x1.50) | 0.200 |\n| 512 | 0.100 (x0.50) | 0.300 (x2.00) |\n"
+        "| 1024 | 0.100 (x1.00) | 0.300 |\n"
+    )
+    lines = model_summary(tmp_path, "H100")
+    assert "ours model ms: median x1.00, from x0.50 to x1.50 over 3" in lines[1]
+    assert "open_clip model ms: median x2.00, from x2.00 to x2.00 over 1" in lines[2]
+    assert "sigmoid_loss: not measured" in lines[3]
