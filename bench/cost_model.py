@@ -530,6 +530,36 @@ def predicted_ms(family: str, shape: Shape, mode: str, card: Card, registers: di
     }
 
 
+def grid_programs(kernel: str, config: str, m: int, n: int, size: int = 2) -> int | None:
+    """Programs of a launch of ``kernel`` (a loss kernel of the sm_90 report) with the blocks
+    of ``config`` on m rows x n columns (features of ``size`` bytes); None for others."""
+    from tinyclip_fast.kernels import common, row_stats_combine
+
+    if kernel == "_combine_row_stats_kernel":
+        return math.ceil(m / row_stats_combine.BLOCK)
+    if kernel not in _GRIDS:
+        return None
+    bm, bn, _, _ = configuration_blocks(config)
+    rows, columns = _GRIDS[kernel]
+    rows = common.grad_chunk_rows(m, n, size) if rows == "chunk" else m
+    tiles = math.ceil(n / bn)
+    split = {
+        "splits": common.column_splits(m, n),
+        "tiles": tiles,
+        "capped": min(tiles, common.COLUMN_PROGRAMS),
+    }[columns]
+    return math.ceil(rows / bm) * split
+
+
+# Per kernel: (rows of one launch: all m, or a gradient chunk; programs per row block).
+_GRIDS = {
+    "_affinity_stats_kernel": ("m", "splits"),
+    "_affinity_grad_logits_kernel": ("chunk", "tiles"),
+    "_mixture_entropy_kernel": ("m", "capped"),
+    "_sigmoid_loss_kernel": ("chunk", "capped"),
+}
+
+
 def card_for(name: str) -> Card:
     """The model's card for a device name (an H200 by name, else the H100's rates)."""
     return H200 if "H200" in name.upper() else H100

@@ -234,3 +234,21 @@ def test_summary_reads_the_model_error(tmp_path):
     assert "ours model ms: median x1.00, from x0.50 to x1.50 over 3" in lines[1]
     assert "open_clip model ms: median x2.00, from x2.00 to x2.00 over 1" in lines[2]
     assert "sigmoid_loss: not measured" in lines[3]
+
+
+LOCAL_SHAPES = [
+    cm.Shape(m, n, square=False) for m in (1024, 2048, 4096) for n in (8192, 16384, 65536)
+]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [*LOCAL_SHAPES, *(cm.Shape(n, n) for n in (2048, 16384, 65536, 262144))],
+    ids=lambda s: s.label,
+)
+def test_our_tile_kernels_fill_two_waves_of_132_sms(shape):
+    """Local-loss shapes included; n < 2,048 has fewer tiles than two waves' programs."""
+    registers = cm.read_report()
+    for kernel in cm.fused_affinity(shape, "full", registers):
+        if kernel.config:  # the Triton tile kernels (not cuBLAS, not the small combine)
+            assert kernel.waves(cm.H100) >= 2, kernel
