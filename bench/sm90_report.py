@@ -116,12 +116,6 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
         ]
         if num_teachers > 1:
             passes.append((entropy, "_mixture_entropy_kernel", entropy._ENTROPY_SHAPES))
-        yield Variant(
-            family, "tinyclip_fast.kernels.row_stats_combine", "_combine_row_stats_kernel",
-            "fp32", f"K={num_teachers} {combine.BLOCK} rows w4 s1",
-            (("partial_ptr", "*fp32"), ("row_out_ptr", "*fp32")),
-            (("NUM_TEACHERS", num_teachers), ("BLOCK", combine.BLOCK)), 4, 1,
-        )  # fmt: skip
         for source, kernel, shapes in passes:
             module = source.__name__
             fn = getattr(source, kernel)
@@ -153,15 +147,22 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                         tuple(pointers.items()), tuple(consts.items()), warps, stages,
                         unit=tuple(unit), tuples=tuples,
                     )  # fmt: skip
+        # The merge of the statistics kernel's column splits (fp32 partials, any dtype).
+        yield Variant(
+            family, combine.__name__, "_combine_row_stats_kernel", "fp32",
+            f"K={num_teachers} {combine.BLOCK} rows w4 s1",
+            (("partial_ptr", "*fp32"), ("row_out_ptr", "*fp32")),
+            (("NUM_TEACHERS", num_teachers), ("BLOCK", combine.BLOCK)), 4, 1,
+        )  # fmt: skip
 
 
 def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """Both affinity kernels with one teacher."""
+    """The affinity kernels with one teacher, and the merge of the column splits."""
     yield from _affinity_variants("affinity_loss", dtypes, (1,))
 
 
 def affinity_ensemble_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """The affinity kernels for ensembles of 2 and 4 teachers, and the entropy pass."""
+    """The affinity kernels for ensembles of 2 and 4 teachers, the merge and the entropy pass."""
     yield from _affinity_variants("affinity_ensemble", dtypes, (2, 4))
 
 
