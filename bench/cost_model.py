@@ -54,9 +54,11 @@ class Card:
 
 
 # H100 SXM5 80 GB (KINDS.md, 2026-11-13: 132 SMs, 50 MB L2, 798 TFLOP/s bf16 GEMM, 3.0 TB/s
-# copy). L2-to-SM: ~5.5 TB/s as measured by Chips and Cheese on an H100 (PCIe): an assumption
-# until a GPU run measures it. SFU: 3.9 T exp2/s (FlashAttention-3 paper: "989 TFLOPS of FP16
-# matmul but only 3.9 TFLOPS of special functions"). ALU: 128 fp32 lanes x 132 SMs x 1.98 GHz.
+# copy). L2-to-SM: ~5.5 TB/s, the figure recalled (not re-checked here) from Chips and
+# Cheese's "Nvidia's H100: Funny L2, and Tons of Bandwidth" (2023), measured on an H100 PCIe
+# (114 SMs, 1,755 MHz): an assumption until a GPU run measures it. SFU: 3.9 T exp2/s
+# (FlashAttention-3 paper: "989 TFLOPS of FP16 matmul but only 3.9 TFLOPS of special
+# functions"). ALU: 128 fp32 lanes x 132 SMs x 1.98 GHz.
 H100 = Card("H100", 132, 50e6, 798e12, 3.0e12, 5.5e12, 3.9e12, 33.4e12)
 # H200 SXM (KINDS.md, 2026-10-28: 132 SMs, 60 MB L2, 788 TFLOP/s, 4.3 TB/s copy); the same
 # chip as the H100 otherwise (H200.md), so the same L2, SFU and ALU rates.
