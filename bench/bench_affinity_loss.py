@@ -51,6 +51,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import cost_model
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,15 +230,19 @@ def gpu_report(
         f"# Affinity loss: {name}",
         "",
         f"{versions}; d = {DIM}, bf16 features, fp32 math, distill + contrastive; "
-        f"bf16 GEMM rate {gemm:.0f} TFLOP/s (8192^3). Time: triton do_bench median. Memory: "
+        f"bf16 GEMM rate {gemm:.0f} TFLOP/s (8192^3). Model: bench/cost_model.py's prediction "
+        "for this card (H200 by name, else H100), (x measured / predicted). Time: triton "
+        "do_bench median. Memory: "
         f"peak allocated over {MEMORY_CALLS} consecutive calls beyond the inputs (the "
         "gradients included). TFLOP/s: matmul FLOPs the loss must do (8 n^2 d for full) / "
         "time. OOM = out of memory, - = not measured.",
         "",
         "| n | mode | ours ms | open_clip ms | compiled ms | speed-up vs eager / compiled "
-        "| ours MB | open_clip MB | compiled MB | ours TFLOP/s (% GEMM) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours MB | open_clip MB | compiled MB | ours TFLOP/s (% GEMM) | ours model ms "
+        "| open_clip model ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    card, registers = cost_model.card_for(name), cost_model.read_report()
     missing = object()
     measured = lambda r: r is not missing and r is not None
 
@@ -258,10 +263,16 @@ def gpu_report(
             if measured(ours):
                 rate = must_do_flops(n, mode) / ours[0] / 1e9
                 tflops = f"{rate:.0f} ({100 * rate / gemm:.0f}%)"
+            shape = cost_model.Shape(n, n, d=DIM)
+            model = cost_model.predicted_ms("affinity", shape, mode, card, registers)
+            cells = [
+                cost_model.model_cell(model[design], r[0] if measured(r) else None)
+                for design, r in (("fused (ours)", ours), ("open_clip bf16 logits", eager))
+            ]
             lines.append(
                 f"| {n} | {mode} | {fmt(ours, 0)} | {fmt(eager, 0)} | {fmt(compiled, 0)} "
                 f"| {ratio(eager)} / {ratio(compiled)} | {fmt(ours, 1)} | {fmt(eager, 1)} "
-                f"| {fmt(compiled, 1)} | {tflops} |"
+                f"| {fmt(compiled, 1)} | {tflops} | {cells[0]} | {cells[1]} |"
             )
     return lines
 

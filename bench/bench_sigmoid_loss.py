@@ -44,6 +44,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import cost_model
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,18 +204,20 @@ def gpu_report(results: dict, sizes: list[int], name: str, gemm: float, versions
         "time. OOM = out of memory. Speed-ups are open_clip time / ours. Ours produces the "
         "gradient in the forward when the inputs require grad (forward = the no-grad loss only; "
         "backward = a repeated backward with retain_graph, which recomputes that gradient): "
-        "full is the like-for-like number.",
+        "full is the like-for-like number. Model: bench/cost_model.py's prediction for this "
+        "card (SigLIP alone), (x measured / predicted).",
         "",
     ]
     fmt = lambda r, i: "OOM" if r is None else f"{r[i]:.3f}" if i == 0 else f"{r[i]:.0f}"
+    card, registers = cost_model.card_for(name), cost_model.read_report()
     for workload, teachers in WORKLOADS.items():
         lines += [
             f"## {workload}",
             "",
             "| n | mode | ours ms | open_clip ms | chunked ms | compiled ms | speed-up eager / "
             "chunked / compiled | ours MB | open_clip MB | chunked MB | compiled MB | ours "
-            "TFLOP/s (% GEMM) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "TFLOP/s (% GEMM) | ours model ms | open_clip model ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n in sizes:
             for mode in MODES:
@@ -229,7 +232,20 @@ def gpu_report(results: dict, sizes: list[int], name: str, gemm: float, versions
                     tflops = f"{rate:.0f} ({100 * rate / gemm:.0f}%)"
                 times = " | ".join(fmt(r, 0) for r in (ours, *refs))
                 memory = " | ".join(fmt(r, 1) for r in (ours, *refs))
-                lines.append(f"| {n} | {mode} | {times} | {ratios} | {memory} | {tflops} |")
+                model = "- | -"
+                if teachers == 0:  # the model prices SigLIP alone
+                    shape = cost_model.Shape(n, n, d=DIM, teachers=0)
+                    ms = cost_model.predicted_ms("sigmoid", shape, mode, card, registers)
+                    model = " | ".join(
+                        cost_model.model_cell(ms[design], r[0] if r is not None else None)
+                        for design, r in (
+                            ("fused (ours)", ours),
+                            ("open_clip bf16 logits", refs[0]),
+                        )
+                    )
+                lines.append(
+                    f"| {n} | {mode} | {times} | {ratios} | {memory} | {tflops} | {model} |"
+                )
         lines.append("")
     lines += [
         "## Ensemble cost (ours, full mode): time(distill-4) / time(distill-1), goal <= 2.5",

@@ -4,7 +4,8 @@
 
 Reads the tables the benchmarks wrote for one card (``*_<gpu>.md``; the card of this machine
 by default, else the newest tables) and prints one line per goal: measured value, goal,
-met / MISSED / not measured. ``--dry-run`` lists the goals and the tables they come from.
+met / MISSED / not measured; then the cost model's error (measured / predicted) per model
+column. ``--dry-run`` lists the goals and the tables they come from.
 """
 
 from __future__ import annotations
@@ -171,6 +172,40 @@ def summary(results: Path, gpu: str | None) -> list[str]:
     return lines
 
 
+# The tables whose "... model ms" columns hold bench/cost_model.py's predictions.
+MODEL_TABLES = ("affinity_loss", "sigmoid_loss")
+_MODEL_ERROR = re.compile(r"\(x(\d+\.?\d*)\)")
+
+
+def model_errors(rows: list[Row]) -> dict[str, list[float]]:
+    """measured / predicted of every filled model cell, per model column."""
+    found: dict[str, list[float]] = {}
+    for row in rows:
+        for column, cell in row.items():
+            match = _MODEL_ERROR.search(cell) if column.endswith("model ms") else None
+            if match:
+                found.setdefault(column, []).append(float(match.group(1)))
+    return found
+
+
+def model_summary(results: Path, gpu: str | None) -> list[str]:
+    """One line per model column: the cost model's error on this card's measurements."""
+    lines = ["Cost model (bench/cost_model.py), measured / predicted time:"]
+    for table in MODEL_TABLES:
+        path = find_table(results, table, gpu)
+        errors = model_errors(read_table(path)) if path else {}
+        if not errors:
+            lines.append(f"  {table}: not measured")
+        for column, ratios in errors.items():
+            ratios = sorted(ratios)
+            median = ratios[len(ratios) // 2]
+            lines.append(
+                f"  {table} {column}: median x{median:.2f}, from x{ratios[0]:.2f} to "
+                f"x{ratios[-1]:.2f} over {len(ratios)} measurements"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -183,13 +218,15 @@ def main() -> None:
             sign = ">=" if goal.at_least else "<="
             bound = f"{sign} {goal.bound:g}{goal.unit}"
             print(f"  {goal.text:<50} goal {bound:<10} <- {goal.table}_<gpu>.md")
+        for table in MODEL_TABLES:
+            print(f"  cost model error (measured / predicted) <- {table}_<gpu>.md model columns")
         return
     gpu = args.gpu
     if gpu is None:
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    lines = summary(args.results, gpu)
+    lines = summary(args.results, gpu) + model_summary(args.results, gpu)
     print("\n".join(lines))
     if args.out is not None:
         args.out.write_text("\n".join(lines) + "\n")

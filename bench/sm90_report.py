@@ -1,11 +1,12 @@
-"""Static sm_90 report of the Triton kernels: registers, spills, shared memory, wgmma.
+"""Static sm_90 report of the Triton kernels: registers, spills, shared memory, loop wgmma.
 
 Every kernel, every autotune configuration the CUDA launchers may pick, and every feature
 dtype (bf16, fp16, fp32) is compiled ahead of time for sm_90a by the installed Triton (no GPU
-needed); the bundled ptxas then reports registers and spills of the PTX, and the PTX shows
-whether the main loop uses Hopper's wgmma. A spill in a bf16/fp16 main loop is a performance
-bug: ``--check`` exits 1 when one spills (fp32 variants are reported, not checked, unless
-``--check-dtypes`` names fp32 too).
+needed); the bundled ptxas then reports registers and spills of the PTX, the PTX's loops
+show whether they issue Hopper's wgmma (``loop_wgmma``), and bench/cost_model.py turns the
+registers and shared memory into blocks per SM and predicted waves. A spill in a bf16/fp16
+main loop is a performance bug: ``--check`` exits 1 when one spills (fp32 variants are
+reported, not checked, unless ``--check-dtypes`` names fp32 too).
 
     python bench/sm90_report.py                 # all kernels -> bench/results/sm90_<triton>.md
     python bench/sm90_report.py --check --dtypes bf16,fp16   # what the test suite runs
@@ -38,7 +39,11 @@ from pathlib import Path
 # The kernels must be defined for compilation, not for the interpreter.
 os.environ.pop("TRITON_INTERPRET", None)
 
+import cost_model  # noqa: E402 - after the interpreter switch above
+
 DTYPES = ("bf16", "fp16", "fp32")
+# (m, n) of the waves column: the square benchmark shape and a local-loss one.
+WAVE_SHAPES = ((16384, 16384), (2048, 16384))
 CHECKED_DTYPES = ("bf16", "fp16")
 
 
@@ -68,7 +73,9 @@ class Report:
     spill_stores: int = -1
     spill_loads: int = -1
     shared_bytes: int = -1
-    wgmma: bool = False
+    # The wgmma of the main loop (the loop with the most wgmma.mma_async): see loop_wgmma.
+    loop: str = ""
+    blocks_per_sm: int = 0
     # Ordered memory operations in the PTX: acq_rel / acquire / release atomics and fences.
     ordered: int = 0
     seconds: float = 0.0
@@ -91,6 +98,7 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
     and for K >= 2 the mixture-entropy pass of the ensemble KL."""
     import tinyclip_fast.kernels.affinity_loss as kernels
     import tinyclip_fast.kernels.mixture_entropy as entropy
+    import tinyclip_fast.kernels.row_stats_combine as combine
 
     scalars = {
         "scale_ptr": "*fp32", "teacher_scale_ptr": "*fp32", "row_out_ptr": "*fp32",
@@ -139,15 +147,22 @@ def _affinity_variants(family: str, dtypes: tuple[str, ...], teachers: tuple[int
                         tuple(pointers.items()), tuple(consts.items()), warps, stages,
                         unit=tuple(unit), tuples=tuples,
                     )  # fmt: skip
+        # The merge of the statistics kernel's column splits (fp32 partials, any dtype).
+        yield Variant(
+            family, combine.__name__, "_combine_row_stats_kernel", "fp32",
+            f"K={num_teachers} {combine.BLOCK} rows w4 s1",
+            (("partial_ptr", "*fp32"), ("row_out_ptr", "*fp32")),
+            (("NUM_TEACHERS", num_teachers), ("BLOCK", combine.BLOCK)), 4, 1,
+        )  # fmt: skip
 
 
 def affinity_loss_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """Both affinity kernels with one teacher."""
+    """The affinity kernels with one teacher, and the merge of the column splits."""
     yield from _affinity_variants("affinity_loss", dtypes, (1,))
 
 
 def affinity_ensemble_variants(dtypes: tuple[str, ...]) -> Iterator[Variant]:
-    """The affinity kernels for ensembles of 2 and 4 teachers, and the entropy pass."""
+    """The affinity kernels for ensembles of 2 and 4 teachers, the merge and the entropy pass."""
     yield from _affinity_variants("affinity_ensemble", dtypes, (2, 4))
 
 
@@ -294,6 +309,45 @@ _ORDERED = re.compile(
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+_LABEL = re.compile(r"^(\$L__\w+):", re.MULTILINE)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
+
+
+def loop_wgmma(ptx: str) -> str:
+    """Whether the PTX's loops issue wgmma, read from the loops themselves: a loop runs from
+    a label to a branch back to it. Names the innermost loops holding wgmma.mma_async (the
+    dot loops inside the tile loop), their MMAs per iteration and the wait_group depths
+    there: ``wait 0`` inside such a loop waits for each MMA group before the next issues."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = []
+    for end, line in enumerate(lines):
+        branch = _BRANCH.search(line)
+        start = labels.get(branch.group(1)) if branch else None
+        if start is not None and start < end:
+            body = lines[start : end + 1]
+            mma = sum("wgmma.mma_async" in text for text in body)
+            waits = tuple(sorted({int(w) for text in body for w in _WAIT.findall(text)}))
+            if mma:
+                loops.append((start, end, mma, waits))
+    if not any("wgmma.mma_async" in line for line in lines):
+        return "no wgmma"
+    inner = [
+        (mma, waits)
+        for start, end, mma, waits in loops
+        if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _, _ in loops)
+    ]
+    if not inner:
+        return "no (wgmma outside loops)"
+    kinds = sorted(set(inner), reverse=True)
+    return "yes: " + "; ".join(
+        f"{inner.count(kind)} loop{'s' if inner.count(kind) > 1 else ''} x {kind[0]} mma, "
+        f"wait {'/'.join(map(str, kind[1])) or 'none'}"
+        for kind in kinds
+    )
+
+
 def _kernel_fn(variant: Variant):
     import importlib
 
@@ -340,7 +394,7 @@ def compile_variant(variant: Variant) -> Report:
             options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
         )
         ptx = compiled.asm["ptx"]
-        report.wgmma = "wgmma.mma_async" in ptx
+        report.loop = loop_wgmma(ptx)
         report.ordered = len(_ORDERED.findall(ptx))
         report.shared_bytes = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as folder:
@@ -354,6 +408,9 @@ def compile_variant(variant: Variant) -> Report:
         registers = _REGISTERS.search(log)
         spills = _SPILLS.search(log)
         report.registers = int(registers.group(1)) if registers else -1
+        report.blocks_per_sm = cost_model.blocks_per_sm(
+            report.registers, variant.num_warps, report.shared_bytes
+        )
         if spills:
             report.spill_stores, report.spill_loads = int(spills.group(1)), int(spills.group(2))
     except Exception as err:  # a variant that fails to compile is reported, not fatal
@@ -372,26 +429,44 @@ def table(reports: list[Report], versions: str, families: list[str]) -> str:
         "",
         f"{versions}; families: {', '.join(families)}. Compiled ahead of time for sm_90a (no "
         "GPU), registers and spills from the bundled ptxas -v, shared memory from Triton's "
-        "metadata, wgmma = the PTX uses wgmma.mma_async, ordered = its acq_rel / acquire / "
+        "metadata, blocks/SM from both and the warps (bench/cost_model.py), loop wgmma = the "
+        "innermost PTX loops (label to back-branch) issuing wgmma.mma_async, their MMAs per "
+        "iteration and wait_group depths (wait 0 in a loop serialises), waves = programs / "
+        "(132 SMs x blocks/SM) at n = 16,384 (square) and m = 2,048 x n = 16,384 (local), "
+        "ordered = its acq_rel / acquire / "
         "release atomics and fences. Every autotune configuration a CUDA "
         "launch may pick; bf16/fp16 variants must not spill, nor the fp32 ones of the "
         "affinity, ensemble and sigmoid kernels (tests/kernels/test_sm90_report.py).",
         "",
         "| kernel | dtype | configuration | registers | spill stores / loads (B) | shared (B) "
-        "| wgmma | ordered | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| blocks/SM | loop wgmma | waves square / local | ordered | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         v = r.variant
         if r.error:
-            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} | | | | | |")
+            lines.append(f"| {v.kernel} | {v.dtype} | {v.label} | error: {r.error} |" + " |" * 7)
             continue
         spill = f"{r.spill_stores} / {r.spill_loads}" + (" **SPILL**" if r.spills else "")
         lines.append(
             f"| {v.kernel} | {v.dtype} | {v.label} | {r.registers} | {spill} | "
-            f"{r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.ordered} | {r.seconds:.1f} |"
+            f"{r.shared_bytes} | {r.blocks_per_sm} | {r.loop} | {_waves(r)} | {r.ordered} "
+            f"| {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _waves(report: Report) -> str:
+    """Predicted waves on 132 SMs at the square and the local benchmark shape."""
+    v = report.variant
+    size = 4 if v.dtype == "fp32" else 2
+    waves = []
+    for m, n in WAVE_SHAPES:
+        programs = cost_model.grid_programs(v.kernel, v.label, m, n, size)
+        if programs is None or report.blocks_per_sm < 1:
+            return "-"
+        waves.append(f"{programs / (cost_model.H100.sms * report.blocks_per_sm):.1f}")
+    return " / ".join(waves)
 
 
 def versions() -> str:
@@ -436,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             v = report.variant
             status = report.error or (
                 f"{report.registers} regs, spills {report.spill_stores}/{report.spill_loads}, "
-                f"wgmma {'yes' if report.wgmma else 'no'}, ordered {report.ordered}"
+                f"{report.blocks_per_sm} blocks/SM, loop wgmma {report.loop}, "
+                f"ordered {report.ordered}"
             )
             print(f"  {v.kernel} {v.dtype} {v.label}: {status} ({report.seconds:.1f} s)")
             reports.append(report)

@@ -4,7 +4,9 @@ Student logits A = a X Y^T [m, N] and the logits B_k = b_k Xt_k Yt_k^T of K <= M
 teachers (each with its own feature dim) are only ever formed one [BLOCK_M, BLOCK_N] tile at
 a time, flash-attention style: the forward kernel computes each student tile once and
 streams the K teacher tiles beside it, keeping an online softmax per row and teacher (exp2,
-log2(e) folded into the scale, fp32 accumulation), and writes per-row statistics. The soft
+log2(e) folded into the scale, fp32 accumulation). Its grid is row blocks x column splits
+(``common.column_splits``: a local-loss shape with few row blocks still fills the SMs); each
+split writes partial row statistics that ``kernels.row_stats_combine`` merges. The soft
 cross-entropy against the averaged target mean_k softmax(B_k) decomposes per teacher:
 lse(A_i) - mean_k sum_j softmax(B_k)_ij A_ij. The backward kernel recomputes the tiles from
 the statistics and writes dL/dA (Q - mean_k P_k mixes) for a chunk of rows (<= 512 MB); two
@@ -52,6 +54,7 @@ from .common import (
     strides,
 )
 from .limits import MAX_TEACHERS
+from .row_stats_combine import combine_row_stats, partial_fields
 
 # A column sum (fp64, relative to its shift) below this is treated as underflowed and
 # recomputed exactly; 1e-280 leaves room for ~1e20 tile contributions in fp64's normal range.
@@ -130,9 +133,10 @@ def _affinity_stats_kernel(
     x_ptr, y_ptr, scale_ptr,
     teacher_x, teacher_y,  # K-tuples (at least one entry) of teacher row / column features
     teacher_scale_ptr,  # [K] fp32
-    # [2 + 2K (+ 1 if K = 1), m] fp32, natural log units: lse_a, target_a, lse_b of each
-    # teacher, p_dot_a of each teacher, and for one teacher p_dot_b
-    row_out_ptr,
+    # [splits, 3 + 4K, m] fp32, log2 units, each column split's partial row statistics:
+    # max_a, sum 2^(A - max_a), target_a, then per teacher max_b, sum 2^(B - max_b),
+    # sum 2^(B - max_b) A and (K = 1) sum 2^(B - max_b) B
+    partial_ptr,
     col_shift_ptr,  # [1 + K, N] fp32: per-column upper bounds of A and each B_k, log2 units
     # [1 + 2K (+ 1 if K = 1), N] fp64: sum 2^(A-c), then per teacher sum 2^(B-c'),
     # sum 2^(B-c') A2, and for one teacher sum 2^(B-c') B2
@@ -145,23 +149,28 @@ def _affinity_stats_kernel(
     UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # A 2-D grid: row block x column split. Split s sweeps the tiles s, s + splits, ...;
+    # the combine kernel merges the splits' partial row statistics.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     row_start = pid * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < m
-    num_tiles = tl.cdiv(n, BLOCK_N)
-    # The sums start at 1 in a skipped block, so that its (unused) outputs stay finite.
+    num_tiles = tl.cdiv(tl.cdiv(n, BLOCK_N) - split, splits)
+    no_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     idle = 0.0
     if ACTIVE_ROWS:
-        # A row block with no needed row skips every tile (its outputs are left undefined):
-        # the launch keeps its shape whichever rows are needed.
+        # A row block with no needed row skips every tile (its outputs are left undefined,
+        # finite: partials max 0, sum 1): the launch keeps its shape whichever rows are needed.
         active = tl.max(tl.load(row_active_ptr + rows, mask=row_ok, other=0), axis=0)
         num_tiles *= active.to(tl.int32)
         idle = (1 - active).to(tl.float32)
+        no_max = tl.where(active > 0, no_max, 0.0)
     label = rows + label_offset
     log2e = 1.4426950408889634
     a2 = tl.load(scale_ptr).to(tl.float32) * log2e
-    max_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    max_a = no_max
     sum_a = tl.zeros((BLOCK_M,), tl.float32) + idle
     target_a = tl.zeros((BLOCK_M,), tl.float32)
     # Per teacher: log2-unit scale; per row running max, sum, sum 2^B A, (K = 1) sum 2^B B.
@@ -170,12 +179,11 @@ def _affinity_stats_kernel(
     for k in tl.static_range(NUM_TEACHERS):
         scales = scales + (tl.load(teacher_scale_ptr + k).to(tl.float32) * log2e,)
         zeros = tl.zeros((BLOCK_M,), tl.float32)
-        max_b = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        states = states + ((max_b, zeros + idle, zeros, zeros),)
+        states = states + ((no_max, zeros + idle, zeros, zeros),)
     for step in range(0, num_tiles):
-        # Programs start on different column tiles so that their column atomics rarely
-        # collide; the online softmax does not depend on the order.
-        start = ((step + pid) % num_tiles) * BLOCK_N
+        # Row blocks start on different column tiles of their split so that their column
+        # atomics rarely collide; the online softmax does not depend on the order.
+        start = (split + ((step + pid) % num_tiles) * splits) * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n
         # Logits in log2 units: exp2 of them is exp of the natural logits. The student tile
@@ -215,16 +223,17 @@ def _affinity_stats_kernel(
                 ),
             )  # fmt: skip
         states = stepped
-    ln2 = 0.6931471805599453
-    tl.store(row_out_ptr + rows, (max_a + tl.log2(sum_a)) * ln2, mask=row_ok)
-    tl.store(row_out_ptr + m + rows, target_a * ln2, mask=row_ok)
-    # Teacher k: lse_b into row 2 + k, p_dot_a into row 2 + K + k; (K = 1) p_dot_b row 4.
+    out = partial_ptr + split * (3 + 4 * NUM_TEACHERS) * m + rows
+    tl.store(out, max_a, mask=row_ok)
+    tl.store(out + m, sum_a, mask=row_ok)
+    tl.store(out + 2 * m, target_a, mask=row_ok)
     for k in tl.static_range(NUM_TEACHERS):
         max_b, sum_b, w_a, w_b = states[k]
-        tl.store(row_out_ptr + (2 + k) * m + rows, (max_b + tl.log2(sum_b)) * ln2, mask=row_ok)
-        tl.store(row_out_ptr + (2 + NUM_TEACHERS + k) * m + rows, w_a / sum_b * ln2, mask=row_ok)
+        tl.store(out + (3 + 4 * k) * m, max_b, mask=row_ok)
+        tl.store(out + (4 + 4 * k) * m, sum_b, mask=row_ok)
+        tl.store(out + (5 + 4 * k) * m, w_a, mask=row_ok)
         if NUM_TEACHERS == 1:
-            tl.store(row_out_ptr + 4 * m + rows, w_b / sum_b * ln2, mask=row_ok)
+            tl.store(out + 6 * m, w_b, mask=row_ok)
 
 
 @triton.jit
@@ -331,13 +340,14 @@ def _affinity_grad_logits_kernel(
 # running statistics and (backward) its softmax tile: the larger tiles spill from K = 2
 # (64x128 stats, 128x64 fp32 grad: 8-84 B) or K = 4 (every 64x128 / 128x64 tile, 16-1000 B;
 # fp32 stats even at 64x64, hence 64x32). fp32 64x128x16 stats spill 4 B at K = 1 on
-# Triton 3.6: not among the one-teacher candidates.
+# Triton 3.6: not among the one-teacher candidates. The column-split statistics kernel at
+# K = 4 in bf16/fp16 spills 16 B with 3 stages on Triton 3.6 (255 registers): 2 stages.
 _STATS_SHAPES = {
     ("half", "one"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
     ("fp32", "one"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
     ("half", "two"): ((64, 64, 64, 8, 3), (64, 64, 32, 8, 3)),
     ("fp32", "two"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
-    ("half", "four"): ((64, 64, 32, 8, 3), (64, 64, 16, 8, 3)),
+    ("half", "four"): ((64, 64, 32, 8, 2), (64, 64, 16, 8, 2)),
     ("fp32", "four"): ((64, 32, 16, 8, 3),),
 }
 _GRAD_SHAPES = {
@@ -451,20 +461,23 @@ def affinity_stats_forward(
     k = ops.num_teachers
     a, b = _scalar(scale, rows), device_scales(teacher_scales, rows)
     row_out = torch.empty(2 + 2 * k + (k == 1), m, dtype=torch.float32, device=rows.device)
+    splits = common.column_splits(m, n)
+    partials = torch.empty(splits, partial_fields(k), m, dtype=torch.float32, device=rows.device)
     if column_stats:
         shifts = _column_shifts(ops.rows, ops.cols, a, ops.teachers, b)
         col_acc = torch.zeros(1 + 2 * k + (k == 1), n, dtype=torch.float64, device=rows.device)
     else:
         shifts = col_acc = row_out  # never read: COLUMNS is off
     active = row_out if active_rows is None else active_rows.to(torch.int8)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)
     _STATS_KERNELS[ops.kernel_class][grid](
-        ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, row_out, shifts, col_acc,
+        ops.rows, ops.cols, a, ops.teacher_x, ops.teacher_y, b, partials, shifts, col_acc,
         active, m, n, size_class(m), size_class(n), ops.rows.shape[1], ops.teacher_dims,
         label_offset,
         *strides([ops.rows, ops.cols]), ops.teacher_strides,
         COLUMNS=column_stats, ACTIVE_ROWS=active_rows is not None, **ops.flags(),
     )  # fmt: skip
+    combine_row_stats(partials, row_out)
     row = _unpack(row_out, k)
     if not column_stats:
         return row, None

@@ -1,8 +1,8 @@
 """What the loss kernel families share: the tile dot, p ln p, the dot flavour of a dtype,
 the autotune candidates, one dtype for all operands and the size of a gradient chunk.
 
-Tunables that tests shrink (``GRAD_CHUNK_BYTES``, ``COLUMN_PROGRAMS``) are read through
-this module at call time, so patching them here reaches every family.
+Tunables that tests shrink (``GRAD_CHUNK_BYTES``, ``COLUMN_PROGRAMS``, ``SPLIT_COLUMNS``) are
+read through this module at call time, so patching them here reaches every family.
 """
 
 import torch
@@ -19,6 +19,13 @@ GRAD_CHUNK_BYTES = 1 << 29
 # Column programs per row block in the kernels that loop over column tiles; each loops over
 # its share of the tiles, so its partial sums stay O(m) however large N is.
 COLUMN_PROGRAMS = 64
+# Programs a row-statistics launch aims for when its row blocks alone are too few: four waves
+# of the H100's and H200's 132 SMs at one block per SM (the statistics kernels' 200-250
+# registers per thread leave room for one 8-warp block; bench/cost_model.py prices it).
+FILL_PROGRAMS = 4 * 132
+# Fewest columns per column split of a row-statistics launch: one tile of the widest BLOCK_N,
+# so that every split has a tile to sweep.
+SPLIT_COLUMNS = 128
 # The interpreter runs one fixed configuration; CUDA autotunes over candidates whose
 # smallest row block is 64.
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
@@ -118,6 +125,14 @@ def grad_chunk_rows(m: int, n: int, element_size: int) -> int:
     (whole blocks of rows), and all m rows for small problems."""
     rows = GRAD_CHUNK_BYTES // (n * element_size) // SMALLEST_BLOCK * SMALLEST_BLOCK
     return min(m, max(SMALLEST_BLOCK, rows))
+
+
+def column_splits(m: int, n: int) -> int:
+    """Column splits of a row-statistics launch over m rows and n columns: enough that the
+    row blocks times the splits reach FILL_PROGRAMS, at most COLUMN_PROGRAMS, and at least
+    SPLIT_COLUMNS columns each. A function of (m, n) alone, whatever blocks autotuning picks."""
+    wanted = triton.cdiv(FILL_PROGRAMS, triton.cdiv(m, SMALLEST_BLOCK))
+    return max(1, min(wanted, triton.cdiv(n, SPLIT_COLUMNS), COLUMN_PROGRAMS))
 
 
 def strides(tensors: list[torch.Tensor]) -> tuple[int, ...]:

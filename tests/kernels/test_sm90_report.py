@@ -59,3 +59,41 @@ def test_no_register_spills_on_sm90(family, dtypes, seconds):
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def _ptx(*body: str) -> str:
+    return "\n".join(["\t.entry k(", ")", "{", *body, "\tret;", "}"])
+
+
+MMA = "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 1;"
+
+
+@pytest.mark.parametrize(
+    "ptx,expected",
+    [
+        (_ptx("\tadd.s32 %r1, %r1, 1;"), "no wgmma"),
+        (_ptx(MMA, "\twgmma.wait_group.sync.aligned 0;"), "no (wgmma outside loops)"),
+        # The tile loop (BB0_1) holds two dot loops; the depths are read per inner loop.
+        (
+            _ptx(
+                "$L__BB0_1:", "$L__BB0_2:", MMA, MMA, "\twgmma.wait_group.sync.aligned 1;",
+                "\t@%p1 bra \t$L__BB0_2;", "\twgmma.wait_group.sync.aligned 0;", "$L__BB0_3:",
+                MMA, MMA, "\twgmma.wait_group.sync.aligned 1;", "\t@%p2 bra \t$L__BB0_3;",
+                "\tbra.uni \t$L__BB0_1;",
+            ),
+            "yes: 2 loops x 2 mma, wait 1",
+        ),
+        # A forward branch is no loop; a wait 0 inside the loop is reported as such.
+        (
+            _ptx("\t@%p1 bra \t$L__BB0_9;", "$L__BB0_4:", MMA, "\twgmma.wait_group.sync.aligned 0;",
+                 "\t@%p2 bra \t$L__BB0_4;", "$L__BB0_9:"),
+            "yes: 1 loop x 1 mma, wait 0",
+        ),
+    ],
+    ids=["none", "outside", "pipelined", "serialised"],
+)  # fmt: skip
+def test_loop_wgmma_reads_the_loops(ptx, expected):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sm90_report
+
+    assert sm90_report.loop_wgmma(ptx) == expected

@@ -306,6 +306,39 @@ def test_triton_backward_in_row_chunks(monkeypatch):
     check(square=True, m=70, n=70, d_s=16, d_t=16, backend="triton", device=KERNEL_DEVICE)
 
 
+# Column splits of the statistics kernel: 128 columns each gives one split, 32 one split per
+# 32-column tile, 1 more splits (up to COLUMN_PROGRAMS) than tiles, some of them empty.
+@pytest.mark.parametrize("split_columns", [32, 1])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(square=True, m=101, n=101, kind="kl"),
+        dict(square=True, m=70, n=70, dtype=torch.bfloat16, scale=100.0, teacher_scale=50.0),
+        dict(square=False, m=21, n=101, label_offset=57, dtype=torch.float16),
+    ],
+    ids=["square-kl-fp32", "square-bf16", "rows-fp16"],
+)
+def test_triton_column_splits(monkeypatch, split_columns, case):
+    import tinyclip_fast.kernels.common as common
+
+    monkeypatch.setattr(common, "SPLIT_COLUMNS", split_columns)
+    assert common.column_splits(case["m"], case["n"]) > 1
+    check(backend="triton", device=KERNEL_DEVICE, **case)
+
+
+@pytest.mark.parametrize("split_columns", [32, 1])
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rows"])
+def test_ensemble_triton_column_splits(monkeypatch, split_columns, square):
+    import tinyclip_fast.kernels.common as common
+
+    monkeypatch.setattr(common, "SPLIT_COLUMNS", split_columns)
+    m = 101 if square else 21
+    check_ensemble(
+        square=square, m=m, n=101, kind="kl", d_ts=(40, 16, 24), label_offset=0 if square else 60,
+        teacher_scales=(5.0, 30.0, 50.0), backend="triton", device=KERNEL_DEVICE,
+    )  # fmt: skip
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's NaN warnings in the interpreter
 @pytest.mark.parametrize("where", ["student_row", "student_col", "teacher"])
 def test_nan_propagates_triton(where):
