@@ -3,10 +3,10 @@
 # of at most 9 minutes (540 s) on a cold machine. Steps, each with its own time budget and
 # a timestamp: install, versions, kernel correctness on CUDA, a training step eager vs
 # torch.compile vs CUDA-graph replay without host syncs, the loss benchmarks (softmax
-# and sigmoid), the masked matmul, the distillation step, the peers beside our losses, then a
-# one-screen summary of every measured ratio against its goal in shared TARGETS.md. Each
-# benchmark writes its table to bench/results/ the moment it is done (and again after every
-# measurement); after every step the new tables are copied to $OUT when set, so a timeout
+# and sigmoid), the masked matmul, the distillation step, the loader's device half, the
+# peers beside our losses, then a one-screen summary of every measured ratio against its
+# goal in shared TARGETS.md. Each benchmark writes its table to bench/results/ the moment it
+# is done (and again after every measurement); after every step the new tables are copied to $OUT when set, so a timeout
 # loses nothing already measured.
 #
 #   bash bench/gpu_check.sh --download  # with a registry: wheels of bench/gpu_wheels.txt -> .whl/
@@ -118,32 +118,36 @@ open_clip.__version__, torch.cuda.get_device_name())\"" \
 'triton', triton.__version__, 'numpy', numpy.__version__, 'open_clip', open_clip.__version__)\""
 # Correctness first: the kernels compile for CUDA (conftest leaves the interpreter off when
 # a GPU exists), one autotune configuration each (bench/autotune_first.py).
-plan kernel-tests-affinity 80 "PYTHONPATH=bench $PYTEST $TESTS_AFFINITY" \
+plan kernel-tests-affinity 70 "PYTHONPATH=bench $PYTEST $TESTS_AFFINITY" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_AFFINITY | tail -1"
-plan kernel-tests-masked 70 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
+plan kernel-tests-masked 55 "PYTHONPATH=bench $PYTEST $TESTS_MASKED" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_MASKED | tail -1"
 plan kernel-tests-sigmoid 35 "PYTHONPATH=bench $PYTEST $TESTS_SIGMOID" \
     "PYTHONPATH=bench $PYTEST --collect-only $TESTS_SIGMOID | tail -1"
 # A training step (bf16 student under autocast, the loss, backward, AdamW) eager, compiled
 # and replayed as a CUDA graph under sync debug mode "error": any host sync fails its mode.
-plan step-graph 75 "$PY bench/bench_step_graph.py --quick --out $RESULTS" \
+plan step-graph 60 "$PY bench/bench_step_graph.py --quick --out $RESULTS" \
     "$PY bench/bench_step_graph.py --dry-run --out $RESULTS"
 # The ensemble table (K = 1, 2, 4) after the main one, in the same budget: a timeout there
 # loses only the ensemble rows not yet written.
-plan loss-bench 85 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS && \
+plan loss-bench 75 "$PY bench/bench_affinity_loss.py --quick --out $RESULTS && \
 $PY bench/bench_affinity_loss.py --ensemble --quick --out $RESULTS" \
     "$PY bench/bench_affinity_loss.py --quick --out $RESULTS --dry-run && \
 $PY bench/bench_affinity_loss.py --ensemble --quick --out $RESULTS --dry-run"
 plan sigmoid-bench 45 "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS" \
     "$PY bench/bench_sigmoid_loss.py --quick --out $RESULTS --dry-run"
-plan masked-bench 55 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
+plan masked-bench 45 "$PY bench/bench_masked_matmul.py --quick --out $RESULTS" \
     "$PY bench/bench_masked_matmul.py --quick --out $RESULTS --dry-run"
-plan distill-bench 55 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
+plan distill-bench 45 "$PY bench/bench_distill_step.py --quick --out $RESULTS" \
     "$PY bench/bench_distill_step.py --quick --out $RESULTS --dry-run"
+# The loader's device half (resize, flip, jitter, normalise on the batch) and the nvjpeg
+# decode, in images/s beside the CPU table of bench/results/loader_cpu.md.
+plan loader-bench 20 "$PY bench/bench_loader.py --images 60 --device cuda --out $RESULTS/loader_gpu.md" \
+    "$PY bench/bench_loader.py --images 2 --out $LOGS/loader_dry_run.md"
 # The peers (Inf-CL, siglip-kernel, open_clip's losses) beside ours on the same inputs, each
 # value checked against ours first; a peer that cannot run is a cell in the table. Last
 # before the summary: it takes the time the steps above left, never theirs.
-plan peers-bench 40 "$PY bench/bench_affinity_loss.py --peers --quick --out $RESULTS; \
+plan peers-bench 25 "$PY bench/bench_affinity_loss.py --peers --quick --out $RESULTS; \
 first=\$?; $PY bench/bench_sigmoid_loss.py --peers --quick --out $RESULTS && exit \$first" \
     "$PY bench/bench_affinity_loss.py --peers --dry-run && \
 $PY bench/bench_sigmoid_loss.py --peers --dry-run"
