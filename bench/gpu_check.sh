@@ -6,8 +6,8 @@
 # and sigmoid), the masked matmul, the distillation step, the loader's device half, the
 # peers beside our losses, then a one-screen summary of every measured ratio against its
 # goal in shared TARGETS.md. Each benchmark writes its table to bench/results/ the moment it
-# is done (and again after every measurement); after every step the new tables are copied to $OUT when set, so a timeout
-# loses nothing already measured.
+# is done (and again after every measurement); after every step the new tables are copied
+# to $OUT when set, so a timeout loses nothing already measured.
 #
 #   bash bench/gpu_check.sh --download  # with a registry: wheels of bench/gpu_wheels.txt -> .whl/
 #   bash bench/gpu_check.sh             # on the GPU machine, repo root, .whl/ carried along
