@@ -49,8 +49,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_info import cpu_name
-from peers import CPU_RUNS as PEER_CPU_RUNS
-from peers import Peer, PeerUnavailable, build_peer, peer_tables
+from peers import Peer, PeerUnavailable, build_peer, peer_setting, peer_tables
 from peers import versions as peer_versions
 
 DIM = 512
@@ -452,15 +451,9 @@ def run_peers(quick: bool, cpu: bool, out_dir: Path) -> None:
     """Ours and the peers on the SigLIP loss: <out>/sigmoid_peers_<gpu or cpu>.md."""
     import open_clip
 
-    device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    setting = peer_setting(cpu, "sigmoid_peers")
+    device, dtype, name, timing = setting.device, setting.dtype, setting.machine, setting.timing
     sizes = PEER_CPU_SIZES if cpu else PEER_QUICK_SIZES if quick else PEER_GPU_SIZES
-    name = f"CPU {cpu_name()}" if cpu else torch.cuda.get_device_name()
-    stem = "sigmoid_peers_" + ("cpu" if cpu else name.replace(" ", "_").replace("/", "_"))
-    timing = (
-        f"fastest of {PEER_CPU_RUNS} calls after a warm-up, {torch.get_num_threads()} threads"
-        if cpu
-        else "triton do_bench median"
-    )
     note = (
         f"torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"{peer_versions(['siglip-kernel'])}; SigLIP alone (no peer has a distillation "
@@ -468,7 +461,7 @@ def run_peers(quick: bool, cpu: bool, out_dir: Path) -> None:
         f"and bias -10, the same inputs for every implementation; time: {timing}."
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}.md"
+    path = out_dir / f"{setting.stem}.md"
     lines = peer_tables(
         f"Sigmoid (SigLIP) loss and its peers: {name}", note, SIGLIP_PEERS, siglip_inputs,
         sizes, device, dtype, lambda lines: path.write_text("\n".join(lines) + "\n"),

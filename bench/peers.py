@@ -193,3 +193,30 @@ def peer_tables(
     ]
     write(lines)
     return lines
+
+
+@dataclass
+class PeerSetting:
+    """Where and how one peers table runs: device, feature dtype, the machine's name, the
+    table's file stem and how its times were taken."""
+
+    device: str
+    dtype: torch.dtype
+    machine: str
+    stem: str
+    timing: str
+
+
+def peer_setting(cpu: bool, prefix: str) -> PeerSetting:
+    """The CPU in fp32, or the CUDA device in bf16; ``prefix`` names the table's file."""
+    from cpu_info import cpu_name
+
+    machine = f"CPU {cpu_name()}" if cpu else torch.cuda.get_device_name()
+    where = "cpu" if cpu else machine.replace(" ", "_").replace("/", "_")
+    timing = (
+        f"fastest of {CPU_RUNS} calls after a warm-up, {torch.get_num_threads()} threads"
+        if cpu
+        else "triton do_bench median"
+    )
+    dtype = torch.float32 if cpu else torch.bfloat16
+    return PeerSetting("cpu" if cpu else "cuda", dtype, machine, f"{prefix}_{where}", timing)
