@@ -36,10 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-# The kernels must be defined for compilation, not for the interpreter.
-os.environ.pop("TRITON_INTERPRET", None)
-
-import cost_model  # noqa: E402 - after the interpreter switch above
+import cost_model
 
 DTYPES = ("bf16", "fp16", "fp32")
 # (m, n) of the waves column: the square benchmark shape and a local-loss one.
@@ -540,4 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The kernels must be defined for compilation, not for the interpreter. Only the script
+    # clears the switch: a test process that imports this module keeps its interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
     raise SystemExit(main())
