@@ -15,7 +15,6 @@ number of wrong candidates, never by luck of the sort order.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from tinyclip_fast.data.datasets import csv_separator
-from tinyclip_fast.data.zero_shot import LabelledImageFiles
+from tinyclip_fast.data.zero_shot import LabelledImageFiles, beside, read_csv_rows
 
 RECALL_KS = (1, 5, 10)
 QUERY_BLOCK = 1024  # queries scored at once: [QUERY_BLOCK, candidates] similarities in memory
@@ -145,23 +143,10 @@ def load_retrieval_pairs(
     (the distinct images in first-seen order, the captions, each caption's image index).
     The separator defaults to the extension's: ``.csv`` comma, else tab."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"retrieval CSV {path} does not exist")
-    separator = csv_separator(path, separator)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=separator)
-        columns = reader.fieldnames or []
-        for key in (img_key, caption_key):
-            if key not in columns:
-                raise ValueError(
-                    f"retrieval CSV {path} has no column {key!r}; columns found with separator "
-                    f"{separator!r}: {columns}"
-                )
-        rows = [(row[img_key], row[caption_key]) for row in reader]
-    if not rows:
-        raise ValueError(f"retrieval CSV {path} has a header but no rows")
+    table = read_csv_rows(path, (img_key, caption_key), "retrieval CSV", separator)
+    rows = [(row[img_key], row[caption_key]) for row in table]
     image_index: dict[str, int] = {}
     text_image = [image_index.setdefault(image, len(image_index)) for image, _ in rows]
-    paths = [Path(p) if Path(p).is_absolute() else path.parent / p for p in image_index]
+    paths = [beside(path, image) for image in image_index]
     images = LabelledImageFiles(paths, list(range(len(paths))), preprocess)
     return images, [caption for _, caption in rows], text_image

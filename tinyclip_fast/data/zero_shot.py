@@ -167,6 +167,34 @@ def load_image_folder(
     return LabelledImageFiles(paths, labels, preprocess), names
 
 
+def read_csv_rows(
+    path: Path, keys: Sequence[str], what: str, separator: str | None = None
+) -> list[dict[str, str]]:
+    """The rows of a CSV/TSV file that must have the columns ``keys`` (``what`` names the file
+    in errors); the separator defaults to the extension's: ``.csv`` comma, else tab."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    separator = csv_separator(path, separator)
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=separator)
+        columns = reader.fieldnames or []
+        for key in keys:
+            if key not in columns:
+                raise ValueError(
+                    f"{what} {path} has no column {key!r}; columns found with separator "
+                    f"{separator!r}: {columns}"
+                )
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{what} {path} has a header but no rows")
+    return rows
+
+
+def beside(csv_path: Path, image: str) -> Path:
+    """An image path of a CSV row: absolute as given, else relative to the CSV's folder."""
+    return Path(image) if Path(image).is_absolute() else csv_path.parent / image
+
+
 def load_labelled_csv(
     path: str | Path,
     preprocess: Callable,
@@ -178,25 +206,8 @@ def load_labelled_csv(
     """CSV of image paths (relative to the CSV's folder) and integer labels (0-based). The
     separator defaults to the extension's: ``.csv`` comma, else tab."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled CSV {path} does not exist")
-    separator = csv_separator(path, separator)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=separator)
-        columns = reader.fieldnames or []
-        for key in (img_key, label_key):
-            if key not in columns:
-                raise ValueError(
-                    f"labelled CSV {path} has no column {key!r}; columns found with separator "
-                    f"{separator!r}: {columns}"
-                )
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"labelled CSV {path} has a header but no rows")
-    paths = [
-        Path(row[img_key]) if Path(row[img_key]).is_absolute() else path.parent / row[img_key]
-        for row in rows
-    ]
+    rows = read_csv_rows(path, (img_key, label_key), "labelled CSV", separator)
+    paths = [beside(path, row[img_key]) for row in rows]
     try:
         labels = [int(row[label_key]) for row in rows]
     except ValueError as err:
