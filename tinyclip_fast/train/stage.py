@@ -148,7 +148,10 @@ class Stage:
         trigger's decision on the masks' expected sparsity now (asked once per step)."""
         if not self.masked:
             return False
-        sparsity = sparsity_of_teacher(self.model, self.ctx.teacher_prunable)
+        # Only "auto" reads the sparsity: on CUDA that read waits for the device, once a step.
+        sparsity = math.nan
+        if self.trigger.auto:
+            sparsity = sparsity_of_teacher(self.model, self.ctx.teacher_prunable)
         return self.trigger.should_prune(stage_step, sparsity)
 
     def set_pruned_at(self, stage_step: int) -> None:
