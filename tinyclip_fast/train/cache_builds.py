@@ -36,6 +36,8 @@ from tinyclip_fast.train.runtime import (
 
 # What --build-teacher-cache reads: a source kind, or the kind that trains from its cache.
 BUILD_KINDS = ("webdataset", "csv", "folder", "reinforced")
+# Images per teacher forward of a cache build when micro_batch_size is null.
+CACHE_BATCH = 256
 
 
 @dataclass
@@ -89,7 +91,7 @@ def build_embedding_cache(config: DistillConfig) -> EmbeddingCacheReport:
         [teacher.to(device) for teacher in teachers],
         dataset,
         config.teacher.cache,
-        batch_size=config.micro_batch_size or 256,
+        batch_size=config.micro_batch_size or CACHE_BATCH,
         device=device,
         progress=config.progress,
     )
@@ -135,7 +137,7 @@ def build_reinforced_cache(config: DistillConfig) -> ReinforcedCacheReport:
             num_augmentations=config.reinforced.augmentations,
             dtype=config.reinforced.dtype,
             seed=config.seed,
-            batch_size=config.micro_batch_size or 256,
+            batch_size=config.micro_batch_size or CACHE_BATCH,
             device=device,
             precision=resolve_precision(config.precision, device),
             rank=rank,
